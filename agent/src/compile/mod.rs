@@ -1,0 +1,437 @@
+//! The compiler: a pure function from a [`ConfigSet`] to a [`Plan`] — for every service
+//! VIP:port:protocol, the weighted backends a new connection is sent to.
+//!
+//! No I/O happens here. The same inputs always give the same plan, so the dataplane can diff
+//! plans and tests can check routing without a kernel.
+
+pub mod alias;
+pub mod registry;
+
+use crate::model::{
+    ConfigSet, Origin, Resource,
+    istio::{self, MESH_GATEWAY, RouteDestination},
+};
+use registry::{Endpoint, Registry, RegistryService, Transport, host_matches, resolve_host};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Info,
+    Warning,
+    Error,
+}
+
+impl fmt::Display for Level {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Level::Info => "Info",
+            Level::Warning => "Warning",
+            Level::Error => "Error",
+        })
+    }
+}
+
+/// A finding about the configuration, as specific as istioctl's.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Diagnostic {
+    pub level: Level,
+    /// Istio analyzer code (`IST0101`) where Istio has one.
+    pub code: Option<String>,
+    pub kind: String,
+    /// `namespace/name`.
+    pub object: String,
+    pub origin: Origin,
+    /// Path of the field concerned, or `-`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.level)?;
+        if let Some(code) = &self.code {
+            write!(f, " [{code}]")?;
+        }
+        write!(
+            f,
+            " ({} {}) {}: {}: {}",
+            self.kind, self.object, self.origin, self.field, self.message
+        )
+    }
+}
+
+/// A service address as applications dial it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct VipKey {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub transport: Transport,
+}
+
+impl fmt::Display for VipKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{}",
+            SocketAddr::new(self.ip, self.port),
+            self.transport.as_str()
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WeightedBackend {
+    pub addr: SocketAddr,
+    /// Share of new connections, in (0, 1]; the backends of one VIP sum to 1.
+    pub weight: f64,
+    /// Istio cluster names this backend belongs to (`outbound|9000|v1|tcp-echo.ns.svc.cluster.local`).
+    pub clusters: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServicePlan {
+    pub host: String,
+    pub port_name: String,
+    /// `VirtualService ns/name tcp[i]` when a route decided the backends, else `default`.
+    pub route: String,
+    /// Empty means "no backends": connects are rejected rather than sent nowhere.
+    pub backends: Vec<WeightedBackend>,
+    /// The port speaks HTTP and its VirtualService has http routes, which need the L7 proxy.
+    pub needs_l7: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Plan {
+    pub services: BTreeMap<VipKey, ServicePlan>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Plan {
+    pub fn errors(&self) -> impl Iterator<Item = &Diagnostic> {
+        self.diagnostics.iter().filter(|d| d.level == Level::Error)
+    }
+}
+
+/// Istio's cluster name for a destination.
+pub fn cluster_name(port: u16, subset: Option<&str>, host: &str) -> String {
+    format!("outbound|{port}|{}|{host}", subset.unwrap_or(""))
+}
+
+/// Compiles the configuration into a routing plan.
+pub fn compile(config: &ConfigSet) -> Plan {
+    let mut diags = Vec::new();
+    let registry = registry::build(config, &mut diags);
+    let mut ctx = Ctx {
+        config,
+        registry: &registry,
+        diags: &mut diags,
+        subsets: subset_index(config),
+    };
+    let mut services = BTreeMap::new();
+    for svc in registry.services.values() {
+        if svc.resolution == istio::Resolution::None && svc.kind == registry::ServiceKind::ServiceEntry {
+            // Istio passes such traffic through to the address the application dialled.
+            continue;
+        }
+        let vs = ctx.virtual_service_for(&svc.hostname);
+        for port in &svc.ports {
+            let (route, backends, needs_l7) = ctx.route_port(svc, port, vs);
+            for vip in &svc.vips {
+                let backends: Vec<WeightedBackend> = backends
+                    .iter()
+                    .filter(|b| b.addr.is_ipv4() == vip.is_ipv4())
+                    .cloned()
+                    .collect();
+                let backends = normalise(backends);
+                let key = VipKey {
+                    ip: *vip,
+                    port: port.port,
+                    transport: port.transport,
+                };
+                services.insert(
+                    key,
+                    ServicePlan {
+                        host: svc.hostname.clone(),
+                        port_name: port.name.clone(),
+                        route: route.clone(),
+                        backends,
+                        needs_l7,
+                    },
+                );
+            }
+        }
+    }
+    diags.sort();
+    diags.dedup();
+    Plan {
+        services,
+        diagnostics: diags,
+    }
+}
+
+fn normalise(mut backends: Vec<WeightedBackend>) -> Vec<WeightedBackend> {
+    backends.retain(|b| b.weight > 0.0);
+    // Input order (files, watch events) must not change the plan.
+    backends.sort_by(|a, b| a.addr.cmp(&b.addr));
+    let total: f64 = backends.iter().map(|b| b.weight).sum();
+    for b in &mut backends {
+        b.weight /= total;
+    }
+    backends
+}
+
+/// DestinationRule subsets by resolved host: subset name → labels.
+type SubsetIndex = HashMap<String, (String, BTreeMap<String, BTreeMap<String, String>>)>;
+
+fn subset_index(config: &ConfigSet) -> SubsetIndex {
+    let mut rules: Vec<&Resource<istio::DestinationRule>> = config.destination_rules.iter().collect();
+    rules.sort_by_key(|r| r.meta.key());
+    let mut index = SubsetIndex::new();
+    for dr in rules {
+        let host = resolve_host(&dr.spec.host, &dr.meta.namespace);
+        let subsets = dr
+            .spec
+            .subsets
+            .iter()
+            .map(|s| (s.name.clone(), s.labels.clone()))
+            .collect();
+        index.entry(host).or_insert((dr.meta.key(), subsets));
+    }
+    index
+}
+
+struct Ctx<'a> {
+    config: &'a ConfigSet,
+    registry: &'a Registry,
+    diags: &'a mut Vec<Diagnostic>,
+    subsets: SubsetIndex,
+}
+
+impl<'a> Ctx<'a> {
+    fn warn(&mut self, vs: &Resource<istio::VirtualService>, field: String, code: Option<&str>, message: String) {
+        self.diags.push(Diagnostic {
+            level: Level::Warning,
+            code: code.map(str::to_string),
+            kind: "VirtualService".into(),
+            object: vs.meta.key(),
+            origin: vs.origin.clone(),
+            field,
+            message,
+        });
+    }
+
+    /// The mesh VirtualService for a host: an exact host match beats a wildcard, a longer
+    /// wildcard beats a shorter one, and among equals the first by namespace/name wins.
+    fn virtual_service_for(&self, hostname: &str) -> Option<&'a Resource<istio::VirtualService>> {
+        let mut best: Option<(usize, String, &Resource<istio::VirtualService>)> = None;
+        for vs in &self.config.virtual_services {
+            if !vs.spec.binds_mesh() {
+                continue;
+            }
+            for h in &vs.spec.hosts {
+                let pattern = resolve_host(h, &vs.meta.namespace);
+                if !host_matches(&pattern, hostname) {
+                    continue;
+                }
+                // Exact matches rank above every wildcard.
+                let rank = if pattern.starts_with('*') { pattern.len() } else { usize::MAX };
+                let key = vs.meta.key();
+                let better = match &best {
+                    None => true,
+                    Some((r, k, _)) => rank > *r || (rank == *r && key < *k),
+                };
+                if better {
+                    best = Some((rank, key, vs));
+                }
+            }
+        }
+        best.map(|(_, _, vs)| vs)
+    }
+
+    /// Returns (route description, backends, needs L7) for one service port.
+    fn route_port(
+        &mut self,
+        svc: &RegistryService,
+        port: &registry::ServicePort,
+        vs: Option<&'a Resource<istio::VirtualService>>,
+    ) -> (String, Vec<WeightedBackend>, bool) {
+        let default = |ctx: &mut Self| {
+            let backends = ctx.endpoints_of(svc, port.port, None, 1.0);
+            ("default".to_string(), backends)
+        };
+        let Some(vs) = vs else {
+            let (r, b) = default(self);
+            return (r, b, false);
+        };
+        if port.transport == Transport::Udp {
+            let (r, b) = default(self);
+            return (r, b, false);
+        }
+        let is_http = matches!(port.protocol.as_deref(), Some("HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB" | "H2C"));
+        if is_http && !vs.spec.http.is_empty() {
+            self.warn(
+                vs,
+                "spec.http".into(),
+                None,
+                format!(
+                    "http routes for {}:{} need the L7 proxy, which is not enabled yet; connections use the service's endpoints",
+                    svc.hostname, port.port
+                ),
+            );
+            let (r, b) = default(self);
+            return (r, b, true);
+        }
+        for (i, tcp) in vs.spec.tcp.iter().enumerate() {
+            if tcp_route_applies(tcp, port.port, svc) {
+                let route = format!("VirtualService {} tcp[{i}]", vs.meta.key());
+                let backends = self.weighted(vs, &format!("spec.tcp[{i}].route"), &tcp.route, port.port);
+                return (route, backends, false);
+            }
+        }
+        for (i, tls) in vs.spec.tls.iter().enumerate() {
+            let applies = tls.matches.iter().any(|m| {
+                (m.port.is_none() || m.port == Some(port.port as u32))
+                    && (m.gateways.is_empty() || m.gateways.iter().any(|g| g == MESH_GATEWAY))
+                    && m.source_labels.is_empty()
+                    && m.sni_hosts.iter().any(|s| host_matches(&resolve_host(s, &vs.meta.namespace), &svc.hostname))
+            });
+            if applies {
+                let route = format!("VirtualService {} tls[{i}]", vs.meta.key());
+                let backends = self.weighted(vs, &format!("spec.tls[{i}].route"), &tls.route, port.port);
+                return (route, backends, false);
+            }
+        }
+        let (r, b) = default(self);
+        (r, b, false)
+    }
+
+    /// Weighted backends of a route: each destination's share split over its endpoints by
+    /// endpoint weight.
+    fn weighted(
+        &mut self,
+        vs: &Resource<istio::VirtualService>,
+        field: &str,
+        route: &[RouteDestination],
+        incoming_port: u16,
+    ) -> Vec<WeightedBackend> {
+        let weights: Vec<f64> = if route.len() == 1 {
+            vec![route[0].weight.unwrap_or(100).max(0) as f64]
+        } else {
+            route.iter().map(|r| r.weight.unwrap_or(0).max(0) as f64).collect()
+        };
+        let total: f64 = weights.iter().sum();
+        let mut merged: Vec<WeightedBackend> = Vec::new();
+        if total <= 0.0 {
+            self.warn(vs, field.into(), None, "total destination weight is 0; no backends".into());
+            return merged;
+        }
+        for (i, (rd, w)) in route.iter().zip(&weights).enumerate() {
+            if *w <= 0.0 {
+                continue;
+            }
+            let dest = &rd.destination;
+            let host = resolve_host(&dest.host, &vs.meta.namespace);
+            let Some(target) = self.registry.services.get(&host) else {
+                self.warn(
+                    vs,
+                    format!("{field}[{i}].destination.host"),
+                    Some("IST0101"),
+                    format!("Referenced host not found: {:?}", dest.host),
+                );
+                continue;
+            };
+            let port = dest.port.as_ref().and_then(|p| p.number).map_or(incoming_port, |n| n as u16);
+            let labels = match &dest.subset {
+                None => None,
+                Some(subset) => {
+                    match self.subsets.get(&host).and_then(|(_, s)| s.get(subset)) {
+                        Some(labels) => Some(labels.clone()),
+                        None => {
+                            self.warn(
+                                vs,
+                                format!("{field}[{i}].destination.subset"),
+                                Some("IST0101"),
+                                format!("Referenced host+subset in destinationrule not found: \"{host}+{subset}\""),
+                            );
+                            continue;
+                        }
+                    }
+                }
+            };
+            let share = w / total;
+            let mut backends = self.endpoints_filtered(target, port, labels.as_ref(), share);
+            let cluster = cluster_name(port, dest.subset.as_deref(), &host);
+            for b in &mut backends {
+                b.clusters = vec![cluster.clone()];
+            }
+            for b in backends {
+                match merged.iter_mut().find(|m| m.addr == b.addr) {
+                    Some(m) => {
+                        m.weight += b.weight;
+                        m.clusters.extend(b.clusters);
+                    }
+                    None => merged.push(b),
+                }
+            }
+        }
+        merged
+    }
+
+    fn endpoints_of(&mut self, svc: &RegistryService, port: u16, labels: Option<&BTreeMap<String, String>>, share: f64) -> Vec<WeightedBackend> {
+        let mut backends = self.endpoints_filtered(svc, port, labels, share);
+        let cluster = cluster_name(port, None, &svc.hostname);
+        for b in &mut backends {
+            b.clusters = vec![cluster.clone()];
+        }
+        backends
+    }
+
+    fn endpoints_filtered(
+        &mut self,
+        svc: &RegistryService,
+        port: u16,
+        labels: Option<&BTreeMap<String, String>>,
+        share: f64,
+    ) -> Vec<WeightedBackend> {
+        let selected: Vec<(&Endpoint, u16)> = svc
+            .endpoints
+            .iter()
+            .filter(|e| labels.is_none_or(|l| l.iter().all(|(k, v)| e.labels.get(k) == Some(v))))
+            .filter_map(|e| e.ports.get(&port).map(|p| (e, *p)))
+            .collect();
+        let total: f64 = selected.iter().map(|(e, _)| e.weight as f64).sum();
+        selected
+            .into_iter()
+            .map(|(e, p)| WeightedBackend {
+                addr: SocketAddr::new(e.ip, p),
+                weight: share * e.weight as f64 / total,
+                clusters: Vec::new(),
+            })
+            .collect()
+    }
+}
+
+fn tcp_route_applies(tcp: &istio::TcpRoute, port: u16, svc: &RegistryService) -> bool {
+    if tcp.matches.is_empty() {
+        return true;
+    }
+    tcp.matches.iter().any(|m| {
+        (m.port.is_none() || m.port == Some(port as u32))
+            && (m.gateways.is_empty() || m.gateways.iter().any(|g| g == MESH_GATEWAY))
+            // Source-dependent matches cannot be decided once per node.
+            && m.source_labels.is_empty()
+            && m.source_namespace.is_none()
+            && (m.destination_subnets.is_empty()
+                || m.destination_subnets.iter().any(|s| {
+                    let net = s.parse::<ipnet::IpNet>().ok().or_else(|| s.parse::<IpAddr>().ok().map(ipnet::IpNet::from));
+                    net.is_some_and(|n| svc.vips.iter().any(|v| n.contains(v)))
+                }))
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,564 @@
+//! The service registry: every service host with its VIPs, ports and endpoints, built from
+//! Kubernetes Services (+ EndpointSlices, or Pods when a Service has no slice) and Istio
+//! ServiceEntries (+ inline endpoints, WorkloadEntries and Pods selected by `workloadSelector`).
+
+use super::{Diagnostic, Level};
+use crate::model::{
+    ConfigSet, Meta, Origin, Pod, Resource, Service,
+    istio::{self, Resolution},
+};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+/// The Kubernetes cluster DNS domain.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// Transport protocol of a service port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "TCP",
+            Transport::Udp => "UDP",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    pub transport: Transport,
+    /// The application protocol as Istio infers it (`appProtocol`, the port name prefix, or the
+    /// ServiceEntry protocol), upper-cased: HTTP, HTTP2, GRPC, TCP, TLS, ...
+    pub protocol: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub labels: BTreeMap<String, String>,
+    /// Service port → the port this endpoint serves it on. A port missing here is not served.
+    pub ports: BTreeMap<u16, u16>,
+    /// Load-balancing weight relative to the service's other endpoints.
+    pub weight: u32,
+    /// What the endpoint is (`Pod ns/name`, `WorkloadEntry ns/name`, `EndpointSlice ns/name`).
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum ServiceKind {
+    Kubernetes,
+    ServiceEntry,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RegistryService {
+    /// Fully qualified host name (`reviews.default.svc.cluster.local`, `api.example.com`).
+    pub hostname: String,
+    pub namespace: String,
+    pub kind: ServiceKind,
+    /// `namespace/name` of the object that defines the service.
+    pub object: String,
+    pub origin: Origin,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+    pub resolution: Resolution,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Services by hostname. A host defined twice keeps the first definition (Kubernetes Services
+/// first, then ServiceEntries, each in namespace/name order) and reports the rest.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Registry {
+    pub services: BTreeMap<String, RegistryService>,
+}
+
+/// Expands a short host name the way Istio does: a name without dots is relative to the
+/// namespace of the object that mentions it.
+pub fn resolve_host(host: &str, namespace: &str) -> String {
+    if host.contains('.') || host == "*" || host.is_empty() {
+        host.to_string()
+    } else {
+        format!("{host}.{namespace}.svc.{CLUSTER_DOMAIN}")
+    }
+}
+
+/// Whether `pattern` (a host, possibly `*` or `*.suffix`) covers `host`.
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    match pattern.strip_prefix('*') {
+        Some(suffix) => host.ends_with(suffix) && host.len() > suffix.len(),
+        None => pattern.eq_ignore_ascii_case(host),
+    }
+}
+
+/// Istio's protocol selection for a Kubernetes port: `appProtocol`, else the name prefix.
+fn k8s_port_protocol(name: &str, app_protocol: Option<&str>) -> Option<String> {
+    const KNOWN: [&str; 10] = [
+        "http", "http2", "https", "grpc", "grpc-web", "tcp", "tls", "mongo", "redis", "mysql",
+    ];
+    if let Some(p) = app_protocol {
+        let p = p.rsplit('/').next().unwrap_or(p);
+        return Some(p.to_ascii_uppercase());
+    }
+    let prefix = name.split('-').next().unwrap_or(name).to_ascii_lowercase();
+    KNOWN
+        .contains(&prefix.as_str())
+        .then(|| prefix.to_ascii_uppercase())
+}
+
+fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// The IPs of a pod that is a usable endpoint: it has an IP, is not being deleted, and is not
+/// reported unready.
+fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Vec::new();
+    }
+    let Some(status) = &pod.status else {
+        return Vec::new();
+    };
+    let unready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "False");
+    if unready || matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return Vec::new();
+    }
+    let mut ips: Vec<IpAddr> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .filter_map(|p| p.ip.parse().ok())
+        .collect();
+    if ips.is_empty()
+        && let Some(ip) = status.pod_ip.as_deref().and_then(|s| s.parse().ok())
+    {
+        ips.push(ip);
+    }
+    ips
+}
+
+/// Resolves a Service `targetPort` on one pod: a number, or a container port name.
+fn pod_target_port(pod: &Pod, target: &IntOrString) -> Option<u16> {
+    match target {
+        IntOrString::Int(n) => u16::try_from(*n).ok(),
+        IntOrString::String(name) => pod
+            .spec
+            .as_ref()?
+            .containers
+            .iter()
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .and_then(|p| u16::try_from(p.container_port).ok()),
+    }
+}
+
+struct Builder<'a> {
+    config: &'a ConfigSet,
+    diags: &'a mut Vec<Diagnostic>,
+    pods_by_ns: HashMap<&'a str, Vec<&'a Resource<Pod>>>,
+    pod_by_name: HashMap<(&'a str, &'a str), &'a Resource<Pod>>,
+}
+
+impl Builder<'_> {
+    fn diag(&mut self, level: Level, kind: &str, meta: &Meta, origin: &Origin, field: &str, msg: String) {
+        self.diags.push(Diagnostic {
+            level,
+            code: None,
+            kind: kind.to_string(),
+            object: meta.key(),
+            origin: origin.clone(),
+            field: field.to_string(),
+            message: msg,
+        });
+    }
+
+    fn kubernetes_service(&mut self, svc: &Resource<Service>) -> Option<RegistryService> {
+        let meta = &svc.meta;
+        let spec = svc.spec.spec.as_ref()?;
+        if spec.type_.as_deref() == Some("ExternalName") {
+            return None;
+        }
+        let mut vips = Vec::new();
+        let ips = spec.cluster_ips.clone().unwrap_or_default();
+        let ips = if ips.is_empty() { spec.cluster_ip.iter().cloned().collect() } else { ips };
+        for (i, ip) in ips.iter().enumerate() {
+            if ip == "None" || ip.is_empty() {
+                continue;
+            }
+            match ip.parse::<IpAddr>() {
+                Ok(ip) => vips.push(ip),
+                Err(e) => self.diag(
+                    Level::Error,
+                    "Service",
+                    meta,
+                    &svc.origin,
+                    &format!("spec.clusterIPs[{i}]"),
+                    format!("invalid IP {ip:?}: {e}"),
+                ),
+            }
+        }
+        let mut ports = Vec::new();
+        let mut targets = Vec::new();
+        for (i, p) in spec.ports.iter().flatten().enumerate() {
+            let transport = match p.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => Transport::Tcp,
+                "UDP" => Transport::Udp,
+                other => {
+                    self.diag(
+                        Level::Warning,
+                        "Service",
+                        meta,
+                        &svc.origin,
+                        &format!("spec.ports[{i}].protocol"),
+                        format!("protocol {other} is not steered"),
+                    );
+                    continue;
+                }
+            };
+            let Ok(port) = u16::try_from(p.port) else {
+                self.diag(Level::Error, "Service", meta, &svc.origin, &format!("spec.ports[{i}].port"), format!("port {} out of range", p.port));
+                continue;
+            };
+            let name = p.name.clone().unwrap_or_default();
+            ports.push(ServicePort {
+                protocol: k8s_port_protocol(&name, p.app_protocol.as_deref()),
+                name,
+                port,
+                transport,
+            });
+            targets.push(p.target_port.clone().unwrap_or(IntOrString::Int(p.port)));
+        }
+
+        let slices: Vec<_> = self
+            .config
+            .endpoint_slices
+            .iter()
+            .filter(|s| {
+                s.meta.namespace == meta.namespace
+                    && s.meta.labels.get("kubernetes.io/service-name") == Some(&meta.name)
+            })
+            .collect();
+        let endpoints = if !slices.is_empty() {
+            self.endpoints_from_slices(&slices, &ports)
+        } else if let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) {
+            self.endpoints_from_pods(&meta.namespace, selector, &ports, &targets)
+        } else {
+            Vec::new()
+        };
+        Some(RegistryService {
+            hostname: format!("{}.{}.svc.{CLUSTER_DOMAIN}", meta.name, meta.namespace),
+            namespace: meta.namespace.clone(),
+            kind: ServiceKind::Kubernetes,
+            object: meta.key(),
+            origin: svc.origin.clone(),
+            vips,
+            ports,
+            resolution: Resolution::Static,
+            endpoints,
+        })
+    }
+
+    fn endpoints_from_slices(
+        &mut self,
+        slices: &[&Resource<crate::model::EndpointSlice>],
+        ports: &[ServicePort],
+    ) -> Vec<Endpoint> {
+        let mut out = Vec::new();
+        for slice in slices {
+            let es = &slice.spec;
+            // Slice ports are matched to service ports by name, as kube-proxy does.
+            let mut port_map = BTreeMap::new();
+            for sp in ports {
+                let served = es.ports.iter().flatten().find(|p| {
+                    p.name.as_deref().unwrap_or("") == sp.name
+                        && p.protocol.as_deref().unwrap_or("TCP") == sp.transport.as_str()
+                });
+                if let Some(port) = served.and_then(|p| p.port).and_then(|p| u16::try_from(p).ok()) {
+                    port_map.insert(sp.port, port);
+                }
+            }
+            for ep in &es.endpoints {
+                let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+                if !ready {
+                    continue;
+                }
+                let labels = ep
+                    .target_ref
+                    .as_ref()
+                    .filter(|r| r.kind.as_deref() == Some("Pod"))
+                    .and_then(|r| {
+                        let ns = r.namespace.as_deref().unwrap_or(&slice.meta.namespace);
+                        self.pod_by_name.get(&(ns, r.name.as_deref().unwrap_or("")))
+                    })
+                    .map(|p| p.meta.labels.clone())
+                    .unwrap_or_default();
+                for (i, addr) in ep.addresses.iter().enumerate() {
+                    match addr.parse::<IpAddr>() {
+                        Ok(ip) => out.push(Endpoint {
+                            ip,
+                            labels: labels.clone(),
+                            ports: port_map.clone(),
+                            weight: 1,
+                            source: format!("EndpointSlice {}", slice.meta.key()),
+                        }),
+                        Err(e) => {
+                            let (meta, origin) = (slice.meta.clone(), slice.origin.clone());
+                            self.diag(
+                                Level::Error,
+                                "EndpointSlice",
+                                &meta,
+                                &origin,
+                                &format!("endpoints[].addresses[{i}]"),
+                                format!("invalid address {addr:?}: {e}"),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn endpoints_from_pods(
+        &self,
+        namespace: &str,
+        selector: &BTreeMap<String, String>,
+        ports: &[ServicePort],
+        targets: &[IntOrString],
+    ) -> Vec<Endpoint> {
+        let mut out = Vec::new();
+        for pod in self.pods_by_ns.get(namespace).into_iter().flatten() {
+            if !labels_match(selector, &pod.meta.labels) {
+                continue;
+            }
+            let port_map: BTreeMap<u16, u16> = ports
+                .iter()
+                .zip(targets)
+                .filter_map(|(sp, t)| pod_target_port(&pod.spec, t).map(|tp| (sp.port, tp)))
+                .collect();
+            for ip in pod_ips(&pod.spec) {
+                out.push(Endpoint {
+                    ip,
+                    labels: pod.meta.labels.clone(),
+                    ports: port_map.clone(),
+                    weight: 1,
+                    source: format!("Pod {}", pod.meta.key()),
+                });
+            }
+        }
+        out
+    }
+
+    fn service_entry(&mut self, se: &Resource<istio::ServiceEntry>) -> Vec<RegistryService> {
+        let (meta, spec) = (&se.meta, &se.spec);
+        let mut vips = Vec::new();
+        for (i, a) in spec.addresses.iter().enumerate() {
+            // A /32 or /128 CIDR is one address; wider ranges cannot be a connect-time VIP.
+            let parsed = a
+                .parse::<IpAddr>()
+                .ok()
+                .or_else(|| a.parse::<ipnet::IpNet>().ok().filter(|n| n.prefix_len() == n.max_prefix_len()).map(|n| n.addr()));
+            match parsed {
+                Some(ip) => vips.push(ip),
+                None => self.diag(
+                    Level::Warning,
+                    "ServiceEntry",
+                    meta,
+                    &se.origin,
+                    &format!("spec.addresses[{i}]"),
+                    format!("address {a:?} is not a single IP; only single-address VIPs are steered"),
+                ),
+            }
+        }
+        let ports: Vec<ServicePort> = spec
+            .ports
+            .iter()
+            .filter_map(|p| {
+                Some(ServicePort {
+                    name: p.name.clone(),
+                    port: u16::try_from(p.number).ok()?,
+                    transport: Transport::Tcp,
+                    protocol: p.protocol.as_ref().map(|p| p.to_ascii_uppercase()),
+                })
+            })
+            .collect();
+        let port_map_for = |named: &BTreeMap<String, u32>| -> BTreeMap<u16, u16> {
+            spec.ports
+                .iter()
+                .filter_map(|p| {
+                    let svc_port = u16::try_from(p.number).ok()?;
+                    let ep_port = named.get(&p.name).copied().or(p.target_port).unwrap_or(p.number);
+                    Some((svc_port, u16::try_from(ep_port).ok()?))
+                })
+                .collect()
+        };
+        let mut endpoints = Vec::new();
+        if spec.resolution == Resolution::Static {
+            for (i, we) in spec.endpoints.iter().enumerate() {
+                match we.address.parse::<IpAddr>() {
+                    Ok(ip) => endpoints.push(Endpoint {
+                        ip,
+                        labels: we.labels.clone(),
+                        ports: port_map_for(&we.ports),
+                        weight: we.weight.unwrap_or(1).max(1),
+                        source: format!("ServiceEntry {}", meta.key()),
+                    }),
+                    Err(_) => self.diag(
+                        Level::Warning,
+                        "ServiceEntry",
+                        meta,
+                        &se.origin,
+                        &format!("spec.endpoints[{i}].address"),
+                        format!("endpoint address {:?} is not an IP; skipped", we.address),
+                    ),
+                }
+            }
+            if let Some(sel) = &spec.workload_selector {
+                for we in self.config.workload_entries.iter().filter(|w| {
+                    w.meta.namespace == meta.namespace && labels_match(&sel.labels, &w.meta.labels.iter().chain(&w.spec.labels).map(|(k, v)| (k.clone(), v.clone())).collect())
+                }) {
+                    if let Ok(ip) = we.spec.address.parse::<IpAddr>() {
+                        let mut labels = we.meta.labels.clone();
+                        labels.extend(we.spec.labels.clone());
+                        endpoints.push(Endpoint {
+                            ip,
+                            labels,
+                            ports: port_map_for(&we.spec.ports),
+                            weight: we.spec.weight.unwrap_or(1).max(1),
+                            source: format!("WorkloadEntry {}", we.meta.key()),
+                        });
+                    }
+                }
+                for pod in self.pods_by_ns.get(meta.namespace.as_str()).into_iter().flatten() {
+                    if labels_match(&sel.labels, &pod.meta.labels) {
+                        for ip in pod_ips(&pod.spec) {
+                            endpoints.push(Endpoint {
+                                ip,
+                                labels: pod.meta.labels.clone(),
+                                ports: port_map_for(&BTreeMap::new()),
+                                weight: 1,
+                                source: format!("Pod {}", pod.meta.key()),
+                            });
+                        }
+                    }
+                }
+            }
+        } else if matches!(spec.resolution, Resolution::Dns | Resolution::DnsRoundRobin) {
+            self.diag(
+                Level::Warning,
+                "ServiceEntry",
+                meta,
+                &se.origin,
+                "spec.resolution",
+                "DNS resolution is not supported yet; the entry is not steered".into(),
+            );
+        }
+        spec.hosts
+            .iter()
+            .map(|h| RegistryService {
+                hostname: h.clone(),
+                namespace: meta.namespace.clone(),
+                kind: ServiceKind::ServiceEntry,
+                object: meta.key(),
+                origin: se.origin.clone(),
+                vips: vips.clone(),
+                ports: ports.clone(),
+                resolution: spec.resolution,
+                endpoints: endpoints.clone(),
+            })
+            .collect()
+    }
+}
+
+/// Builds the registry, reporting problems into `diags`.
+pub fn build(config: &ConfigSet, diags: &mut Vec<Diagnostic>) -> Registry {
+    let mut pods_by_ns: HashMap<&str, Vec<&Resource<Pod>>> = HashMap::new();
+    let mut pod_by_name = HashMap::new();
+    for p in &config.pods {
+        pods_by_ns.entry(p.meta.namespace.as_str()).or_default().push(p);
+        pod_by_name.insert((p.meta.namespace.as_str(), p.meta.name.as_str()), p);
+    }
+    let mut b = Builder {
+        config,
+        diags,
+        pods_by_ns,
+        pod_by_name,
+    };
+    let mut registry = Registry::default();
+    let mut services: Vec<_> = config.services.iter().collect();
+    services.sort_by(|a, b| a.meta.key().cmp(&b.meta.key()));
+    let mut entries: Vec<_> = config.service_entries.iter().collect();
+    entries.sort_by(|a, b| a.meta.key().cmp(&b.meta.key()));
+
+    let mut defined: Vec<RegistryService> = Vec::new();
+    for s in services {
+        defined.extend(b.kubernetes_service(s));
+    }
+    for se in entries {
+        defined.extend(b.service_entry(se));
+    }
+    for svc in defined {
+        if let Some(first) = registry.services.get(&svc.hostname) {
+            b.diags.push(Diagnostic {
+                level: Level::Warning,
+                code: None,
+                kind: match svc.kind {
+                    ServiceKind::Kubernetes => "Service",
+                    ServiceKind::ServiceEntry => "ServiceEntry",
+                }
+                .into(),
+                object: svc.object.clone(),
+                origin: svc.origin.clone(),
+                field: "hosts".into(),
+                message: format!("host {} is already defined by {}; ignored", svc.hostname, first.object),
+            });
+            continue;
+        }
+        registry.services.insert(svc.hostname.clone(), svc);
+    }
+    registry
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_names_resolve_like_istio() {
+        assert_eq!(resolve_host("reviews", "shop"), "reviews.shop.svc.cluster.local");
+        assert_eq!(resolve_host("reviews.shop.svc.cluster.local", "x"), "reviews.shop.svc.cluster.local");
+        assert_eq!(resolve_host("api.example.com", "x"), "api.example.com");
+        assert_eq!(resolve_host("*", "x"), "*");
+        assert_eq!(resolve_host("*.example.com", "x"), "*.example.com");
+    }
+
+    #[test]
+    fn wildcards_match_suffixes_only() {
+        assert!(host_matches("*", "a.b"));
+        assert!(host_matches("*.example.com", "api.example.com"));
+        assert!(!host_matches("*.example.com", "example.com"));
+        assert!(host_matches("API.example.com", "api.example.com"));
+        assert!(!host_matches("api.example.com", "www.example.com"));
+    }
+
+    #[test]
+    fn protocol_sniffing_follows_istio() {
+        assert_eq!(k8s_port_protocol("http-web", None).as_deref(), Some("HTTP"));
+        assert_eq!(k8s_port_protocol("grpc", None).as_deref(), Some("GRPC"));
+        assert_eq!(k8s_port_protocol("web", None), None);
+        assert_eq!(k8s_port_protocol("web", Some("kubernetes.io/h2c")).as_deref(), Some("H2C"));
+        assert_eq!(k8s_port_protocol("tcp", Some("http")).as_deref(), Some("HTTP"));
+    }
+}

@@ -1,0 +1,470 @@
+//! The typed configuration steerd acts on: Istio networking objects plus the Kubernetes objects
+//! that define services and their endpoints. Every source (files, Kubernetes) produces a
+//! [`ConfigSet`]; the compiler consumes nothing else.
+
+pub mod istio;
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt;
+
+pub use k8s_openapi::api::core::v1::{Pod, Service};
+pub use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+/// Where an object came from, for error messages.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct Origin {
+    /// A file path, or `kube` for objects read from the API server.
+    pub source: String,
+    /// 1-based line of the object's document, when known.
+    pub line: Option<usize>,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{line}", self.source),
+            None => f.write_str(&self.source),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Meta {
+    pub name: String,
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Meta {
+    /// `namespace/name`, as istioctl prints objects.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One object: its metadata, where it came from, and its typed content (the `spec` for Istio
+/// kinds; the whole object for Kubernetes kinds, whose interesting fields are not all in `spec`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Resource<T> {
+    pub meta: Meta,
+    pub origin: Origin,
+    pub spec: T,
+}
+
+/// The kinds steerd reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Pod,
+    VirtualService,
+    DestinationRule,
+    ServiceEntry,
+    WorkloadEntry,
+    Gateway,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Pod => "Pod",
+            Kind::VirtualService => "VirtualService",
+            Kind::DestinationRule => "DestinationRule",
+            Kind::ServiceEntry => "ServiceEntry",
+            Kind::WorkloadEntry => "WorkloadEntry",
+            Kind::Gateway => "Gateway",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Everything the compiler needs, from every source.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ConfigSet {
+    pub services: Vec<Resource<Service>>,
+    pub endpoint_slices: Vec<Resource<EndpointSlice>>,
+    pub pods: Vec<Resource<Pod>>,
+    pub virtual_services: Vec<Resource<istio::VirtualService>>,
+    pub destination_rules: Vec<Resource<istio::DestinationRule>>,
+    pub service_entries: Vec<Resource<istio::ServiceEntry>>,
+    pub workload_entries: Vec<Resource<istio::WorkloadEntry>>,
+    pub gateways: Vec<Resource<istio::Gateway>>,
+}
+
+/// One parsed object of any supported kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    Service(Resource<Service>),
+    EndpointSlice(Resource<EndpointSlice>),
+    Pod(Resource<Pod>),
+    VirtualService(Resource<istio::VirtualService>),
+    DestinationRule(Resource<istio::DestinationRule>),
+    ServiceEntry(Resource<istio::ServiceEntry>),
+    WorkloadEntry(Resource<istio::WorkloadEntry>),
+    Gateway(Resource<istio::Gateway>),
+}
+
+impl ConfigSet {
+    pub fn insert(&mut self, object: Object) {
+        match object {
+            Object::Service(r) => self.services.push(r),
+            Object::EndpointSlice(r) => self.endpoint_slices.push(r),
+            Object::Pod(r) => self.pods.push(r),
+            Object::VirtualService(r) => self.virtual_services.push(r),
+            Object::DestinationRule(r) => self.destination_rules.push(r),
+            Object::ServiceEntry(r) => self.service_entries.push(r),
+            Object::WorkloadEntry(r) => self.workload_entries.push(r),
+            Object::Gateway(r) => self.gateways.push(r),
+        }
+    }
+
+    pub fn extend(&mut self, objects: impl IntoIterator<Item = Object>) {
+        for o in objects {
+            self.insert(o);
+        }
+    }
+
+    /// Number of objects of all kinds.
+    pub fn len(&self) -> usize {
+        self.services.len()
+            + self.endpoint_slices.len()
+            + self.pods.len()
+            + self.virtual_services.len()
+            + self.destination_rules.len()
+            + self.service_entries.len()
+            + self.workload_entries.len()
+            + self.gateways.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A document that could not become an object, with everything a user needs to find it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{origin}: {kind} {object}: {field}: {message}")]
+pub struct ParseError {
+    pub origin: Origin,
+    /// The document's `kind`, or `document` when even that is unknown.
+    pub kind: String,
+    /// `namespace/name`, or `-` when unknown.
+    pub object: String,
+    /// Path of the offending field (`spec.tcp[0].route[1].weight`), or `-`.
+    pub field: String,
+    pub message: String,
+}
+
+/// Istio's networking API group and the versions it serves with one schema.
+const ISTIO_NETWORKING_GROUP: &str = "networking.istio.io";
+const ISTIO_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
+
+/// Splits a multi-document YAML text into documents with their 1-based starting line.
+fn split_documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs = Vec::new();
+    let mut current = String::new();
+    let mut start = 1;
+    for (idx, line) in text.lines().enumerate() {
+        let is_separator = line == "---" || line.starts_with("--- ") || line.starts_with("---\t");
+        if is_separator {
+            docs.push((start, std::mem::take(&mut current)));
+            start = idx + 2;
+        } else {
+            current.push_str(line);
+            current.push('\n');
+        }
+    }
+    docs.push((start, current));
+    docs.retain(|(_, d)| {
+        d.lines()
+            .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+    });
+    docs
+}
+
+/// Parses every document of one file. Documents of kinds steerd does not read (Deployments,
+/// ServiceAccounts, ...) are skipped silently; Istio networking kinds it does not know yet are
+/// reported. Each bad document becomes one [`ParseError`]; the rest of the file still parses.
+pub fn parse_documents(source: &str, text: &str) -> (Vec<Object>, Vec<ParseError>) {
+    let mut objects = Vec::new();
+    let mut errors = Vec::new();
+    for (line, doc) in split_documents(text) {
+        let origin = Origin {
+            source: source.to_string(),
+            line: Some(line),
+        };
+        match parse_document(&origin, &doc) {
+            Ok(Some(objs)) => objects.extend(objs),
+            Ok(None) => {}
+            Err(e) => errors.push(e),
+        }
+    }
+    (objects, errors)
+}
+
+fn parse_document(origin: &Origin, doc: &str) -> Result<Option<Vec<Object>>, ParseError> {
+    let err = |kind: &str, object: &str, field: &str, message: String| ParseError {
+        origin: origin.clone(),
+        kind: kind.to_string(),
+        object: object.to_string(),
+        field: field.to_string(),
+        message,
+    };
+    let value: serde_json::Value = serde_yaml::from_str(doc).map_err(|e| {
+        let mut origin = origin.clone();
+        if let (Some(loc), Some(start)) = (e.location(), origin.line) {
+            origin.line = Some(start + loc.line() - 1);
+        }
+        ParseError {
+            origin,
+            kind: "document".into(),
+            object: "-".into(),
+            field: "-".into(),
+            message: format!("invalid YAML: {e}"),
+        }
+    })?;
+    let serde_json::Value::Object(map) = &value else {
+        if value.is_null() {
+            return Ok(None);
+        }
+        return Err(err("document", "-", "-", "expected a mapping".into()));
+    };
+    let kind = map.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+    let api_version = map.get("apiVersion").and_then(|k| k.as_str()).unwrap_or("");
+    if kind == "List" {
+        let items = map.get("items").and_then(|i| i.as_array()).cloned();
+        let mut out = Vec::new();
+        for item in items.unwrap_or_default() {
+            let text = serde_json::to_string(&item).expect("JSON value serializes");
+            if let Some(objs) = parse_document(origin, &text)? {
+                out.extend(objs);
+            }
+        }
+        return Ok(Some(out));
+    }
+    let meta = parse_meta(map).map_err(|m| err(kind, "-", "metadata", m))?;
+    let object = meta.key();
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+
+    let parsed = match (group, kind) {
+        ("", "Service") if version == "v1" => {
+            typed(&value, "").map(|s| Object::Service(resource(&meta, origin, s)))
+        }
+        ("", "Pod") if version == "v1" => {
+            typed(&value, "").map(|s| Object::Pod(resource(&meta, origin, s)))
+        }
+        ("discovery.k8s.io", "EndpointSlice") if version == "v1" => {
+            typed(&value, "").map(|s| Object::EndpointSlice(resource(&meta, origin, s)))
+        }
+        (ISTIO_NETWORKING_GROUP, _) => {
+            if !ISTIO_VERSIONS.contains(&version) {
+                return Err(err(
+                    kind,
+                    &object,
+                    "apiVersion",
+                    format!("unsupported version {api_version:?} (served: v1, v1beta1, v1alpha3)"),
+                ));
+            }
+            let spec = map
+                .get("spec")
+                .cloned()
+                .unwrap_or(serde_json::Value::Object(Default::default()));
+            match kind {
+                "VirtualService" => typed(&spec, "spec")
+                    .map(|s| Object::VirtualService(resource(&meta, origin, s))),
+                "DestinationRule" => typed(&spec, "spec")
+                    .map(|s| Object::DestinationRule(resource(&meta, origin, s))),
+                "ServiceEntry" => {
+                    typed(&spec, "spec").map(|s| Object::ServiceEntry(resource(&meta, origin, s)))
+                }
+                "WorkloadEntry" => {
+                    typed(&spec, "spec").map(|s| Object::WorkloadEntry(resource(&meta, origin, s)))
+                }
+                "Gateway" => {
+                    typed(&spec, "spec").map(|s| Object::Gateway(resource(&meta, origin, s)))
+                }
+                _ => {
+                    return Err(err(
+                        kind,
+                        &object,
+                        "kind",
+                        format!("{ISTIO_NETWORKING_GROUP} kind {kind:?} is not supported yet"),
+                    ));
+                }
+            }
+        }
+        _ => return Ok(None),
+    };
+    parsed
+        .map(|o| Some(vec![o]))
+        .map_err(|(field, message)| err(kind, &object, &field, message))
+}
+
+fn resource<T>(meta: &Meta, origin: &Origin, spec: T) -> Resource<T> {
+    Resource {
+        meta: meta.clone(),
+        origin: origin.clone(),
+        spec,
+    }
+}
+
+/// Deserializes with the path of the failing field (`spec.tcp[0].route`).
+fn typed<T: serde::de::DeserializeOwned>(
+    value: &serde_json::Value,
+    prefix: &str,
+) -> Result<T, (String, String)> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        let field = match (prefix.is_empty(), path.as_str()) {
+            (true, ".") => "-".to_string(),
+            (true, _) => path,
+            (false, ".") => prefix.to_string(),
+            (false, p) if p.starts_with('[') => format!("{prefix}{p}"),
+            (false, p) => format!("{prefix}.{p}"),
+        };
+        (field, e.into_inner().to_string())
+    })
+}
+
+fn parse_meta(map: &serde_json::Map<String, serde_json::Value>) -> Result<Meta, String> {
+    let md = map.get("metadata").and_then(|m| m.as_object());
+    let Some(md) = md else {
+        return Err("missing metadata".into());
+    };
+    let name = md
+        .get("name")
+        .and_then(|n| n.as_str())
+        .filter(|n| !n.is_empty())
+        .ok_or("missing metadata.name")?;
+    let namespace = md
+        .get("namespace")
+        .and_then(|n| n.as_str())
+        .filter(|n| !n.is_empty())
+        .unwrap_or("default");
+    let strings = |key: &str| -> Result<BTreeMap<String, String>, String> {
+        match md.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(BTreeMap::new()),
+            Some(v) => serde_json::from_value(v.clone())
+                .map_err(|e| format!("metadata.{key}: expected a map of strings: {e}")),
+        }
+    };
+    Ok(Meta {
+        name: name.to_string(),
+        namespace: namespace.to_string(),
+        labels: strings("labels")?,
+        annotations: strings("annotations")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_documents_with_lines() {
+        let text = "a: 1\n---\n# only a comment\n---\nb: 2\nc: 3\n--- \nd: 4\n";
+        let docs = split_documents(text);
+        assert_eq!(
+            docs,
+            vec![
+                (1, "a: 1\n".to_string()),
+                (5, "b: 2\nc: 3\n".to_string()),
+                (8, "d: 4\n".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn parses_istio_and_k8s_kinds_and_skips_others() {
+        let text = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{port: 9080, name: http}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: ignored}
+---
+apiVersion: networking.istio.io/v1alpha3
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  tcp:
+  - route:
+    - destination: {host: reviews, subset: v1}
+      weight: 80
+"#;
+        let (objs, errs) = parse_documents("x.yaml", text);
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(objs.len(), 2);
+        let Object::VirtualService(vs) = &objs[1] else {
+            panic!("expected a VirtualService: {:?}", objs[1])
+        };
+        assert_eq!(vs.meta.key(), "default/reviews");
+        assert_eq!(vs.origin.line, Some(13));
+        assert_eq!(vs.spec.tcp[0].route[0].weight, Some(80));
+    }
+
+    #[test]
+    fn type_errors_name_file_line_object_and_field() {
+        let text = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r, namespace: n}\nspec:\n  hosts: [r]\n  tcp:\n  - route:\n    - destination: {host: r}\n      weight: heavy\n";
+        let (objs, errs) = parse_documents("bad.yaml", text);
+        assert!(objs.is_empty());
+        assert_eq!(errs.len(), 1);
+        let e = &errs[0];
+        assert_eq!(e.kind, "VirtualService");
+        assert_eq!(e.object, "n/r");
+        assert_eq!(e.field, "spec.tcp[0].route[0].weight");
+        assert_eq!(e.origin.line, Some(1));
+        assert!(e.to_string().starts_with("bad.yaml:1: VirtualService n/r: spec.tcp[0].route[0].weight: invalid type"), "{e}");
+    }
+
+    #[test]
+    fn yaml_syntax_errors_point_at_the_line() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n---\nkind: Service\nmetadata: [unclosed\n";
+        let (objs, errs) = parse_documents("f.yaml", text);
+        assert_eq!(objs.len(), 1, "the good document still parses");
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].kind, "document");
+        assert!(errs[0].origin.line.unwrap() >= 6, "{:?}", errs[0]);
+    }
+
+    #[test]
+    fn unknown_istio_version_and_kind_are_errors() {
+        let (_, errs) = parse_documents(
+            "f.yaml",
+            "apiVersion: networking.istio.io/v2\nkind: VirtualService\nmetadata: {name: a}\n---\napiVersion: networking.istio.io/v1\nkind: EnvoyFilter\nmetadata: {name: b}\n",
+        );
+        assert_eq!(errs.len(), 2);
+        assert_eq!(errs[0].field, "apiVersion");
+        assert_eq!(errs[1].field, "kind");
+    }
+
+    #[test]
+    fn missing_name_is_an_error() {
+        let (_, errs) = parse_documents("f.yaml", "apiVersion: v1\nkind: Service\nmetadata: {}\n");
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].field, "metadata");
+    }
+
+    #[test]
+    fn lists_are_flattened() {
+        let text = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {name: a}\n- apiVersion: v1\n  kind: Pod\n  metadata: {name: p}\n";
+        let (objs, errs) = parse_documents("f.yaml", text);
+        assert!(errs.is_empty());
+        assert_eq!(objs.len(), 2);
+    }
+}

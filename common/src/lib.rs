@@ -1,0 +1,201 @@
+//! Map keys and values shared by the steerd eBPF programs (`ebpf/`) and the agent (`agent/`).
+//!
+//! Every type is `#[repr(C)]` with explicit padding so that its layout is identical in the kernel
+//! and in user space. All addresses and ports are stored in **network byte order**, exactly as the
+//! kernel presents them in `struct bpf_sock_addr` (`user_ip4`, `user_ip6`, `user_port`), so the
+//! programs compare and copy them without conversions.
+//!
+//! IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`) in the same 16-byte form as IPv6. One
+//! key format then serves `connect4` and `connect6`, and a dual-stack socket dialling a v4-mapped
+//! VIP through `connect6` finds the IPv4 service without a second lookup.
+#![no_std]
+
+/// Version of the map layout. It is part of every pinned map's name, so an agent with a different
+/// layout never reuses (and misreads) maps pinned by another version.
+pub const MAP_LAYOUT_VERSION: u32 = 1;
+
+/// Pinned map names (under `<bpffs>/maps/`; at most 15 bytes, the kernel's object name limit).
+/// The `#[map]` statics in `ebpf/` use these constants.
+pub mod map_names {
+    /// [`crate::ServiceKey`] → [`crate::ServiceValue`].
+    pub const SERVICES: &str = "sd_svc_v1";
+    /// [`crate::SlotKey`] → [`crate::Slot`].
+    pub const SLOTS: &str = "sd_slot_v1";
+    /// [`crate::RevNatKey`] → [`crate::RevNatValue`].
+    pub const REVNAT: &str = "sd_revnat_v1";
+}
+
+/// Maximum number of service VIP:port:protocol entries.
+pub const MAX_SERVICES: u32 = 65_536;
+/// Maximum number of alias-table slots over all services (one slot per backend per service, plus
+/// the slots of superseded tables awaiting garbage collection).
+pub const MAX_SLOTS: u32 = 262_144;
+/// Reverse-translation entries (one per steered socket and backend); LRU-evicted.
+pub const MAX_REVNAT: u32 = 262_144;
+
+/// IP protocol numbers as used in [`ServiceKey::protocol`].
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// A 16-byte IP address in network byte order; IPv4 is stored IPv4-mapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Addr {
+    /// The address as four 32-bit words, each in network byte order (the `user_ip6` layout).
+    pub words: [u32; 4],
+}
+
+impl Addr {
+    /// The IPv4-mapped address for an IPv4 address given in network byte order (`user_ip4`).
+    #[inline(always)]
+    pub const fn from_ipv4_be(ip4: u32) -> Self {
+        Self {
+            words: [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), ip4],
+        }
+    }
+
+    /// Whether this is an IPv4-mapped address (`::ffff:0:0/96`).
+    #[inline(always)]
+    pub const fn is_ipv4_mapped(&self) -> bool {
+        self.words[0] == 0 && self.words[1] == 0 && self.words[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+    }
+
+    /// The IPv4 address in network byte order; meaningful only when [`Self::is_ipv4_mapped`].
+    #[inline(always)]
+    pub const fn ipv4_be(&self) -> u32 {
+        self.words[3]
+    }
+}
+
+/// Key of the services map: a service VIP, port and protocol as the application dials it.
+///
+/// Map `sd_svc_v1` (hash, `BPF_F_NO_PREALLOC` so a replaced value is RCU-freed and a
+/// concurrent reader never sees it reused): [`ServiceKey`] → [`ServiceValue`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: Addr,
+    /// Port in network byte order.
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// The service has no backends: connect() is rejected (EPERM) instead of leaving the machine for
+/// an address nobody serves, as Cilium's socket LB does.
+pub const SVC_F_NO_BACKENDS: u32 = 1 << 0;
+
+/// Value of the services map: which alias table currently serves the service.
+///
+/// The agent never rewrites a live table. It writes a complete new table under a fresh
+/// `table_id`, then swaps this value in one map update, and deletes the old table's slots only
+/// after a grace period; a concurrent connect() therefore sees either the old or the new table,
+/// never a half-written one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Identifies the table's slots in the slots map ([`SlotKey::table_id`]).
+    pub table_id: u32,
+    /// Number of slots in the table (= number of backends); 0 with [`SVC_F_NO_BACKENDS`].
+    pub slot_count: u32,
+    /// `SVC_F_*` flags.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Key of the slots map: one slot of one alias table.
+///
+/// Map `sd_slot_v1` (hash, `BPF_F_NO_PREALLOC`): [`SlotKey`] → [`Slot`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub table_id: u32,
+    /// 0 ≤ slot < [`ServiceValue::slot_count`].
+    pub slot: u32,
+}
+
+/// A backend address and port (network byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    pub addr: Addr,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// One column of a Walker/Vose alias table: the kernel draws a slot uniformly, then keeps
+/// `primary` when a second uniform 32-bit draw is below `threshold` and takes `alias` otherwise.
+/// Two random numbers and one map lookup give an exact weighted pick in O(1), with one slot per
+/// backend (a slot ring exact to 1 % would need 100+ slots per service).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Slot {
+    pub primary: Backend,
+    pub alias: Backend,
+    /// Probability of `primary` scaled to 2^32; `u32::MAX` with `primary == alias` means "always".
+    pub threshold: u32,
+    pub _pad: u32,
+}
+
+/// Key of the reverse-translation map, written on every steered connect()/sendmsg(): the socket
+/// and the backend it was sent to.
+///
+/// Map `sd_revnat_v1` (LRU hash): [`RevNatKey`] → [`RevNatValue`]. `getpeername` and
+/// `recvmsg` look it up to show the application the VIP it dialled instead of the backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNatKey {
+    /// `bpf_get_socket_cookie()` of the application's socket.
+    pub cookie: u64,
+    pub backend: Backend,
+    pub _pad: u32,
+}
+
+/// The VIP and port the application originally dialled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNatValue {
+    pub vip: Addr,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all types are #[repr(C)], Copy, contain only integers and have no implicit padding.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::SlotKey {}
+    unsafe impl aya::Pod for super::Slot {}
+    unsafe impl aya::Pod for super::RevNatKey {}
+    unsafe impl aya::Pod for super::RevNatValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<Addr>(), 16);
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<SlotKey>(), 8);
+        assert_eq!(size_of::<Backend>(), 20);
+        assert_eq!(size_of::<Slot>(), 48);
+        assert_eq!(size_of::<RevNatKey>(), 32);
+        assert_eq!(size_of::<RevNatValue>(), 20);
+    }
+
+    #[test]
+    fn ipv4_mapped_roundtrip() {
+        let ip = u32::from_ne_bytes([10, 96, 0, 1]);
+        let a = Addr::from_ipv4_be(ip);
+        assert!(a.is_ipv4_mapped());
+        assert_eq!(a.ipv4_be(), ip);
+        let bytes: [u8; 4] = a.words[2].to_ne_bytes();
+        assert_eq!(bytes, [0, 0, 0xff, 0xff]);
+    }
+}
