@@ -1,1 +1,49 @@
-fn main() {}
+//! The `steerd` binary: CLI parsing and logging set-up; everything else lives in the library.
+
+use anyhow::Result;
+use clap::Parser;
+use steerd::cli::{self, Cli, Command, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("STEERD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            init_logging(args.log_format);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(cli::run::run(args))
+        }
+        Command::Maps {
+            table,
+            output,
+            bpffs,
+        } => {
+            print!("{}", cli::maps::render(&bpffs, table, output)?);
+            Ok(())
+        }
+        Command::Cleanup { bpffs } => {
+            init_logging(LogFormat::Text);
+            let removed = steerd::dataplane::cleanup(&steerd::dataplane::Pins::new(&bpffs))?;
+            println!("removed {removed} pins under {}", bpffs.display());
+            Ok(())
+        }
+        Command::Version => {
+            println!("steerd {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    }
+}

@@ -57,7 +57,9 @@ impl Addr {
     /// Whether this is an IPv4-mapped address (`::ffff:0:0/96`).
     #[inline(always)]
     pub const fn is_ipv4_mapped(&self) -> bool {
-        self.words[0] == 0 && self.words[1] == 0 && self.words[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
+        self.words[0] == 0
+            && self.words[1] == 0
+            && self.words[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff])
     }
 
     /// The IPv4 address in network byte order; meaningful only when [`Self::is_ipv4_mapped`].

@@ -133,7 +133,9 @@ pub fn compile(config: &ConfigSet) -> Plan {
     };
     let mut services = BTreeMap::new();
     for svc in registry.services.values() {
-        if svc.resolution == istio::Resolution::None && svc.kind == registry::ServiceKind::ServiceEntry {
+        if svc.resolution == istio::Resolution::None
+            && svc.kind == registry::ServiceKind::ServiceEntry
+        {
             // Istio passes such traffic through to the address the application dialled.
             continue;
         }
@@ -188,7 +190,8 @@ fn normalise(mut backends: Vec<WeightedBackend>) -> Vec<WeightedBackend> {
 type SubsetIndex = HashMap<String, (String, BTreeMap<String, BTreeMap<String, String>>)>;
 
 fn subset_index(config: &ConfigSet) -> SubsetIndex {
-    let mut rules: Vec<&Resource<istio::DestinationRule>> = config.destination_rules.iter().collect();
+    let mut rules: Vec<&Resource<istio::DestinationRule>> =
+        config.destination_rules.iter().collect();
     rules.sort_by_key(|r| r.meta.key());
     let mut index = SubsetIndex::new();
     for dr in rules {
@@ -212,7 +215,13 @@ struct Ctx<'a> {
 }
 
 impl<'a> Ctx<'a> {
-    fn warn(&mut self, vs: &Resource<istio::VirtualService>, field: String, code: Option<&str>, message: String) {
+    fn warn(
+        &mut self,
+        vs: &Resource<istio::VirtualService>,
+        field: String,
+        code: Option<&str>,
+        message: String,
+    ) {
         self.diags.push(Diagnostic {
             level: Level::Warning,
             code: code.map(str::to_string),
@@ -238,7 +247,11 @@ impl<'a> Ctx<'a> {
                     continue;
                 }
                 // Exact matches rank above every wildcard.
-                let rank = if pattern.starts_with('*') { pattern.len() } else { usize::MAX };
+                let rank = if pattern.starts_with('*') {
+                    pattern.len()
+                } else {
+                    usize::MAX
+                };
                 let key = vs.meta.key();
                 let better = match &best {
                     None => true,
@@ -271,7 +284,10 @@ impl<'a> Ctx<'a> {
             let (r, b) = default(self);
             return (r, b, false);
         }
-        let is_http = matches!(port.protocol.as_deref(), Some("HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB" | "H2C"));
+        let is_http = matches!(
+            port.protocol.as_deref(),
+            Some("HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB" | "H2C")
+        );
         if is_http && !vs.spec.http.is_empty() {
             self.warn(
                 vs,
@@ -288,7 +304,8 @@ impl<'a> Ctx<'a> {
         for (i, tcp) in vs.spec.tcp.iter().enumerate() {
             if tcp_route_applies(tcp, port.port, svc) {
                 let route = format!("VirtualService {} tcp[{i}]", vs.meta.key());
-                let backends = self.weighted(vs, &format!("spec.tcp[{i}].route"), &tcp.route, port.port);
+                let backends =
+                    self.weighted(vs, &format!("spec.tcp[{i}].route"), &tcp.route, port.port);
                 return (route, backends, false);
             }
         }
@@ -297,11 +314,14 @@ impl<'a> Ctx<'a> {
                 (m.port.is_none() || m.port == Some(port.port as u32))
                     && (m.gateways.is_empty() || m.gateways.iter().any(|g| g == MESH_GATEWAY))
                     && m.source_labels.is_empty()
-                    && m.sni_hosts.iter().any(|s| host_matches(&resolve_host(s, &vs.meta.namespace), &svc.hostname))
+                    && m.sni_hosts
+                        .iter()
+                        .any(|s| host_matches(&resolve_host(s, &vs.meta.namespace), &svc.hostname))
             });
             if applies {
                 let route = format!("VirtualService {} tls[{i}]", vs.meta.key());
-                let backends = self.weighted(vs, &format!("spec.tls[{i}].route"), &tls.route, port.port);
+                let backends =
+                    self.weighted(vs, &format!("spec.tls[{i}].route"), &tls.route, port.port);
                 return (route, backends, false);
             }
         }
@@ -321,12 +341,20 @@ impl<'a> Ctx<'a> {
         let weights: Vec<f64> = if route.len() == 1 {
             vec![route[0].weight.unwrap_or(100).max(0) as f64]
         } else {
-            route.iter().map(|r| r.weight.unwrap_or(0).max(0) as f64).collect()
+            route
+                .iter()
+                .map(|r| r.weight.unwrap_or(0).max(0) as f64)
+                .collect()
         };
         let total: f64 = weights.iter().sum();
         let mut merged: Vec<WeightedBackend> = Vec::new();
         if total <= 0.0 {
-            self.warn(vs, field.into(), None, "total destination weight is 0; no backends".into());
+            self.warn(
+                vs,
+                field.into(),
+                None,
+                "total destination weight is 0; no backends".into(),
+            );
             return merged;
         }
         for (i, (rd, w)) in route.iter().zip(&weights).enumerate() {
@@ -344,23 +372,25 @@ impl<'a> Ctx<'a> {
                 );
                 continue;
             };
-            let port = dest.port.as_ref().and_then(|p| p.number).map_or(incoming_port, |n| n as u16);
+            let port = dest
+                .port
+                .as_ref()
+                .and_then(|p| p.number)
+                .map_or(incoming_port, |n| n as u16);
             let labels = match &dest.subset {
                 None => None,
-                Some(subset) => {
-                    match self.subsets.get(&host).and_then(|(_, s)| s.get(subset)) {
-                        Some(labels) => Some(labels.clone()),
-                        None => {
-                            self.warn(
+                Some(subset) => match self.subsets.get(&host).and_then(|(_, s)| s.get(subset)) {
+                    Some(labels) => Some(labels.clone()),
+                    None => {
+                        self.warn(
                                 vs,
                                 format!("{field}[{i}].destination.subset"),
                                 Some("IST0101"),
                                 format!("Referenced host+subset in destinationrule not found: \"{host}+{subset}\""),
                             );
-                            continue;
-                        }
+                        continue;
                     }
-                }
+                },
             };
             let share = w / total;
             let mut backends = self.endpoints_filtered(target, port, labels.as_ref(), share);
@@ -381,7 +411,13 @@ impl<'a> Ctx<'a> {
         merged
     }
 
-    fn endpoints_of(&mut self, svc: &RegistryService, port: u16, labels: Option<&BTreeMap<String, String>>, share: f64) -> Vec<WeightedBackend> {
+    fn endpoints_of(
+        &mut self,
+        svc: &RegistryService,
+        port: u16,
+        labels: Option<&BTreeMap<String, String>>,
+        share: f64,
+    ) -> Vec<WeightedBackend> {
         let mut backends = self.endpoints_filtered(svc, port, labels, share);
         let cluster = cluster_name(port, None, &svc.hostname);
         for b in &mut backends {

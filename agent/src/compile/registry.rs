@@ -131,7 +131,11 @@ fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     let Some(status) = &pod.status else {
         return Vec::new();
     };
-    let unready = status.conditions.iter().flatten().any(|c| c.type_ == "Ready" && c.status == "False");
+    let unready = status
+        .conditions
+        .iter()
+        .flatten()
+        .any(|c| c.type_ == "Ready" && c.status == "False");
     if unready || matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
         return Vec::new();
     }
@@ -172,7 +176,15 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
-    fn diag(&mut self, level: Level, kind: &str, meta: &Meta, origin: &Origin, field: &str, msg: String) {
+    fn diag(
+        &mut self,
+        level: Level,
+        kind: &str,
+        meta: &Meta,
+        origin: &Origin,
+        field: &str,
+        msg: String,
+    ) {
         self.diags.push(Diagnostic {
             level,
             code: None,
@@ -192,7 +204,11 @@ impl Builder<'_> {
         }
         let mut vips = Vec::new();
         let ips = spec.cluster_ips.clone().unwrap_or_default();
-        let ips = if ips.is_empty() { spec.cluster_ip.iter().cloned().collect() } else { ips };
+        let ips = if ips.is_empty() {
+            spec.cluster_ip.iter().cloned().collect()
+        } else {
+            ips
+        };
         for (i, ip) in ips.iter().enumerate() {
             if ip == "None" || ip.is_empty() {
                 continue;
@@ -228,7 +244,14 @@ impl Builder<'_> {
                 }
             };
             let Ok(port) = u16::try_from(p.port) else {
-                self.diag(Level::Error, "Service", meta, &svc.origin, &format!("spec.ports[{i}].port"), format!("port {} out of range", p.port));
+                self.diag(
+                    Level::Error,
+                    "Service",
+                    meta,
+                    &svc.origin,
+                    &format!("spec.ports[{i}].port"),
+                    format!("port {} out of range", p.port),
+                );
                 continue;
             };
             let name = p.name.clone().unwrap_or_default();
@@ -285,7 +308,10 @@ impl Builder<'_> {
                     p.name.as_deref().unwrap_or("") == sp.name
                         && p.protocol.as_deref().unwrap_or("TCP") == sp.transport.as_str()
                 });
-                if let Some(port) = served.and_then(|p| p.port).and_then(|p| u16::try_from(p).ok()) {
+                if let Some(port) = served
+                    .and_then(|p| p.port)
+                    .and_then(|p| u16::try_from(p).ok())
+                {
                     port_map.insert(sp.port, port);
                 }
             }
@@ -366,10 +392,12 @@ impl Builder<'_> {
         let mut vips = Vec::new();
         for (i, a) in spec.addresses.iter().enumerate() {
             // A /32 or /128 CIDR is one address; wider ranges cannot be a connect-time VIP.
-            let parsed = a
-                .parse::<IpAddr>()
-                .ok()
-                .or_else(|| a.parse::<ipnet::IpNet>().ok().filter(|n| n.prefix_len() == n.max_prefix_len()).map(|n| n.addr()));
+            let parsed = a.parse::<IpAddr>().ok().or_else(|| {
+                a.parse::<ipnet::IpNet>()
+                    .ok()
+                    .filter(|n| n.prefix_len() == n.max_prefix_len())
+                    .map(|n| n.addr())
+            });
             match parsed {
                 Some(ip) => vips.push(ip),
                 None => self.diag(
@@ -378,7 +406,9 @@ impl Builder<'_> {
                     meta,
                     &se.origin,
                     &format!("spec.addresses[{i}]"),
-                    format!("address {a:?} is not a single IP; only single-address VIPs are steered"),
+                    format!(
+                        "address {a:?} is not a single IP; only single-address VIPs are steered"
+                    ),
                 ),
             }
         }
@@ -399,7 +429,11 @@ impl Builder<'_> {
                 .iter()
                 .filter_map(|p| {
                     let svc_port = u16::try_from(p.number).ok()?;
-                    let ep_port = named.get(&p.name).copied().or(p.target_port).unwrap_or(p.number);
+                    let ep_port = named
+                        .get(&p.name)
+                        .copied()
+                        .or(p.target_port)
+                        .unwrap_or(p.number);
                     Some((svc_port, u16::try_from(ep_port).ok()?))
                 })
                 .collect()
@@ -427,7 +461,16 @@ impl Builder<'_> {
             }
             if let Some(sel) = &spec.workload_selector {
                 for we in self.config.workload_entries.iter().filter(|w| {
-                    w.meta.namespace == meta.namespace && labels_match(&sel.labels, &w.meta.labels.iter().chain(&w.spec.labels).map(|(k, v)| (k.clone(), v.clone())).collect())
+                    w.meta.namespace == meta.namespace
+                        && labels_match(
+                            &sel.labels,
+                            &w.meta
+                                .labels
+                                .iter()
+                                .chain(&w.spec.labels)
+                                .map(|(k, v)| (k.clone(), v.clone()))
+                                .collect(),
+                        )
                 }) {
                     if let Ok(ip) = we.spec.address.parse::<IpAddr>() {
                         let mut labels = we.meta.labels.clone();
@@ -441,7 +484,12 @@ impl Builder<'_> {
                         });
                     }
                 }
-                for pod in self.pods_by_ns.get(meta.namespace.as_str()).into_iter().flatten() {
+                for pod in self
+                    .pods_by_ns
+                    .get(meta.namespace.as_str())
+                    .into_iter()
+                    .flatten()
+                {
                     if labels_match(&sel.labels, &pod.meta.labels) {
                         for ip in pod_ips(&pod.spec) {
                             endpoints.push(Endpoint {
@@ -487,7 +535,10 @@ pub fn build(config: &ConfigSet, diags: &mut Vec<Diagnostic>) -> Registry {
     let mut pods_by_ns: HashMap<&str, Vec<&Resource<Pod>>> = HashMap::new();
     let mut pod_by_name = HashMap::new();
     for p in &config.pods {
-        pods_by_ns.entry(p.meta.namespace.as_str()).or_default().push(p);
+        pods_by_ns
+            .entry(p.meta.namespace.as_str())
+            .or_default()
+            .push(p);
         pod_by_name.insert((p.meta.namespace.as_str(), p.meta.name.as_str()), p);
     }
     let mut b = Builder {
@@ -522,7 +573,10 @@ pub fn build(config: &ConfigSet, diags: &mut Vec<Diagnostic>) -> Registry {
                 object: svc.object.clone(),
                 origin: svc.origin.clone(),
                 field: "hosts".into(),
-                message: format!("host {} is already defined by {}; ignored", svc.hostname, first.object),
+                message: format!(
+                    "host {} is already defined by {}; ignored",
+                    svc.hostname, first.object
+                ),
             });
             continue;
         }
@@ -537,8 +591,14 @@ mod tests {
 
     #[test]
     fn short_names_resolve_like_istio() {
-        assert_eq!(resolve_host("reviews", "shop"), "reviews.shop.svc.cluster.local");
-        assert_eq!(resolve_host("reviews.shop.svc.cluster.local", "x"), "reviews.shop.svc.cluster.local");
+        assert_eq!(
+            resolve_host("reviews", "shop"),
+            "reviews.shop.svc.cluster.local"
+        );
+        assert_eq!(
+            resolve_host("reviews.shop.svc.cluster.local", "x"),
+            "reviews.shop.svc.cluster.local"
+        );
         assert_eq!(resolve_host("api.example.com", "x"), "api.example.com");
         assert_eq!(resolve_host("*", "x"), "*");
         assert_eq!(resolve_host("*.example.com", "x"), "*.example.com");
@@ -558,7 +618,13 @@ mod tests {
         assert_eq!(k8s_port_protocol("http-web", None).as_deref(), Some("HTTP"));
         assert_eq!(k8s_port_protocol("grpc", None).as_deref(), Some("GRPC"));
         assert_eq!(k8s_port_protocol("web", None), None);
-        assert_eq!(k8s_port_protocol("web", Some("kubernetes.io/h2c")).as_deref(), Some("H2C"));
-        assert_eq!(k8s_port_protocol("tcp", Some("http")).as_deref(), Some("HTTP"));
+        assert_eq!(
+            k8s_port_protocol("web", Some("kubernetes.io/h2c")).as_deref(),
+            Some("H2C")
+        );
+        assert_eq!(
+            k8s_port_protocol("tcp", Some("http")).as_deref(),
+            Some("HTTP")
+        );
     }
 }

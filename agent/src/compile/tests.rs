@@ -12,7 +12,10 @@ fn config(texts: &[&str]) -> ConfigSet {
 }
 
 fn shared(path: &str) -> String {
-    let p = format!("{}/../../shared/istio/samples/{path}", env!("CARGO_MANIFEST_DIR"));
+    let p = format!(
+        "{}/../../shared/istio/samples/{path}",
+        env!("CARGO_MANIFEST_DIR")
+    );
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p}: {e}"))
 }
 
@@ -29,7 +32,12 @@ fn weights(plan: &Plan, key: &str) -> Vec<(String, f64)> {
     let svc = plan
         .services
         .get(&vip(key, Transport::Tcp))
-        .unwrap_or_else(|| panic!("{key} not in plan: {:?}", plan.services.keys().collect::<Vec<_>>()));
+        .unwrap_or_else(|| {
+            panic!(
+                "{key} not in plan: {:?}",
+                plan.services.keys().collect::<Vec<_>>()
+            )
+        });
     let mut v: Vec<_> = svc
         .backends
         .iter()
@@ -41,7 +49,10 @@ fn weights(plan: &Plan, key: &str) -> Vec<(String, f64)> {
 
 /// The tcp-echo sample's Service with a cluster IP (the API server would assign one).
 fn tcp_echo_services() -> String {
-    shared("tcp-echo/tcp-echo-services.yaml").replace("spec:\n  ports:", "spec:\n  clusterIP: 10.96.0.20\n  ports:")
+    shared("tcp-echo/tcp-echo-services.yaml").replace(
+        "spec:\n  ports:",
+        "spec:\n  clusterIP: 10.96.0.20\n  ports:",
+    )
 }
 
 const TCP_ECHO_PODS: &str = r#"
@@ -67,7 +78,10 @@ status: {podIP: 10.244.3.2}
 /// The sample's 80/20 route, bound to the mesh instead of the ingress gateway.
 fn mesh_80_20() -> String {
     shared("tcp-echo/tcp-echo-20-v2.yaml")
-        .replace("  - \"*\"\n  gateways:\n  - tcp-echo-gateway", "  - tcp-echo\n  gateways:\n  - mesh")
+        .replace(
+            "  - \"*\"\n  gateways:\n  - tcp-echo-gateway",
+            "  - tcp-echo\n  gateways:\n  - mesh",
+        )
         .replace("port: 31400", "port: 9000")
 }
 
@@ -76,30 +90,54 @@ fn service_without_virtual_service_uses_all_pods_equally() {
     let plan = compile(&config(&[&tcp_echo_services(), TCP_ECHO_PODS]));
     assert_eq!(
         weights(&plan, "10.96.0.20:9000"),
-        vec![("10.244.1.2:9000".into(), 0.5), ("10.244.2.2:9000".into(), 0.5)]
+        vec![
+            ("10.244.1.2:9000".into(), 0.5),
+            ("10.244.2.2:9000".into(), 0.5)
+        ]
     );
     // Both ports of the sample are steered; the target port defaults to the service port.
     assert_eq!(weights(&plan, "10.96.0.20:9001").len(), 2);
     let svc = &plan.services[&vip("10.96.0.20:9000", Transport::Tcp)];
     assert_eq!(svc.route, "default");
     assert_eq!(svc.host, "tcp-echo.default.svc.cluster.local");
-    assert_eq!(svc.backends[0].clusters, vec!["outbound|9000||tcp-echo.default.svc.cluster.local"]);
+    assert_eq!(
+        svc.backends[0].clusters,
+        vec!["outbound|9000||tcp-echo.default.svc.cluster.local"]
+    );
 }
 
 #[test]
 fn tcp_echo_80_20_with_subsets() {
     let dr = shared("tcp-echo/tcp-echo-all-v1.yaml");
-    let plan = compile(&config(&[&tcp_echo_services(), TCP_ECHO_PODS, &dr, &mesh_80_20()]));
+    let plan = compile(&config(&[
+        &tcp_echo_services(),
+        TCP_ECHO_PODS,
+        &dr,
+        &mesh_80_20(),
+    ]));
     assert_eq!(
         weights(&plan, "10.96.0.20:9000"),
-        vec![("10.244.1.2:9000".into(), 0.8), ("10.244.2.2:9000".into(), 0.2)]
+        vec![
+            ("10.244.1.2:9000".into(), 0.8),
+            ("10.244.2.2:9000".into(), 0.2)
+        ]
     );
     let svc = &plan.services[&vip("10.96.0.20:9000", Transport::Tcp)];
     assert_eq!(svc.route, "VirtualService default/tcp-echo tcp[0]");
-    let v1 = svc.backends.iter().find(|b| b.addr.ip().to_string() == "10.244.1.2").unwrap();
-    assert_eq!(v1.clusters, vec!["outbound|9000|v1|tcp-echo.default.svc.cluster.local"]);
+    let v1 = svc
+        .backends
+        .iter()
+        .find(|b| b.addr.ip().to_string() == "10.244.1.2")
+        .unwrap();
+    assert_eq!(
+        v1.clusters,
+        vec!["outbound|9000|v1|tcp-echo.default.svc.cluster.local"]
+    );
     // The route matches port 9000 only: 9001 keeps the default.
-    assert_eq!(plan.services[&vip("10.96.0.20:9001", Transport::Tcp)].route, "default");
+    assert_eq!(
+        plan.services[&vip("10.96.0.20:9001", Transport::Tcp)].route,
+        "default"
+    );
 }
 
 #[test]
@@ -134,7 +172,10 @@ fn single_destination_without_weight_gets_everything() {
     let vs = "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\nmetadata: {name: t}\nspec:\n  hosts: [tcp-echo.default.svc.cluster.local]\n  tcp:\n  - route:\n    - destination: {host: tcp-echo, subset: v2}\n";
     let dr = shared("tcp-echo/tcp-echo-all-v1.yaml");
     let plan = compile(&config(&[&tcp_echo_services(), TCP_ECHO_PODS, &dr, vs]));
-    assert_eq!(weights(&plan, "10.96.0.20:9000"), vec![("10.244.2.2:9000".into(), 1.0)]);
+    assert_eq!(
+        weights(&plan, "10.96.0.20:9000"),
+        vec![("10.244.2.2:9000".into(), 1.0)]
+    );
 }
 
 #[test]
@@ -173,12 +214,22 @@ metadata: {name: ignored-because-slices-exist, namespace: shop, labels: {app: we
 status: {podIP: 10.244.9.9}
 "#;
     let plan = compile(&config(&[text]));
-    assert_eq!(weights(&plan, "10.96.1.1:80"), vec![("10.244.1.5:8080".into(), 1.0)]);
-    assert_eq!(weights(&plan, "[fd00:96::1]:80"), vec![("[fd00:244:1::5]:8080".into(), 1.0)]);
+    assert_eq!(
+        weights(&plan, "10.96.1.1:80"),
+        vec![("10.244.1.5:8080".into(), 1.0)]
+    );
+    assert_eq!(
+        weights(&plan, "[fd00:96::1]:80"),
+        vec![("[fd00:244:1::5]:8080".into(), 1.0)]
+    );
     let udp = &plan.services[&vip("10.96.1.1:53", Transport::Udp)];
     assert_eq!(udp.backends[0].addr.to_string(), "10.244.1.5:5353");
     // No IPv6 slice serves the UDP port: the IPv6 VIP rejects rather than cross families.
-    assert!(plan.services[&vip("[fd00:96::1]:53", Transport::Udp)].backends.is_empty());
+    assert!(
+        plan.services[&vip("[fd00:96::1]:53", Transport::Udp)]
+            .backends
+            .is_empty()
+    );
 }
 
 #[test]
@@ -212,7 +263,10 @@ status: {podIP: 10.244.1.9}
 "#;
     let plan = compile(&config(&[text]));
     // b is unready; c has no port named http-alt, so it cannot serve this port.
-    assert_eq!(weights(&plan, "10.96.1.2:80"), vec![("10.244.1.7:8081".into(), 1.0)]);
+    assert_eq!(
+        weights(&plan, "10.96.1.2:80"),
+        vec![("10.244.1.7:8081".into(), 1.0)]
+    );
 }
 
 #[test]
@@ -256,7 +310,12 @@ spec:
             ("10.244.5.3:15432".into(), 0.2)
         ]
     );
-    assert!(!plan.services.contains_key(&vip("10.96.5.6:443", Transport::Tcp)), "resolution NONE passes through");
+    assert!(
+        !plan
+            .services
+            .contains_key(&vip("10.96.5.6:443", Transport::Tcp)),
+        "resolution NONE passes through"
+    );
 }
 
 #[test]
@@ -266,11 +325,22 @@ fn missing_host_and_subset_are_reported_and_skipped() {
     let plan = compile(&config(&[&tcp_echo_services(), TCP_ECHO_PODS, &dr, vs]));
     assert_eq!(
         weights(&plan, "10.96.0.20:9000"),
-        vec![("10.244.1.2:9000".into(), 0.5), ("10.244.2.2:9000".into(), 0.5)]
+        vec![
+            ("10.244.1.2:9000".into(), 0.5),
+            ("10.244.2.2:9000".into(), 0.5)
+        ]
     );
-    let codes: Vec<_> = plan.diagnostics.iter().filter_map(|d| d.code.as_deref()).collect();
+    let codes: Vec<_> = plan
+        .diagnostics
+        .iter()
+        .filter_map(|d| d.code.as_deref())
+        .collect();
     assert_eq!(codes, vec!["IST0101", "IST0101"], "{:?}", plan.diagnostics);
-    assert!(plan.diagnostics.iter().any(|d| d.field == "spec.tcp[0].route[0].destination.host"));
+    assert!(
+        plan.diagnostics
+            .iter()
+            .any(|d| d.field == "spec.tcp[0].route[0].destination.host")
+    );
 }
 
 #[test]
@@ -278,10 +348,22 @@ fn exact_host_beats_wildcard() {
     let wild = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: a-wild}\nspec:\n  hosts: ['*.svc.cluster.local']\n  tcp:\n  - route:\n    - destination: {host: tcp-echo, subset: v1}\n";
     let exact = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: z-exact}\nspec:\n  hosts: [tcp-echo]\n  tcp:\n  - route:\n    - destination: {host: tcp-echo, subset: v2}\n";
     let dr = shared("tcp-echo/tcp-echo-all-v1.yaml");
-    let plan = compile(&config(&[&tcp_echo_services(), TCP_ECHO_PODS, &dr, wild, exact]));
-    assert_eq!(weights(&plan, "10.96.0.20:9000"), vec![("10.244.2.2:9000".into(), 1.0)]);
+    let plan = compile(&config(&[
+        &tcp_echo_services(),
+        TCP_ECHO_PODS,
+        &dr,
+        wild,
+        exact,
+    ]));
+    assert_eq!(
+        weights(&plan, "10.96.0.20:9000"),
+        vec![("10.244.2.2:9000".into(), 1.0)]
+    );
     let plan = compile(&config(&[&tcp_echo_services(), TCP_ECHO_PODS, &dr, wild]));
-    assert_eq!(weights(&plan, "10.96.0.20:9000"), vec![("10.244.1.2:9000".into(), 1.0)]);
+    assert_eq!(
+        weights(&plan, "10.96.0.20:9000"),
+        vec![("10.244.1.2:9000".into(), 1.0)]
+    );
 }
 
 #[test]
@@ -326,13 +408,22 @@ fn headless_and_external_name_services_are_not_steered() {
 fn service_without_endpoints_has_empty_backends() {
     let text = "apiVersion: v1\nkind: Service\nmetadata: {name: lonely}\nspec: {clusterIP: 10.96.3.3, selector: {app: none}, ports: [{port: 80}]}\n";
     let plan = compile(&config(&[text]));
-    assert!(plan.services[&vip("10.96.3.3:80", Transport::Tcp)].backends.is_empty());
+    assert!(
+        plan.services[&vip("10.96.3.3:80", Transport::Tcp)]
+            .backends
+            .is_empty()
+    );
 }
 
 #[test]
 fn compile_is_deterministic() {
     let dr = shared("tcp-echo/tcp-echo-all-v1.yaml");
-    let inputs = [tcp_echo_services(), TCP_ECHO_PODS.to_string(), dr, mesh_80_20()];
+    let inputs = [
+        tcp_echo_services(),
+        TCP_ECHO_PODS.to_string(),
+        dr,
+        mesh_80_20(),
+    ];
     let refs: Vec<&str> = inputs.iter().map(String::as_str).collect();
     let a = compile(&config(&refs));
     let mut rev = refs.clone();

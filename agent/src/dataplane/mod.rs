@@ -1,1 +1,7 @@
-//! todo
+//! The kernel side: BPF programs and maps (and, later, the L7 proxy).
+
+pub mod bpf;
+pub mod kernel;
+pub mod maps;
+
+pub use bpf::{Dataplane, DataplaneError, Pins, cleanup};

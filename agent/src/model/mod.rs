@@ -279,8 +279,9 @@ fn parse_document(origin: &Origin, doc: &str) -> Result<Option<Vec<Object>>, Par
                 .cloned()
                 .unwrap_or(serde_json::Value::Object(Default::default()));
             match kind {
-                "VirtualService" => typed(&spec, "spec")
-                    .map(|s| Object::VirtualService(resource(&meta, origin, s))),
+                "VirtualService" => {
+                    typed(&spec, "spec").map(|s| Object::VirtualService(resource(&meta, origin, s)))
+                }
                 "DestinationRule" => typed(&spec, "spec")
                     .map(|s| Object::DestinationRule(resource(&meta, origin, s))),
                 "ServiceEntry" => {
@@ -429,7 +430,12 @@ spec:
         assert_eq!(e.object, "n/r");
         assert_eq!(e.field, "spec.tcp[0].route[0].weight");
         assert_eq!(e.origin.line, Some(1));
-        assert!(e.to_string().starts_with("bad.yaml:1: VirtualService n/r: spec.tcp[0].route[0].weight: invalid type"), "{e}");
+        assert!(
+            e.to_string().starts_with(
+                "bad.yaml:1: VirtualService n/r: spec.tcp[0].route[0].weight: invalid type"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,1 +1,54 @@
-//! todo
+//! Configuration sources. Each produces complete [`ConfigSet`] snapshots; the agent compiles
+//! whichever snapshot arrived last.
+
+pub mod files;
+
+use crate::model::{ConfigSet, ParseError};
+
+/// A complete view of one source's configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub config: ConfigSet,
+    /// Problems found while reading. Objects that failed are served from their last good
+    /// version (when there was one).
+    pub errors: Vec<ParseError>,
+}
+
+/// Where configuration comes from (`--source`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceSpec {
+    /// `files:DIR`: every `*.yaml`/`*.yml` under DIR, watched for changes.
+    Files(std::path::PathBuf),
+    /// `builtin`: the example manifests compiled into the binary.
+    Builtin,
+}
+
+impl std::str::FromStr for SourceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once(':') {
+            Some(("files", dir)) if !dir.is_empty() => Ok(Self::Files(dir.into())),
+            None if s == "builtin" => Ok(Self::Builtin),
+            _ => Err(format!(
+                "unknown source {s:?}: expected files:DIR or builtin"
+            )),
+        }
+    }
+}
+
+/// The example manifests bundled with steerd (`examples/`), served by `--source builtin`.
+pub const BUILTIN_MANIFESTS: &[(&str, &str)] = &[(
+    "builtin:examples/tcp-echo.yaml",
+    include_str!("../../../examples/tcp-echo.yaml"),
+)];
+
+/// Parses the built-in manifests.
+pub fn builtin() -> Snapshot {
+    let mut snap = Snapshot::default();
+    for (name, text) in BUILTIN_MANIFESTS {
+        let (objects, errors) = crate::model::parse_documents(name, text);
+        snap.config.extend(objects);
+        snap.errors.extend(errors);
+    }
+    snap
+}

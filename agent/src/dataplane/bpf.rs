@@ -1,0 +1,237 @@
+//! Loading the kernel programs, pinning maps and links, and adopting a previous agent's pins.
+//!
+//! Layout under `--bpffs` (default `/sys/fs/bpf/steerd`):
+//! - `maps/<name>`: the maps of `steerd-common`, shared by every program generation;
+//! - `links/<program>`: one cgroup link per program. A pinned link keeps its program attached
+//!   after the agent exits (or is killed), so steering never depends on the agent being alive.
+//!
+//! Restart without a gap: the new agent loads its programs against the *same* pinned maps,
+//! attaches them next to the old ones (cgroup bpf_links always stack), and only then replaces the old link
+//! pins. While both run, the first rewrites VIP → backend and the second sees a backend address it
+//! does not know, so every connect is translated exactly once.
+
+use super::maps::MapWriter;
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use steerd_common::map_names;
+use tracing::{debug, info, warn};
+
+/// The compiled eBPF object (built by build.rs from `ebpf/`).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steerd"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0} is not on a BPF filesystem (mount -t bpf bpf /sys/fs/bpf)")]
+    NotBpffs(PathBuf),
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("program {name}: link: {source}")]
+    Link {
+        name: String,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("pinning link {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error(transparent)]
+    Maps(#[from] super::maps::MapsError),
+}
+
+fn io_err(path: &Path) -> impl Fn(io::Error) -> DataplaneError + '_ {
+    move |source| DataplaneError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where the pins live.
+#[derive(Debug, Clone)]
+pub struct Pins {
+    pub root: PathBuf,
+}
+
+impl Pins {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+    pub fn maps(&self) -> PathBuf {
+        self.root.join("maps")
+    }
+    pub fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// Makes sure `root` can hold pins: mounts bpffs at /sys/fs/bpf when that is where the root is
+/// and nothing is mounted there yet (a bare node), then creates the directories.
+pub fn prepare_bpffs(pins: &Pins) -> Result<(), DataplaneError> {
+    let sys_bpf = Path::new("/sys/fs/bpf");
+    if pins.root.starts_with(sys_bpf) && !is_bpffs(sys_bpf) {
+        info!("mounting bpffs at /sys/fs/bpf");
+        nix::mount::mount(
+            Some("bpf"),
+            sys_bpf,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| io_err(sys_bpf)(e.into()))?;
+    }
+    for dir in [pins.root.clone(), pins.maps(), pins.links()] {
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    }
+    if !is_bpffs(&pins.root) {
+        return Err(DataplaneError::NotBpffs(pins.root.clone()));
+    }
+    Ok(())
+}
+
+/// The loaded programs and the writer over their maps.
+pub struct Dataplane {
+    pub writer: MapWriter,
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    // Keeps program fds alive for the process lifetime (links are pinned independently).
+    _ebpf: Ebpf,
+}
+
+impl Dataplane {
+    /// Loads the programs against the pinned maps (creating them on first start), attaches
+    /// them to `cgroup`, replaces any previous generation's links, and adopts the maps' content.
+    pub fn start(pins: &Pins, cgroup: &Path) -> Result<Self, DataplaneError> {
+        prepare_bpffs(pins)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pins.maps())
+            .load(EBPF_OBJECT)?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(error = %e, "kernel program logs unavailable");
+                None
+            }
+        };
+        let cgroup_dir = fs::File::open(cgroup).map_err(io_err(cgroup))?;
+        let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
+        for name in names {
+            let program: &mut CgroupSockAddr = ebpf
+                .program_mut(&name)
+                .expect("listed program exists")
+                .try_into()
+                .map_err(|source| DataplaneError::Program {
+                    name: name.clone(),
+                    source,
+                })?;
+            let perr = |source| DataplaneError::Program {
+                name: name.clone(),
+                source,
+            };
+            program.load().map_err(perr)?;
+            let link_id = program
+                // bpf_link-based cgroup attachments are always multi-attach and reject flags, so
+                // "Single" (no flags) is what lets old and new generations coexist.
+                .attach(&cgroup_dir, CgroupAttachMode::Single)
+                .map_err(perr)?;
+            let link: FdLink = program
+                .take_link(link_id)
+                .map_err(perr)?
+                .try_into()
+                .map_err(|source| DataplaneError::Link {
+                    name: name.clone(),
+                    source,
+                })?;
+            replace_link_pin(pins, &name, link)?;
+        }
+        info!(cgroup = %cgroup.display(), bpffs = %pins.root.display(), "programs attached");
+        let services = ebpf
+            .take_map(map_names::SERVICES)
+            .ok_or(DataplaneError::MissingMap(map_names::SERVICES))?;
+        let slots = ebpf
+            .take_map(map_names::SLOTS)
+            .ok_or(DataplaneError::MissingMap(map_names::SLOTS))?;
+        let writer = MapWriter::adopt(services, slots)?;
+        if writer.service_count() > 0 {
+            info!(
+                services = writer.service_count(),
+                "adopted services from pinned maps"
+            );
+        }
+        Ok(Self {
+            writer,
+            logger,
+            _ebpf: ebpf,
+        })
+    }
+}
+
+/// Pins `link` as `links/<name>`, detaching whatever was pinned there before — but only after
+/// the new link is attached, so the cgroup is never without a program.
+fn replace_link_pin(pins: &Pins, name: &str, link: FdLink) -> Result<(), DataplaneError> {
+    let final_path = pins.links().join(name);
+    // bpffs refuses names containing a dot.
+    let staging = pins.links().join(format!("{name}_next"));
+    if staging.exists() {
+        fs::remove_file(&staging).map_err(io_err(&staging))?;
+    }
+    let pinned = link.pin(&staging).map_err(|source| DataplaneError::Pin {
+        path: staging.clone(),
+        source,
+    })?;
+    // rename(2) on bpffs atomically replaces the old pin; dropping the old pin's last reference
+    // detaches the previous generation's program.
+    fs::rename(&staging, &final_path).map_err(io_err(&final_path))?;
+    drop(pinned);
+    debug!(link = %final_path.display(), "link pinned");
+    Ok(())
+}
+
+/// Detaches every program and removes every pin under `root` (uninstall, test teardown).
+pub fn cleanup(pins: &Pins) -> Result<usize, DataplaneError> {
+    let mut removed = 0;
+    for dir in [pins.links(), pins.maps()] {
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        for entry in entries {
+            let path = entry.map_err(io_err(&dir))?.path();
+            fs::remove_file(&path).map_err(io_err(&path))?;
+            removed += 1;
+        }
+        fs::remove_dir(&dir).map_err(io_err(&dir))?;
+    }
+    match fs::remove_dir(&pins.root) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&pins.root)(e)),
+    }
+    Ok(removed)
+}
