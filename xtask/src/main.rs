@@ -1,1 +1,242 @@
-fn main() {}
+//! `cargo xtask`: everything beyond plain cargo — machine set-up, the test suite, the demo and
+//! the benchmarks.
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+mod bench;
+mod demo;
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what a fresh machine lacks (idempotent): rust-src for nightly, bpf-linker built
+    /// against nightly's LLVM, iproute2/iptables, and a bpffs mount.
+    Setup,
+    /// Run every check and test: fmt, clippy, unit tests, real-kernel end-to-end tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build the agent and run it over the bundled examples, steering real connections in
+    /// throw-away network namespaces.
+    Demo,
+    /// Benchmarks; results go to BENCHMARKS.md.
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+}
+
+/// Minimum nightly the eBPF build is known to work with (rustc 1.97 with LLVM 22).
+const MIN_NIGHTLY_MINOR: u32 = 97;
+const LLVM_MAJOR: u32 = 22;
+const EBPF_TOOLCHAIN: &str = "nightly";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Checks the nightly toolchain by what it is, not by its name.
+fn check_nightly() -> Result<PathBuf> {
+    let verbose = output(Command::new("rustup").args(["run", EBPF_TOOLCHAIN, "rustc", "-vV"]))
+        .context("the `nightly` toolchain is required for the eBPF build")?;
+    let field = |name: &str| {
+        verbose
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or("")
+            .to_string()
+    };
+    let release = field("release:");
+    let llvm = field("LLVM version:");
+    let minor: u32 = release
+        .split('.')
+        .nth(1)
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    let llvm_major: u32 = llvm
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .unwrap_or(0);
+    if !release.contains("nightly") || minor < MIN_NIGHTLY_MINOR || llvm_major != LLVM_MAJOR {
+        bail!(
+            "toolchain `{EBPF_TOOLCHAIN}` is rustc {release} with LLVM {llvm}; the eBPF build needs a nightly >= 1.{MIN_NIGHTLY_MINOR} with LLVM {LLVM_MAJOR}"
+        );
+    }
+    eprintln!("eBPF toolchain: rustc {release}, LLVM {llvm}");
+    let sysroot = output(Command::new("rustup").args([
+        "run",
+        EBPF_TOOLCHAIN,
+        "rustc",
+        "--print",
+        "sysroot",
+    ]))?;
+    Ok(PathBuf::from(sysroot.trim()))
+}
+
+fn setup() -> Result<()> {
+    let sysroot = check_nightly()?;
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        EBPF_TOOLCHAIN,
+    ]))?;
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            EBPF_TOOLCHAIN,
+        ]))?;
+    }
+
+    let linker_ok = output(Command::new("bpf-linker").arg("--version"))
+        .is_ok_and(|v| v.contains(BPF_LINKER_VERSION));
+    if !linker_ok {
+        // bpf-linker must use the same LLVM as the nightly that emits the bitcode: link it
+        // against the nightly's own libLLVM.
+        let lib = sysroot.join("lib");
+        let llvm_so = std::fs::read_dir(&lib)?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    n.starts_with("libLLVM.so.")
+                        || (n.starts_with("libLLVM-") && n.ends_with(".so"))
+                })
+            })
+            .with_context(|| format!("no libLLVM in {}", lib.display()))?;
+        let prefix = Path::new("/opt/rust-llvm");
+        std::fs::create_dir_all(prefix.join("lib"))?;
+        let link = prefix.join("lib/libLLVM.so");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&llvm_so, &link)?;
+        run(Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+            ])
+            .arg(format!("llvm-{LLVM_MAJOR}"))
+            .env("LLVM_PREFIX", prefix)
+            .env(
+                "RUSTFLAGS",
+                format!("-C link-arg=-Wl,-rpath,{}", lib.display()),
+            ))?;
+    }
+
+    let mut missing = Vec::new();
+    for (program, package) in [
+        ("ip", "iproute2"),
+        ("iptables", "iptables"),
+        ("nsenter", "util-linux"),
+    ] {
+        if !have(program) {
+            missing.push(package);
+        }
+    }
+    if !missing.is_empty() {
+        run(Command::new("apt-get").arg("update"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing))?;
+    }
+
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    if !mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf"))
+    {
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    eprintln!("setup complete");
+    Ok(())
+}
+
+fn test(args: &[String]) -> Result<()> {
+    let root = workspace_root();
+    run(Command::new("cargo")
+        .args(["fmt", "--all", "--", "--check"])
+        .current_dir(&root))?;
+    run(Command::new("cargo")
+        .args([
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "steerd-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ])
+        .current_dir(&root))?;
+    // The end-to-end tests run the agent binary; build it first so they test this tree.
+    run(Command::new("cargo")
+        .args(["build", "-p", "steerd"])
+        .current_dir(&root))?;
+    run(Command::new("cargo")
+        .args(["test", "--workspace", "--exclude", "steerd-ebpf"])
+        .args(args)
+        .current_dir(&root))?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup(),
+        // Both set up first so each is the one command a fresh machine needs.
+        Task::Test { args } => setup().and_then(|()| test(&args)),
+        Task::Demo => setup().and_then(|()| demo::run()),
+        Task::Bench { which } => bench::run(which),
+    }
+}

@@ -178,7 +178,7 @@ pub fn compile(config: &ConfigSet) -> Plan {
 fn normalise(mut backends: Vec<WeightedBackend>) -> Vec<WeightedBackend> {
     backends.retain(|b| b.weight > 0.0);
     // Input order (files, watch events) must not change the plan.
-    backends.sort_by(|a, b| a.addr.cmp(&b.addr));
+    backends.sort_by_key(|b| b.addr);
     let total: f64 = backends.iter().map(|b| b.weight).sum();
     for b in &mut backends {
         b.weight /= total;

@@ -549,9 +549,9 @@ pub fn build(config: &ConfigSet, diags: &mut Vec<Diagnostic>) -> Registry {
     };
     let mut registry = Registry::default();
     let mut services: Vec<_> = config.services.iter().collect();
-    services.sort_by(|a, b| a.meta.key().cmp(&b.meta.key()));
+    services.sort_by_key(|s| s.meta.key());
     let mut entries: Vec<_> = config.service_entries.iter().collect();
-    entries.sort_by(|a, b| a.meta.key().cmp(&b.meta.key()));
+    entries.sort_by_key(|s| s.meta.key());
 
     let mut defined: Vec<RegistryService> = Vec::new();
     for s in services {

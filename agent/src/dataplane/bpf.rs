@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 /// The compiled eBPF object (built by build.rs from `ebpf/`).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steerd"));
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: libc::__fsword_t = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -88,7 +88,7 @@ impl Pins {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// Makes sure `root` can hold pins: mounts bpffs at /sys/fs/bpf when that is where the root is

@@ -124,7 +124,7 @@ pub fn backend_shares(slots: &[Slot]) -> Vec<(SocketAddr, f64)> {
         .zip(p)
         .filter(|(_, p)| *p > 0.0)
         .collect();
-    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.sort_by_key(|a| a.0);
     out
 }
 

@@ -100,7 +100,9 @@ pub struct ConfigSet {
     pub gateways: Vec<Resource<istio::Gateway>>,
 }
 
-/// One parsed object of any supported kind.
+/// One parsed object of any supported kind. Objects are moved straight into a [`ConfigSet`]'s
+/// vectors, so boxing the large Kubernetes variants would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
     Service(Resource<Service>),
@@ -205,32 +207,34 @@ pub fn parse_documents(source: &str, text: &str) -> (Vec<Object>, Vec<ParseError
         match parse_document(&origin, &doc) {
             Ok(Some(objs)) => objects.extend(objs),
             Ok(None) => {}
-            Err(e) => errors.push(e),
+            Err(e) => errors.push(*e),
         }
     }
     (objects, errors)
 }
 
-fn parse_document(origin: &Origin, doc: &str) -> Result<Option<Vec<Object>>, ParseError> {
-    let err = |kind: &str, object: &str, field: &str, message: String| ParseError {
-        origin: origin.clone(),
-        kind: kind.to_string(),
-        object: object.to_string(),
-        field: field.to_string(),
-        message,
+fn parse_document(origin: &Origin, doc: &str) -> Result<Option<Vec<Object>>, Box<ParseError>> {
+    let err = |kind: &str, object: &str, field: &str, message: String| {
+        Box::new(ParseError {
+            origin: origin.clone(),
+            kind: kind.to_string(),
+            object: object.to_string(),
+            field: field.to_string(),
+            message,
+        })
     };
     let value: serde_json::Value = serde_yaml::from_str(doc).map_err(|e| {
         let mut origin = origin.clone();
         if let (Some(loc), Some(start)) = (e.location(), origin.line) {
             origin.line = Some(start + loc.line() - 1);
         }
-        ParseError {
+        Box::new(ParseError {
             origin,
             kind: "document".into(),
             object: "-".into(),
             field: "-".into(),
             message: format!("invalid YAML: {e}"),
-        }
+        })
     })?;
     let serde_json::Value::Object(map) = &value else {
         if value.is_null() {

@@ -1,0 +1,259 @@
+//! steerd-probe: dials an address repeatedly and reports which identity servers answered.
+//!
+//! ```text
+//! steerd-probe tcp  --to ADDR:PORT --count N [--timeout-ms T]
+//! steerd-probe udp  --to ADDR:PORT --count N [--connected] [--timeout-ms T]
+//! steerd-probe loop --to ADDR:PORT --duration-ms D [--interval-ms I] [--timeout-ms T]
+//! ```
+//!
+//! Prints one JSON object on stdout:
+//! `{"counts":{"id":n,...},"failures":n,"peer_mismatches":n,"errors":[...],"attempts":n}`.
+//! Every connect, send and read is bounded by the timeout (default 1000 ms), so it never hangs.
+//! Exit status 0 whenever a report was printed, 2 on bad arguments.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+/// Error messages kept in the report; the rest are only counted.
+const MAX_ERRORS: usize = 10;
+/// Hard caps so that no invocation can turn into an unbounded load.
+const MAX_COUNT: u64 = 1_000_000;
+const MAX_DURATION_MS: u64 = 600_000;
+/// Identity lines are short; anything longer is not an identity server.
+const MAX_REPLY: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    Tcp,
+    Udp,
+    Loop,
+}
+
+#[derive(Debug)]
+struct Args {
+    mode: Mode,
+    to: SocketAddr,
+    count: u64,
+    timeout: Duration,
+    connected: bool,
+    duration: Duration,
+    interval: Duration,
+}
+
+#[derive(Default)]
+struct Report {
+    counts: BTreeMap<String, u64>,
+    failures: u64,
+    peer_mismatches: u64,
+    errors: Vec<String>,
+    attempts: u64,
+}
+
+/// What one successful attempt saw.
+struct Reply {
+    id: String,
+    peer: SocketAddr,
+}
+
+impl Report {
+    fn record(&mut self, dialled: SocketAddr, check_peer: bool, result: Result<Reply, String>) {
+        self.attempts += 1;
+        match result {
+            Ok(reply) => {
+                if check_peer && !same_endpoint(reply.peer, dialled) {
+                    self.peer_mismatches += 1;
+                    self.note_error(format!("peer {} is not the dialled {dialled}", reply.peer));
+                }
+                *self.counts.entry(reply.id).or_default() += 1;
+            }
+            Err(e) => {
+                self.failures += 1;
+                self.note_error(e);
+            }
+        }
+    }
+
+    fn note_error(&mut self, e: String) {
+        if self.errors.len() < MAX_ERRORS {
+            self.errors.push(format!("attempt {}: {e}", self.attempts));
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "counts": self.counts,
+            "failures": self.failures,
+            "peer_mismatches": self.peer_mismatches,
+            "errors": self.errors,
+            "attempts": self.attempts,
+        })
+    }
+}
+
+fn main() {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("steerd-probe: {e}");
+            eprintln!(
+                "usage: steerd-probe tcp|udp|loop --to ADDR:PORT [--count N] [--timeout-ms T] \
+                 [--connected] [--duration-ms D] [--interval-ms I]"
+            );
+            std::process::exit(2);
+        }
+    };
+    let mut report = Report::default();
+    match args.mode {
+        Mode::Tcp => {
+            for _ in 0..args.count {
+                report.record(args.to, true, tcp_attempt(args.to, args.timeout));
+            }
+        }
+        Mode::Udp => {
+            for _ in 0..args.count {
+                let result = udp_attempt(args.to, args.timeout, args.connected);
+                // A connected socket only accepts datagrams from its peer, so there is no source
+                // to compare; an unconnected one must see replies come from the dialled address.
+                report.record(args.to, !args.connected, result);
+            }
+        }
+        Mode::Loop => {
+            let end = Instant::now() + args.duration;
+            while Instant::now() < end {
+                report.record(args.to, true, tcp_attempt(args.to, args.timeout));
+                if !args.interval.is_zero() {
+                    std::thread::sleep(args.interval);
+                }
+            }
+        }
+    }
+    println!("{}", report.to_json());
+}
+
+fn tcp_attempt(to: SocketAddr, timeout: Duration) -> Result<Reply, String> {
+    let mut stream =
+        TcpStream::connect_timeout(&to, timeout).map_err(|e| format!("connect {to}: {e}"))?;
+    let peer = stream
+        .peer_addr()
+        .map_err(|e| format!("getpeername: {e}"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| format!("SO_RCVTIMEO: {e}"))?;
+    let mut buf = Vec::with_capacity(64);
+    stream
+        .by_ref()
+        .take(MAX_REPLY as u64)
+        .read_to_end(&mut buf)
+        .map_err(|e| format!("read from {to}: {e}"))?;
+    Ok(Reply {
+        id: identity(&buf).ok_or_else(|| format!("no identity line from {to}: {buf:?}"))?,
+        peer,
+    })
+}
+
+fn udp_attempt(to: SocketAddr, timeout: Duration, connected: bool) -> Result<Reply, String> {
+    let local: SocketAddr = match to.ip() {
+        IpAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = UdpSocket::bind(local).map_err(|e| format!("bind {local}: {e}"))?;
+    socket
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| format!("SO_RCVTIMEO: {e}"))?;
+    socket
+        .set_write_timeout(Some(timeout))
+        .map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
+    let mut buf = [0u8; MAX_REPLY];
+    let (len, peer) = if connected {
+        socket
+            .connect(to)
+            .map_err(|e| format!("connect {to}: {e}"))?;
+        socket
+            .send(b"probe\n")
+            .map_err(|e| format!("send to {to}: {e}"))?;
+        let len = socket
+            .recv(&mut buf)
+            .map_err(|e| format!("recv from {to}: {e}"))?;
+        (len, to)
+    } else {
+        socket
+            .send_to(b"probe\n", to)
+            .map_err(|e| format!("sendto {to}: {e}"))?;
+        socket
+            .recv_from(&mut buf)
+            .map_err(|e| format!("recvfrom after sendto {to}: {e}"))?
+    };
+    let id = identity(&buf[..len]).ok_or_else(|| format!("no identity line from {peer}"))?;
+    Ok(Reply { id, peer })
+}
+
+/// The text before the first newline; `None` if there is no complete, non-empty line.
+fn identity(reply: &[u8]) -> Option<String> {
+    let line = &reply[..reply.iter().position(|b| *b == b'\n')?];
+    let id = String::from_utf8_lossy(line).trim().to_owned();
+    (!id.is_empty()).then_some(id)
+}
+
+/// Address and port equality; IPv6 flow info and scope id are not part of the endpoint here.
+fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
+    a.ip() == b.ip() && a.port() == b.port()
+}
+
+fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mode = match argv.next().as_deref() {
+        Some("tcp") => Mode::Tcp,
+        Some("udp") => Mode::Udp,
+        Some("loop") => Mode::Loop,
+        Some(other) => return Err(format!("unknown mode {other:?}")),
+        None => return Err("missing mode".into()),
+    };
+    let mut to = None;
+    let mut count = None;
+    let mut timeout_ms = 1000;
+    let mut connected = false;
+    let mut duration_ms = None;
+    let mut interval_ms = 5;
+    while let Some(flag) = argv.next() {
+        let mut value = || argv.next().ok_or_else(|| format!("{flag} needs a value"));
+        let number = |v: String| v.parse::<u64>().map_err(|e| format!("{flag} {v:?}: {e}"));
+        match flag.as_str() {
+            "--to" => {
+                let v = value()?;
+                to = Some(
+                    v.parse::<SocketAddr>()
+                        .map_err(|e| format!("--to {v:?}: {e}"))?,
+                );
+            }
+            "--count" => count = Some(number(value()?)?),
+            "--timeout-ms" => timeout_ms = number(value()?)?,
+            "--duration-ms" => duration_ms = Some(number(value()?)?),
+            "--interval-ms" => interval_ms = number(value()?)?,
+            "--connected" => connected = true,
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    let to = to.ok_or("--to is required")?;
+    if timeout_ms == 0 {
+        return Err("--timeout-ms must be positive".into());
+    }
+    let (count, duration_ms) = match mode {
+        Mode::Loop => (0, duration_ms.ok_or("loop needs --duration-ms")?),
+        Mode::Tcp | Mode::Udp => (count.ok_or("--count is required")?, 0),
+    };
+    if count > MAX_COUNT || duration_ms > MAX_DURATION_MS || timeout_ms > MAX_DURATION_MS {
+        return Err(format!(
+            "at most {MAX_COUNT} attempts and {MAX_DURATION_MS} ms per run or attempt"
+        ));
+    }
+    Ok(Args {
+        mode,
+        to,
+        count,
+        timeout: Duration::from_millis(timeout_ms),
+        connected,
+        duration: Duration::from_millis(duration_ms),
+        interval: Duration::from_millis(interval_ms),
+    })
+}
