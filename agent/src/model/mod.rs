@@ -214,15 +214,6 @@ pub fn parse_documents(source: &str, text: &str) -> (Vec<Object>, Vec<ParseError
 }
 
 fn parse_document(origin: &Origin, doc: &str) -> Result<Option<Vec<Object>>, Box<ParseError>> {
-    let err = |kind: &str, object: &str, field: &str, message: String| {
-        Box::new(ParseError {
-            origin: origin.clone(),
-            kind: kind.to_string(),
-            object: object.to_string(),
-            field: field.to_string(),
-            message,
-        })
-    };
     let value: serde_json::Value = serde_yaml::from_str(doc).map_err(|e| {
         let mut origin = origin.clone();
         if let (Some(loc), Some(start)) = (e.location(), origin.line) {
@@ -236,7 +227,25 @@ fn parse_document(origin: &Origin, doc: &str) -> Result<Option<Vec<Object>>, Box
             message: format!("invalid YAML: {e}"),
         })
     })?;
-    let serde_json::Value::Object(map) = &value else {
+    parse_value(origin, &value)
+}
+
+/// Parses one object already decoded from YAML or JSON (the Kubernetes source hands over the
+/// API server's JSON). `Ok(None)` for kinds steerd does not read; a `List` yields its items.
+pub fn parse_value(
+    origin: &Origin,
+    value: &serde_json::Value,
+) -> Result<Option<Vec<Object>>, Box<ParseError>> {
+    let err = |kind: &str, object: &str, field: &str, message: String| {
+        Box::new(ParseError {
+            origin: origin.clone(),
+            kind: kind.to_string(),
+            object: object.to_string(),
+            field: field.to_string(),
+            message,
+        })
+    };
+    let serde_json::Value::Object(map) = value else {
         if value.is_null() {
             return Ok(None);
         }
@@ -248,8 +257,7 @@ fn parse_document(origin: &Origin, doc: &str) -> Result<Option<Vec<Object>>, Box
         let items = map.get("items").and_then(|i| i.as_array()).cloned();
         let mut out = Vec::new();
         for item in items.unwrap_or_default() {
-            let text = serde_json::to_string(&item).expect("JSON value serializes");
-            if let Some(objs) = parse_document(origin, &text)? {
+            if let Some(objs) = parse_value(origin, &item)? {
                 out.extend(objs);
             }
         }
@@ -261,13 +269,13 @@ fn parse_document(origin: &Origin, doc: &str) -> Result<Option<Vec<Object>>, Box
 
     let parsed = match (group, kind) {
         ("", "Service") if version == "v1" => {
-            typed(&value, "").map(|s| Object::Service(resource(&meta, origin, s)))
+            typed(value, "").map(|s| Object::Service(resource(&meta, origin, s)))
         }
         ("", "Pod") if version == "v1" => {
-            typed(&value, "").map(|s| Object::Pod(resource(&meta, origin, s)))
+            typed(value, "").map(|s| Object::Pod(resource(&meta, origin, s)))
         }
         ("discovery.k8s.io", "EndpointSlice") if version == "v1" => {
-            typed(&value, "").map(|s| Object::EndpointSlice(resource(&meta, origin, s)))
+            typed(value, "").map(|s| Object::EndpointSlice(resource(&meta, origin, s)))
         }
         (ISTIO_NETWORKING_GROUP, _) => {
             if !ISTIO_VERSIONS.contains(&version) {
