@@ -30,6 +30,7 @@
 
 pub mod agent;
 pub mod cgroup;
+pub mod http;
 pub mod netns;
 pub mod probe;
 pub mod process;
@@ -42,6 +43,10 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 
 pub use agent::{Agent, BpffsDir, ensure_bpffs_mounted, http_get_status, steerd_bin};
 pub use cgroup::{TestCgroup, cgroup2_mount};
+pub use http::{
+    HttpIdentityServer, HttpLatency, HttpProbeHandle, HttpProbeResult, HttpSample, RecordedRequest,
+    http_probe_bin, run_http_probe, run_http_probe_with, spawn_http_probe, spawn_http_probe_with,
+};
 pub use netns::{Netns, run_in_path};
 pub use probe::{
     ProbeHandle, ProbeResult, probe_bin, run_probe, run_probe_with, spawn_probe, spawn_probe_with,
