@@ -3,6 +3,7 @@
 //! - `GET /healthz`: 200 while the agent runs.
 //! - `GET /readyz`: 200 once the first plan is in the maps, 503 before.
 //! - `GET /debug/config_dump`: the current plan and diagnostics as JSON.
+//! - `GET /metrics`: Prometheus metrics (see [`crate::metrics`]).
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -20,6 +21,7 @@ pub struct AdminState {
     ready: AtomicBool,
     generation: AtomicU64,
     config_dump: RwLock<serde_json::Value>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl AdminState {
@@ -62,6 +64,11 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
             "no plan in the maps yet\n",
+        ),
+        "/metrics" => respond(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            state.metrics.encode(),
         ),
         "/debug/config_dump" => {
             let dump = state.config_dump.read().expect("config dump lock").clone();

@@ -7,5 +7,6 @@ pub mod admin;
 pub mod cli;
 pub mod compile;
 pub mod dataplane;
+pub mod metrics;
 pub mod model;
 pub mod sources;

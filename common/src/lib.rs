@@ -23,6 +23,14 @@ pub mod map_names {
     pub const SLOTS: &str = "sd_slot_v1";
     /// [`crate::RevNatKey`] → [`crate::RevNatValue`].
     pub const REVNAT: &str = "sd_revnat_v1";
+    /// index 0 → [`crate::ProxyConfig`].
+    pub const PROXY: &str = "sd_proxy_v1";
+    /// socket cookie (`u64`) → [`crate::RevNatValue`].
+    pub const ORIGDST: &str = "sd_origdst_v1";
+    /// [`crate::ClientKey`] → [`crate::RevNatValue`].
+    pub const L7CONN: &str = "sd_l7conn_v1";
+    /// [`crate::StatsKey`] → [`crate::BackendStats`] (per CPU).
+    pub const STATS: &str = "sd_stats_v1";
 }
 
 /// Maximum number of service VIP:port:protocol entries.
@@ -32,6 +40,15 @@ pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_SLOTS: u32 = 262_144;
 /// Reverse-translation entries (one per steered socket and backend); LRU-evicted.
 pub const MAX_REVNAT: u32 = 262_144;
+/// (service, backend) pairs with traffic counters; LRU-evicted beyond this.
+pub const MAX_STATS: u32 = 65_536;
+/// Connections redirected to the L7 proxy whose original destination has not been claimed yet.
+pub const MAX_L7_PENDING: u32 = 65_536;
+
+/// `SO_MARK` the agent's own proxy sockets carry. The programs never steer a marked socket, so
+/// the proxy's upstream connections cannot loop back into the proxy (Istio's proxy uses 1337
+/// for the same purpose).
+pub const PROXY_SOCKET_MARK: u32 = 0x5d00;
 
 /// IP protocol numbers as used in [`ServiceKey::protocol`].
 pub const PROTO_TCP: u8 = 6;
@@ -87,6 +104,11 @@ pub struct ServiceKey {
 /// The service has no backends: connect() is rejected (EPERM) instead of leaving the machine for
 /// an address nobody serves, as Cilium's socket LB does.
 pub const SVC_F_NO_BACKENDS: u32 = 1 << 0;
+
+/// The service is routed per request by the agent's L7 proxy: TCP connects go to the proxy
+/// address in [`ProxyConfig`] (the alias table stays as the fallback while no proxy is
+/// configured).
+pub const SVC_F_L7: u32 = 1 << 1;
 
 /// Value of the services map: which alias table currently serves the service.
 ///
@@ -163,8 +185,70 @@ pub struct RevNatValue {
     pub _pad: u16,
 }
 
+/// Where L7 connections are sent: the agent's proxy listener on the node's own address, which
+/// every pod on the node can reach through its default route.
+///
+/// Map `sd_proxy_v1` (array, one entry): `0` → [`ProxyConfig`]. `port == 0` means no proxy is
+/// running; connects to L7 services then use the service's alias table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// IPv4 listener address, network byte order (0: none).
+    pub ipv4: u32,
+    /// IPv6 listener address (all zero: none).
+    pub ipv6: Addr,
+    /// Listener port, network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// The client side of a connection redirected to the proxy: the address and port the proxy
+/// sees as the peer of the accepted socket.
+///
+/// Map `sd_l7conn_v1` (LRU hash): [`ClientKey`] → [`RevNatValue`] (the VIP the client dialled).
+/// Written by the `sock_ops` program when the client's connection is established (the cookie
+/// recorded at connect() has a local port by then); the proxy reads and deletes it on accept.
+/// Map `sd_origdst_v1` (LRU hash) holds the cookie → VIP record in between.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    pub addr: Addr,
+    /// Port in network byte order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of the traffic counters: which service a connection dialled and which backend it was
+/// sent to.
+///
+/// Map `sd_stats_v1` (LRU per-CPU hash): [`StatsKey`] → [`BackendStats`]. Counted by the
+/// `sock_ops` program for steered TCP connections that the kernel balances (not the ones sent to
+/// the L7 proxy, which counts requests itself); the agent sums the CPUs when it is scraped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct StatsKey {
+    pub service: ServiceKey,
+    pub backend: Backend,
+}
+
+/// Counters of one (service, backend) pair. Bytes are counted when a connection closes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    pub connections_opened: u64,
+    pub connections_closed: u64,
+    /// Bytes the client sent that the backend acknowledged.
+    pub bytes_sent: u64,
+    /// Bytes the client received from the backend.
+    pub bytes_received: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod {
+    unsafe impl aya::Pod for super::StatsKey {}
+    unsafe impl aya::Pod for super::BackendStats {}
+    unsafe impl aya::Pod for super::ProxyConfig {}
+    unsafe impl aya::Pod for super::ClientKey {}
     // SAFETY: all types are #[repr(C)], Copy, contain only integers and have no implicit padding.
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::ServiceValue {}
@@ -189,6 +273,10 @@ mod tests {
         assert_eq!(size_of::<Slot>(), 48);
         assert_eq!(size_of::<RevNatKey>(), 32);
         assert_eq!(size_of::<RevNatValue>(), 20);
+        assert_eq!(size_of::<ProxyConfig>(), 24);
+        assert_eq!(size_of::<ClientKey>(), 20);
+        assert_eq!(size_of::<StatsKey>(), 40);
+        assert_eq!(size_of::<BackendStats>(), 32);
     }
 
     #[test]

@@ -12,17 +12,22 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, bpf_sock_addr},
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, bpf_sock_addr, bpf_sock_ops,
+    },
     helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map},
-    maps::{HashMap, LruHashMap},
-    programs::SockAddrContext,
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap},
+    programs::{SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use steerd_common::{
-    Addr, Backend, MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, PROTO_TCP, PROTO_UDP, RevNatKey,
-    RevNatValue, SVC_F_NO_BACKENDS, ServiceKey, ServiceValue, Slot, SlotKey,
+    Addr, Backend, BackendStats, ClientKey, MAX_L7_PENDING, MAX_REVNAT, MAX_SERVICES, MAX_SLOTS,
+    MAX_STATS, StatsKey,
+    PROTO_TCP, PROTO_UDP, PROXY_SOCKET_MARK, ProxyConfig, RevNatKey, RevNatValue,
+    SVC_F_L7, SVC_F_NO_BACKENDS, ServiceKey, ServiceValue, Slot, SlotKey,
 };
 
 // Map names must match `steerd_common::map_names` (the attribute takes a literal).
@@ -36,6 +41,18 @@ static SLOTS: HashMap<SlotKey, Slot> = HashMap::pinned(MAX_SLOTS, BPF_F_NO_PREAL
 #[map(name = "sd_revnat_v1")]
 static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(MAX_REVNAT, 0);
 
+#[map(name = "sd_proxy_v1")]
+static PROXY: Array<ProxyConfig> = Array::pinned(1, 0);
+
+#[map(name = "sd_origdst_v1")]
+static ORIGDST: LruHashMap<u64, RevNatValue> = LruHashMap::pinned(MAX_L7_PENDING, 0);
+
+#[map(name = "sd_l7conn_v1")]
+static L7CONN: LruHashMap<ClientKey, RevNatValue> = LruHashMap::pinned(MAX_L7_PENDING, 0);
+
+#[map(name = "sd_stats_v1")]
+static STATS: LruPerCpuHashMap<StatsKey, BackendStats> = LruPerCpuHashMap::pinned(MAX_STATS, 0);
+
 /// Return value that lets the syscall proceed.
 const ALLOW: i32 = 1;
 /// Return value that fails the syscall with EPERM.
@@ -48,6 +65,8 @@ enum Verdict {
     Reject,
     /// Send to this backend.
     Steer(Backend),
+    /// Send to the agent's L7 proxy, which routes each request.
+    Proxy(Backend),
 }
 
 /// Where the random numbers of a pick come from.
@@ -90,6 +109,12 @@ fn pick(key: &ServiceKey, draw: Draw) -> Verdict {
         Some(v) => *v,
         None => return Verdict::Pass,
     };
+    if svc.flags & SVC_F_L7 != 0
+        && key.protocol == PROTO_TCP
+        && let Some(proxy) = proxy_for(&key.addr)
+    {
+        return Verdict::Proxy(proxy);
+    }
     if svc.flags & SVC_F_NO_BACKENDS != 0 || svc.slot_count == 0 {
         return Verdict::Reject;
     }
@@ -105,6 +130,41 @@ fn pick(key: &ServiceKey, draw: Draw) -> Verdict {
         // Only possible if a table were collected under a reader: fail open to the VIP.
         None => Verdict::Pass,
     }
+}
+
+/// The proxy listener for a VIP of this family, if a proxy is running.
+#[inline(always)]
+fn proxy_for(vip: &Addr) -> Option<Backend> {
+    let cfg = PROXY.get(0)?;
+    if cfg.port == 0 {
+        return None;
+    }
+    let addr = if vip.is_ipv4_mapped() {
+        if cfg.ipv4 == 0 {
+            return None;
+        }
+        Addr::from_ipv4_be(cfg.ipv4)
+    } else {
+        if cfg.ipv6.words == [0; 4] {
+            return None;
+        }
+        cfg.ipv6
+    };
+    Some(Backend {
+        addr,
+        port: cfg.port,
+        _pad: 0,
+    })
+}
+
+/// Whether the socket belongs to the agent's proxy (see [`PROXY_SOCKET_MARK`]).
+#[inline(always)]
+fn is_proxy_socket(sa: *const bpf_sock_addr) -> bool {
+    let sk = unsafe { (*sa).__bindgen_anon_1.sk };
+    if sk.is_null() {
+        return false;
+    }
+    rd(unsafe { addr_of!((*sk).mark) }) == PROXY_SOCKET_MARK
 }
 
 #[inline(always)]
@@ -189,6 +249,9 @@ fn forward(ctx: &SockAddrContext, v6: bool, sticky: bool) -> i32 {
     let Some(protocol) = protocol(sa) else {
         return ALLOW;
     };
+    if is_proxy_socket(sa) {
+        return ALLOW;
+    }
     let (addr, port) = if v6 { dest6(sa) } else { dest4(sa) };
     let key = ServiceKey {
         addr,
@@ -208,19 +271,42 @@ fn forward(ctx: &SockAddrContext, v6: bool, sticky: bool) -> i32 {
             debug!(ctx, "steerd: rejected connect to service without backends");
             REJECT
         }
+        Verdict::Proxy(proxy) => {
+            if !set_dest(sa, v6, &proxy) {
+                return ALLOW;
+            }
+            let vip = RevNatValue {
+                vip: key.addr,
+                port: key.port,
+                _pad: 0,
+            };
+            // Claimed by the sock_ops program once the connection has its local port.
+            let _ = ORIGDST.insert(&cookie, &vip, 0);
+            remember_vip(cookie, &proxy, &key);
+            ALLOW
+        }
         Verdict::Steer(backend) => {
-            if v6 {
-                set_dest6(sa, &backend.addr, backend.port);
-            } else if backend.addr.is_ipv4_mapped() {
-                set_dest4(sa, &backend.addr, backend.port);
-            } else {
-                // An IPv4 socket cannot reach an IPv6 backend; the compiler never pairs them.
+            if !set_dest(sa, v6, &backend) {
                 return ALLOW;
             }
             remember_vip(cookie, &backend, &key);
             ALLOW
         }
     }
+}
+
+/// Writes the new destination; false when an IPv4 socket would need an IPv6 address (the
+/// compiler never pairs them, so this only guards against a misconfigured proxy).
+#[inline(always)]
+fn set_dest(sa: *mut bpf_sock_addr, v6: bool, to: &Backend) -> bool {
+    if v6 {
+        set_dest6(sa, &to.addr, to.port);
+    } else if to.addr.is_ipv4_mapped() {
+        set_dest4(sa, &to.addr, to.port);
+    } else {
+        return false;
+    }
+    true
 }
 
 /// Reverse translation shared by getpeername and recvmsg: backend → VIP the socket dialled.
@@ -287,6 +373,125 @@ pub fn sd_getpeername4(ctx: SockAddrContext) -> i32 {
 pub fn sd_getpeername6(ctx: SockAddrContext) -> i32 {
     reverse(&ctx, true)
 }
+
+/// Connection events of steered TCP sockets: re-keys proxied connections for the L7 proxy and
+/// keeps the per-backend traffic counters.
+#[sock_ops]
+pub fn sd_sockops(ctx: SockOpsContext) -> u32 {
+    let ops = ctx.ops;
+    let op = rd(unsafe { addr_of!((*ops).op) });
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
+        if let Some(vip) = (unsafe { ORIGDST.get(&cookie) }).copied() {
+            claim_for_proxy(ops, cookie, vip);
+        } else if let Some(key) = stats_key(ops, cookie) {
+            count(&key, |s| s.connections_opened += 1);
+            // Ask for state changes of this socket only, to count its close and bytes.
+            let flags = rd(unsafe { addr_of!((*ops).bpf_sock_ops_cb_flags) });
+            let _ = ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+        }
+    } else if op == BPF_SOCK_OPS_STATE_CB
+        && unsafe { (*ops).__bindgen_anon_1.args[1] } == BPF_TCP_CLOSE
+    {
+        let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
+        if let Some(key) = stats_key(ops, cookie) {
+            let mut sent = unsafe { read_volatile(addr_of!((*ops).bytes_acked)) };
+            let mut received = unsafe { read_volatile(addr_of!((*ops).bytes_received)) };
+            // Both counters advance with sequence numbers, so a graceful close adds each side's
+            // FIN as one byte; Istio reports application bytes only.
+            let old_state = unsafe { (*ops).__bindgen_anon_1.args[0] };
+            if matches!(old_state, TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_LAST_ACK | TCP_CLOSING) {
+                sent = sent.saturating_sub(1);
+                received = received.saturating_sub(1);
+            }
+            count(&key, |s| {
+                s.connections_closed += 1;
+                s.bytes_sent += sent;
+                s.bytes_received += received;
+            });
+        }
+    }
+    1
+}
+
+/// Re-keys a proxied connection's original destination from the client socket's cookie to its
+/// local address and port, which is what the proxy sees as the peer of the accepted socket.
+/// Runs when the client's handshake completes, before the client's final ACK reaches the proxy.
+#[inline(always)]
+fn claim_for_proxy(ops: *mut bpf_sock_ops, cookie: u64, vip: RevNatValue) {
+    let addr = sock_ops_addr(
+        ops,
+        unsafe { addr_of!((*ops).local_ip4) },
+        unsafe { addr_of!((*ops).local_ip6) } as *const u32,
+    );
+    // local_port is in host byte order in bpf_sock_ops (unlike remote_port).
+    let port = (rd(unsafe { addr_of!((*ops).local_port) }) as u16).to_be();
+    let key = ClientKey { addr, port, _pad: 0 };
+    let _ = L7CONN.insert(&key, &vip, 0);
+    let _ = ORIGDST.remove(&cookie);
+}
+
+/// The (service, backend) of a socket the connect program steered, from its reverse entry.
+#[inline(always)]
+fn stats_key(ops: *mut bpf_sock_ops, cookie: u64) -> Option<StatsKey> {
+    let addr = sock_ops_addr(
+        ops,
+        unsafe { addr_of!((*ops).remote_ip4) },
+        unsafe { addr_of!((*ops).remote_ip6) } as *const u32,
+    );
+    // remote_port holds the network-order port in its upper 16 bits (a sock_ops quirk).
+    let port = (rd(unsafe { addr_of!((*ops).remote_port) }) >> 16) as u16;
+    let backend = Backend { addr, port, _pad: 0 };
+    let rk = RevNatKey {
+        cookie,
+        backend,
+        _pad: 0,
+    };
+    let vip = unsafe { REVNAT.get(&rk) }?;
+    Some(StatsKey {
+        service: ServiceKey {
+            addr: vip.vip,
+            port: vip.port,
+            protocol: PROTO_TCP,
+            _pad: 0,
+        },
+        backend,
+    })
+}
+
+/// One of the socket's addresses as an [`Addr`]. Both fields are read unconditionally: if the
+/// loads sat in two branches, LLVM would merge them into one load at a computed offset, and the
+/// verifier only allows constant offsets into the context.
+#[inline(always)]
+fn sock_ops_addr(ops: *const bpf_sock_ops, ip4: *const u32, ip6: *const u32) -> Addr {
+    let family = rd(unsafe { addr_of!((*ops).family) });
+    let v4 = rd(ip4);
+    let words = unsafe { [rd(ip6), rd(ip6.add(1)), rd(ip6.add(2)), rd(ip6.add(3))] };
+    if family == AF_INET {
+        Addr::from_ipv4_be(v4)
+    } else {
+        Addr { words }
+    }
+}
+
+#[inline(always)]
+fn count(key: &StatsKey, update: impl FnOnce(&mut BackendStats)) {
+    if STATS.get_ptr_mut(key).is_none() {
+        let _ = STATS.insert(key, &BackendStats::default(), BPF_NOEXIST);
+    }
+    if let Some(stats) = STATS.get_ptr_mut(key) {
+        // Per-CPU values: no other CPU writes this copy.
+        update(unsafe { &mut *stats });
+    }
+}
+
+const BPF_NOEXIST: u64 = 1;
+// include/net/tcp_states.h
+const TCP_FIN_WAIT1: u32 = 4;
+const TCP_FIN_WAIT2: u32 = 5;
+const TCP_LAST_ACK: u32 = 9;
+const TCP_CLOSING: u32 = 11;
+const AF_INET: u32 = 2;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -90,6 +90,8 @@ pub struct WeightedBackend {
     pub weight: f64,
     /// Istio cluster names this backend belongs to (`outbound|9000|v1|tcp-echo.ns.svc.cluster.local`).
     pub clusters: Vec<String>,
+    /// Who serves this address, for telemetry.
+    pub workload: registry::Workload,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -446,6 +448,7 @@ impl<'a> Ctx<'a> {
                 addr: SocketAddr::new(e.ip, p),
                 weight: share * e.weight as f64 / total,
                 clusters: Vec::new(),
+                workload: e.workload.clone(),
             })
             .collect()
     }

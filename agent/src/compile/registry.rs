@@ -52,6 +52,56 @@ pub struct Endpoint {
     pub weight: u32,
     /// What the endpoint is (`Pod ns/name`, `WorkloadEntry ns/name`, `EndpointSlice ns/name`).
     pub source: String,
+    /// Who serves it, as Istio's telemetry names it.
+    pub workload: Workload,
+}
+
+/// A workload as Istio's standard metrics label it (`destination_workload`, `destination_app`,
+/// `destination_version`, ...).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub app: String,
+    pub version: String,
+}
+
+impl Workload {
+    /// Istio's derivation: the app and version labels (canonical-service labels first), and for
+    /// a Pod the name of the Deployment that owns it, recovered from the ReplicaSet naming
+    /// pattern `<deployment>-<replicaset hash>-<pod hash>` when no owner is known.
+    pub fn new(kind: &str, namespace: &str, name: &str, labels: &BTreeMap<String, String>) -> Self {
+        let label = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k)).cloned();
+        let workload = if kind == "Pod" {
+            let parts: Vec<&str> = name.rsplitn(3, '-').collect();
+            match parts.as_slice() {
+                [pod_hash, rs_hash, deployment]
+                    if pod_hash.len() == 5 && (6..=10).contains(&rs_hash.len()) =>
+                {
+                    deployment.to_string()
+                }
+                _ => name.to_string(),
+            }
+        } else {
+            name.to_string()
+        };
+        Self {
+            name: workload,
+            namespace: namespace.to_string(),
+            app: label(&[
+                "service.istio.io/canonical-name",
+                "app.kubernetes.io/name",
+                "app",
+            ])
+            .unwrap_or_else(|| "unknown".into()),
+            version: label(&[
+                "service.istio.io/canonical-revision",
+                "app.kubernetes.io/version",
+                "version",
+            ])
+            .unwrap_or_else(|| "unknown".into()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -320,16 +370,23 @@ impl Builder<'_> {
                 if !ready {
                     continue;
                 }
-                let labels = ep
+                let pod_ref = ep
                     .target_ref
                     .as_ref()
-                    .filter(|r| r.kind.as_deref() == Some("Pod"))
+                    .filter(|r| r.kind.as_deref() == Some("Pod"));
+                let labels = pod_ref
                     .and_then(|r| {
                         let ns = r.namespace.as_deref().unwrap_or(&slice.meta.namespace);
                         self.pod_by_name.get(&(ns, r.name.as_deref().unwrap_or("")))
                     })
                     .map(|p| p.meta.labels.clone())
                     .unwrap_or_default();
+                let workload = match pod_ref.and_then(|r| r.name.as_deref()) {
+                    Some(pod) => Workload::new("Pod", &slice.meta.namespace, pod, &labels),
+                    None => {
+                        Workload::new("EndpointSlice", &slice.meta.namespace, "unknown", &labels)
+                    }
+                };
                 for (i, addr) in ep.addresses.iter().enumerate() {
                     match addr.parse::<IpAddr>() {
                         Ok(ip) => out.push(Endpoint {
@@ -338,6 +395,7 @@ impl Builder<'_> {
                             ports: port_map.clone(),
                             weight: 1,
                             source: format!("EndpointSlice {}", slice.meta.key()),
+                            workload: workload.clone(),
                         }),
                         Err(e) => {
                             let (meta, origin) = (slice.meta.clone(), slice.origin.clone());
@@ -381,6 +439,12 @@ impl Builder<'_> {
                     ports: port_map.clone(),
                     weight: 1,
                     source: format!("Pod {}", pod.meta.key()),
+                    workload: Workload::new(
+                        "Pod",
+                        &pod.meta.namespace,
+                        &pod.meta.name,
+                        &pod.meta.labels,
+                    ),
                 });
             }
         }
@@ -448,6 +512,12 @@ impl Builder<'_> {
                         ports: port_map_for(&we.ports),
                         weight: we.weight.unwrap_or(1).max(1),
                         source: format!("ServiceEntry {}", meta.key()),
+                        workload: Workload::new(
+                            "ServiceEntry",
+                            &meta.namespace,
+                            &meta.name,
+                            &we.labels,
+                        ),
                     }),
                     Err(_) => self.diag(
                         Level::Warning,
@@ -477,10 +547,16 @@ impl Builder<'_> {
                         labels.extend(we.spec.labels.clone());
                         endpoints.push(Endpoint {
                             ip,
-                            labels,
                             ports: port_map_for(&we.spec.ports),
                             weight: we.spec.weight.unwrap_or(1).max(1),
                             source: format!("WorkloadEntry {}", we.meta.key()),
+                            workload: Workload::new(
+                                "WorkloadEntry",
+                                &we.meta.namespace,
+                                &we.meta.name,
+                                &labels,
+                            ),
+                            labels,
                         });
                     }
                 }
@@ -498,6 +574,12 @@ impl Builder<'_> {
                                 ports: port_map_for(&BTreeMap::new()),
                                 weight: 1,
                                 source: format!("Pod {}", pod.meta.key()),
+                                workload: Workload::new(
+                                    "Pod",
+                                    &pod.meta.namespace,
+                                    &pod.meta.name,
+                                    &pod.meta.labels,
+                                ),
                             });
                         }
                     }
@@ -588,6 +670,32 @@ pub fn build(config: &ConfigSet, diags: &mut Vec<Diagnostic>) -> Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workload_names_follow_istio() {
+        let labels: BTreeMap<String, String> = [
+            ("app".to_string(), "reviews".to_string()),
+            ("version".to_string(), "v2".to_string()),
+        ]
+        .into();
+        let w = Workload::new("Pod", "shop", "reviews-v2-7dd5c5dcfb-x2x9k", &labels);
+        assert_eq!(
+            (w.name.as_str(), w.app.as_str(), w.version.as_str()),
+            ("reviews-v2", "reviews", "v2")
+        );
+        assert_eq!(
+            Workload::new("Pod", "shop", "standalone", &BTreeMap::new()).name,
+            "standalone"
+        );
+        assert_eq!(
+            Workload::new("Pod", "shop", "standalone", &BTreeMap::new()).version,
+            "unknown"
+        );
+        assert_eq!(
+            Workload::new("WorkloadEntry", "shop", "vm-1", &labels).name,
+            "vm-1"
+        );
+    }
 
     #[test]
     fn short_names_resolve_like_istio() {

@@ -13,12 +13,13 @@
 use super::maps::MapWriter;
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    maps::{Array, HashMap, MapData, PerCpuHashMap},
+    programs::{CgroupAttachMode, Program, links::FdLink},
 };
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use steerd_common::map_names;
+use steerd_common::{BackendStats, ClientKey, ProxyConfig, RevNatValue, StatsKey, map_names};
 use tracing::{debug, info, warn};
 
 /// The compiled eBPF object (built by build.rs from `ebpf/`).
@@ -58,6 +59,14 @@ pub enum DataplaneError {
     },
     #[error("map {0} missing from the eBPF object")]
     MissingMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("program {0} has a type steerd does not attach")]
+    UnexpectedProgram(String),
     #[error(transparent)]
     Maps(#[from] super::maps::MapsError),
 }
@@ -118,6 +127,13 @@ pub fn prepare_bpffs(pins: &Pins) -> Result<(), DataplaneError> {
 /// The loaded programs and the writer over their maps.
 pub struct Dataplane {
     pub writer: MapWriter,
+    /// Where the kernel sends L7 connections (see [`ProxyConfig`]).
+    pub proxy_config: Array<MapData, ProxyConfig>,
+    /// Original destinations of connections redirected to the proxy, by client address (taken
+    /// by the proxy when it starts).
+    pub l7_connections: Option<HashMap<MapData, ClientKey, RevNatValue>>,
+    /// Per-(service, backend) traffic counters (taken by the metrics scraper).
+    pub stats: Option<PerCpuHashMap<MapData, StatsKey, BackendStats>>,
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     // Keeps program fds alive for the process lifetime (links are pinned independently).
     _ebpf: Ebpf,
@@ -141,32 +157,33 @@ impl Dataplane {
         let cgroup_dir = fs::File::open(cgroup).map_err(io_err(cgroup))?;
         let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
         for name in names {
-            let program: &mut CgroupSockAddr = ebpf
-                .program_mut(&name)
-                .expect("listed program exists")
-                .try_into()
-                .map_err(|source| DataplaneError::Program {
-                    name: name.clone(),
-                    source,
-                })?;
             let perr = |source| DataplaneError::Program {
                 name: name.clone(),
                 source,
             };
-            program.load().map_err(perr)?;
-            let link_id = program
-                // bpf_link-based cgroup attachments are always multi-attach and reject flags, so
-                // "Single" (no flags) is what lets old and new generations coexist.
-                .attach(&cgroup_dir, CgroupAttachMode::Single)
-                .map_err(perr)?;
-            let link: FdLink = program
-                .take_link(link_id)
-                .map_err(perr)?
-                .try_into()
-                .map_err(|source| DataplaneError::Link {
-                    name: name.clone(),
-                    source,
-                })?;
+            // bpf_link-based cgroup attachments always stack and reject attach flags, so
+            // "Single" (no flags) is what lets old and new generations coexist.
+            let link: FdLink = match ebpf.program_mut(&name).expect("listed program exists") {
+                Program::CgroupSockAddr(p) => {
+                    p.load().map_err(perr)?;
+                    let id = p
+                        .attach(&cgroup_dir, CgroupAttachMode::Single)
+                        .map_err(perr)?;
+                    p.take_link(id).map_err(perr)?.try_into()
+                }
+                Program::SockOps(p) => {
+                    p.load().map_err(perr)?;
+                    let id = p
+                        .attach(&cgroup_dir, CgroupAttachMode::Single)
+                        .map_err(perr)?;
+                    p.take_link(id).map_err(perr)?.try_into()
+                }
+                _ => return Err(DataplaneError::UnexpectedProgram(name)),
+            }
+            .map_err(|source| DataplaneError::Link {
+                name: name.clone(),
+                source,
+            })?;
             replace_link_pin(pins, &name, link)?;
         }
         info!(cgroup = %cgroup.display(), bpffs = %pins.root.display(), "programs attached");
@@ -177,6 +194,16 @@ impl Dataplane {
             .take_map(map_names::SLOTS)
             .ok_or(DataplaneError::MissingMap(map_names::SLOTS))?;
         let writer = MapWriter::adopt(services, slots)?;
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))
+        };
+        let map_err = |name: &'static str| move |source| DataplaneError::Map { name, source };
+        let proxy_config = Array::try_from(take(&mut ebpf, map_names::PROXY)?)
+            .map_err(map_err(map_names::PROXY))?;
+        let l7_connections = HashMap::try_from(take(&mut ebpf, map_names::L7CONN)?)
+            .map_err(map_err(map_names::L7CONN))?;
+        let stats = PerCpuHashMap::try_from(take(&mut ebpf, map_names::STATS)?)
+            .map_err(map_err(map_names::STATS))?;
         if writer.service_count() > 0 {
             info!(
                 services = writer.service_count(),
@@ -185,9 +212,36 @@ impl Dataplane {
         }
         Ok(Self {
             writer,
+            proxy_config,
+            l7_connections: Some(l7_connections),
+            stats: Some(stats),
             logger,
             _ebpf: ebpf,
         })
+    }
+}
+
+impl Dataplane {
+    /// Tells the kernel where the L7 proxy listens (`None`: no proxy, L7 services fall back to
+    /// per-connection balancing).
+    pub fn set_proxy(
+        &mut self,
+        ipv4: Option<std::net::Ipv4Addr>,
+        ipv6: Option<std::net::Ipv6Addr>,
+        port: Option<u16>,
+    ) -> Result<(), DataplaneError> {
+        let cfg = ProxyConfig {
+            ipv4: ipv4.map_or(0, |ip| u32::from_ne_bytes(ip.octets())),
+            ipv6: ipv6.map_or_else(Default::default, |ip| super::kernel::addr_of(ip.into())),
+            port: port.unwrap_or(0).to_be(),
+            _pad: 0,
+        };
+        self.proxy_config
+            .set(0, cfg, 0)
+            .map_err(|source| DataplaneError::Map {
+                name: map_names::PROXY,
+                source,
+            })
     }
 }
 

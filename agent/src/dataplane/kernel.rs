@@ -3,7 +3,9 @@
 use crate::compile::{Plan, VipKey, alias, registry::Transport};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use steerd_common::{Addr, Backend, PROTO_TCP, PROTO_UDP, SVC_F_NO_BACKENDS, ServiceKey, Slot};
+use steerd_common::{
+    Addr, Backend, PROTO_TCP, PROTO_UDP, SVC_F_L7, SVC_F_NO_BACKENDS, ServiceKey, Slot,
+};
 
 /// What one service looks like in the kernel, minus the table id the writer assigns.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,11 +91,14 @@ pub fn tables(plan: &Plan) -> BTreeMap<ServiceKey, KernelService> {
                     _pad: 0,
                 })
                 .collect();
-            let flags = if slots.is_empty() {
+            let mut flags = if slots.is_empty() {
                 SVC_F_NO_BACKENDS
             } else {
                 0
             };
+            if svc.needs_l7 {
+                flags |= SVC_F_L7;
+            }
             (service_key(vip), KernelService { flags, slots })
         })
         .collect()
@@ -165,6 +170,7 @@ mod tests {
             addr: a.parse().unwrap(),
             weight: w,
             clusters: vec![],
+            workload: Default::default(),
         };
         plan.services.insert(
             vip,

@@ -3,5 +3,6 @@
 pub mod bpf;
 pub mod kernel;
 pub mod maps;
+pub mod proxy;
 
 pub use bpf::{Dataplane, DataplaneError, Pins, cleanup};

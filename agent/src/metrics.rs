@@ -1,0 +1,384 @@
+//! Prometheus metrics, served on the admin listener's `/metrics`.
+//!
+//! Istio's standard metric names and labels, so Kiali and Istio's Grafana dashboards work
+//! unmodified: `istio_tcp_connections_opened_total`, `istio_tcp_connections_closed_total`,
+//! `istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total` (from the kernel's
+//! per-(service, backend) counters, read at scrape time), and `istio_requests_total` /
+//! `istio_request_duration_milliseconds` from the L7 proxy. steerd's own `steerd_*` metrics
+//! cover the control plane: plan generations, apply latency, map entries and errors.
+//!
+//! Labels the node cannot know (the client workload of a kernel-balanced connection, mTLS
+//! principals) are `unknown`, as Istio reports them when it lacks the peer's metadata.
+
+use crate::compile::{Plan, VipKey, registry::Workload};
+use crate::dataplane::kernel;
+use aya::maps::{MapData, PerCpuHashMap};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use steerd_common::{BackendStats, StatsKey};
+
+/// Istio's standard labels (the subset that a node-level agent can fill).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IstioLabels {
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub destination_principal: String,
+    pub destination_cluster: String,
+    pub request_protocol: String,
+    pub response_code: String,
+    pub response_flags: String,
+    pub connection_security_policy: String,
+}
+
+impl IstioLabels {
+    /// Labels for traffic from `source` to `service` served by `destination`.
+    pub fn new(
+        source: Option<&Workload>,
+        service: &ServiceLabels,
+        destination: Option<&Workload>,
+        protocol: &str,
+    ) -> Self {
+        let unknown = || "unknown".to_string();
+        let w = |w: Option<&Workload>, f: fn(&Workload) -> &String| {
+            w.map_or_else(unknown, |w| f(w).clone())
+        };
+        Self {
+            reporter: "source".into(),
+            source_workload: w(source, |w| &w.name),
+            source_workload_namespace: w(source, |w| &w.namespace),
+            source_app: w(source, |w| &w.app),
+            source_version: w(source, |w| &w.version),
+            source_principal: unknown(),
+            destination_workload: w(destination, |w| &w.name),
+            destination_workload_namespace: w(destination, |w| &w.namespace),
+            destination_app: w(destination, |w| &w.app),
+            destination_version: w(destination, |w| &w.version),
+            destination_service: service.host.clone(),
+            destination_service_name: service.name.clone(),
+            destination_service_namespace: service.namespace.clone(),
+            destination_principal: unknown(),
+            destination_cluster: "Kubernetes".into(),
+            request_protocol: protocol.into(),
+            response_code: "0".into(),
+            response_flags: "-".into(),
+            connection_security_policy: "unknown".into(),
+        }
+    }
+}
+
+/// How a service appears in `destination_service*` labels.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceLabels {
+    pub host: String,
+    pub name: String,
+    pub namespace: String,
+}
+
+impl ServiceLabels {
+    /// Kubernetes hosts are `name.namespace.svc.<domain>`; other hosts name themselves.
+    pub fn from_host(host: &str) -> Self {
+        let mut parts = host.splitn(4, '.');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(name), Some(ns), Some("svc")) => Self {
+                host: host.into(),
+                name: name.into(),
+                namespace: ns.into(),
+            },
+            _ => Self {
+                host: host.into(),
+                name: host.into(),
+                namespace: "unknown".into(),
+            },
+        }
+    }
+}
+
+/// What the current plan says about VIPs and endpoints, for labelling.
+#[derive(Debug, Default)]
+pub struct LabelIndex {
+    pub services: HashMap<VipKey, ServiceLabels>,
+    pub workloads: HashMap<SocketAddr, Workload>,
+}
+
+impl LabelIndex {
+    pub fn from_plan(plan: &Plan) -> Self {
+        let mut index = Self::default();
+        for (vip, svc) in &plan.services {
+            index
+                .services
+                .insert(*vip, ServiceLabels::from_host(&svc.host));
+            for b in &svc.backends {
+                index.workloads.insert(b.addr, b.workload.clone());
+            }
+        }
+        index
+    }
+}
+
+/// Reads the kernel's traffic counters when scraped.
+struct TcpCollector {
+    stats: Mutex<Option<PerCpuHashMap<MapData, StatsKey, BackendStats>>>,
+    labels: Arc<RwLock<Arc<LabelIndex>>>,
+}
+
+impl std::fmt::Debug for TcpCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpCollector").finish_non_exhaustive()
+    }
+}
+
+impl prometheus_client::collector::Collector for TcpCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let labels = self.labels.read().expect("label index lock").clone();
+        let mut totals: HashMap<IstioLabels, BackendStats> = HashMap::new();
+        if let Some(map) = self.stats.lock().expect("stats map lock").as_ref() {
+            for entry in map.iter().flatten() {
+                let (key, per_cpu) = entry;
+                let Some(vip) = kernel::vip_of(&key.service) else {
+                    continue;
+                };
+                let backend = kernel::socket_of(&key.backend);
+                let service = labels
+                    .services
+                    .get(&vip)
+                    .cloned()
+                    .unwrap_or_else(|| ServiceLabels::from_host(&vip.ip.to_string()));
+                let l = IstioLabels::new(None, &service, labels.workloads.get(&backend), "tcp");
+                let t = totals.entry(l).or_default();
+                for s in per_cpu.iter() {
+                    t.connections_opened += s.connections_opened;
+                    t.connections_closed += s.connections_closed;
+                    t.bytes_sent += s.bytes_sent;
+                    t.bytes_received += s.bytes_received;
+                }
+            }
+        }
+        let families: [(&str, &str, fn(&BackendStats) -> u64); 4] = [
+            (
+                "istio_tcp_connections_opened",
+                "TCP connections opened",
+                |s| s.connections_opened,
+            ),
+            (
+                "istio_tcp_connections_closed",
+                "TCP connections closed",
+                |s| s.connections_closed,
+            ),
+            (
+                "istio_tcp_sent_bytes",
+                "Bytes sent by clients on closed TCP connections",
+                |s| s.bytes_sent,
+            ),
+            (
+                "istio_tcp_received_bytes",
+                "Bytes received by clients on closed TCP connections",
+                |s| s.bytes_received,
+            ),
+        ];
+        for (name, help, value) in families {
+            let mut family = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (l, s) in &totals {
+                ConstCounter::new(value(s)).encode(family.encode_family(l)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    registry: Registry,
+    labels: Arc<RwLock<Arc<LabelIndex>>>,
+    tcp: Arc<TcpCollector>,
+    pub plan_generation: Gauge,
+    pub plan_apply_seconds: Histogram,
+    pub map_services: Gauge,
+    pub map_slots: Gauge,
+    pub config_errors: Gauge,
+    pub map_write_errors: Counter,
+    pub requests: Family<IstioLabels, Counter>,
+    pub request_duration: Family<IstioLabels, Histogram>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let labels = Arc::new(RwLock::new(Arc::new(LabelIndex::default())));
+        let tcp = Arc::new(TcpCollector {
+            stats: Mutex::new(None),
+            labels: labels.clone(),
+        });
+        let plan_generation = Gauge::default();
+        let plan_apply_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        let map_services = Gauge::default();
+        let map_slots = Gauge::default();
+        let config_errors = Gauge::default();
+        let map_write_errors = Counter::default();
+        let requests = Family::<IstioLabels, Counter>::default();
+        let request_duration = Family::<IstioLabels, Histogram>::new_with_constructor(|| {
+            // Istio's default buckets for istio_request_duration_milliseconds.
+            Histogram::new([
+                0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0,
+                10000.0, 30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+            ])
+        });
+        let mut registry = Registry::default();
+        registry.register(
+            "steerd_plan_generation",
+            "Plans compiled and written to the maps",
+            plan_generation.clone(),
+        );
+        registry.register(
+            "steerd_plan_apply_seconds",
+            "Time to compile a configuration snapshot and write its plan to the maps",
+            plan_apply_seconds.clone(),
+        );
+        registry.register(
+            "steerd_map_services",
+            "Service entries in the kernel map",
+            map_services.clone(),
+        );
+        registry.register(
+            "steerd_map_slots",
+            "Alias-table slots in the kernel map (live and awaiting collection)",
+            map_slots.clone(),
+        );
+        registry.register(
+            "steerd_config_errors",
+            "Configuration objects currently rejected (their last good version serves)",
+            config_errors.clone(),
+        );
+        registry.register(
+            "steerd_map_write_errors",
+            "Plan writes to the kernel maps that failed",
+            map_write_errors.clone(),
+        );
+        registry.register(
+            "istio_requests",
+            "Requests routed by the L7 proxy",
+            requests.clone(),
+        );
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "Request durations through the L7 proxy",
+            request_duration.clone(),
+        );
+        registry.register_collector(Box::new(tcp.clone()));
+        Self {
+            registry,
+            labels,
+            tcp,
+            plan_generation,
+            plan_apply_seconds,
+            map_services,
+            map_slots,
+            config_errors,
+            map_write_errors,
+            requests,
+            request_duration,
+        }
+    }
+
+    /// Hands the kernel's counter map to the scraper.
+    pub fn attach_stats(&self, map: PerCpuHashMap<MapData, StatsKey, BackendStats>) {
+        *self.tcp.stats.lock().expect("stats map lock") = Some(map);
+    }
+
+    /// Labels for the plan now in the maps.
+    pub fn set_plan(&self, plan: &Plan) {
+        *self.labels.write().expect("label index lock") = Arc::new(LabelIndex::from_plan(plan));
+    }
+
+    pub fn label_index(&self) -> Arc<LabelIndex> {
+        self.labels.read().expect("label index lock").clone()
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_labels_split_kubernetes_hosts() {
+        let l = ServiceLabels::from_host("reviews.shop.svc.cluster.local");
+        assert_eq!((l.name.as_str(), l.namespace.as_str()), ("reviews", "shop"));
+        let l = ServiceLabels::from_host("api.example.com");
+        assert_eq!(
+            (l.name.as_str(), l.namespace.as_str()),
+            ("api.example.com", "unknown")
+        );
+    }
+
+    #[test]
+    fn exposition_has_istio_and_steerd_names() {
+        let m = Metrics::new();
+        m.plan_generation.set(3);
+        let service = ServiceLabels::from_host("reviews.shop.svc.cluster.local");
+        let dest = Workload {
+            name: "reviews-v2".into(),
+            namespace: "shop".into(),
+            app: "reviews".into(),
+            version: "v2".into(),
+        };
+        let mut labels = IstioLabels::new(None, &service, Some(&dest), "http");
+        labels.response_code = "200".into();
+        m.requests.get_or_create(&labels).inc();
+        let text = m.encode();
+        assert!(text.contains("steerd_plan_generation 3"), "{text}");
+        assert!(
+            text.contains("istio_requests_total{reporter=\"source\""),
+            "{text}"
+        );
+        assert!(text.contains("destination_version=\"v2\""), "{text}");
+        assert!(
+            text.contains("destination_service=\"reviews.shop.svc.cluster.local\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE istio_tcp_connections_opened counter"),
+            "{text}"
+        );
+    }
+}
