@@ -278,31 +278,18 @@ impl<'a> Ctx<'a> {
             let backends = ctx.endpoints_of(svc, port.port, None, 1.0);
             ("default".to_string(), backends)
         };
-        let Some(vs) = vs else {
-            let (r, b) = default(self);
-            return (r, b, false);
-        };
-        if port.transport == Transport::Udp {
-            let (r, b) = default(self);
-            return (r, b, false);
-        }
-        let is_http = matches!(
-            port.protocol.as_deref(),
-            Some("HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB" | "H2C")
-        );
-        if is_http && !vs.spec.http.is_empty() {
-            self.warn(
-                vs,
-                "spec.http".into(),
-                None,
-                format!(
-                    "http routes for {}:{} need the L7 proxy, which is not enabled yet; connections use the service's endpoints",
-                    svc.hostname, port.port
-                ),
+        // Like Istio, every HTTP port goes through the L7 proxy (routes, retries, telemetry), with
+        // or without a VirtualService. Its backends stay as the per-connection fallback the
+        // kernel uses while no proxy runs.
+        let is_http = port.transport == Transport::Tcp
+            && matches!(
+                port.protocol.as_deref(),
+                Some("HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB" | "H2C")
             );
+        let Some(vs) = vs.filter(|_| port.transport == Transport::Tcp && !is_http) else {
             let (r, b) = default(self);
-            return (r, b, true);
-        }
+            return (r, b, is_http);
+        };
         for (i, tcp) in vs.spec.tcp.iter().enumerate() {
             if tcp_route_applies(tcp, port.port, svc) {
                 let route = format!("VirtualService {} tcp[{i}]", vs.meta.key());

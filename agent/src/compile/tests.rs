@@ -383,8 +383,18 @@ status: {podIP: 10.244.4.1}
     let plan = compile(&config(&[text, &vs]));
     let svc = &plan.services[&vip("10.96.2.2:9080", Transport::Tcp)];
     assert!(svc.needs_l7);
-    assert_eq!(svc.backends.len(), 1);
-    assert!(plan.diagnostics.iter().any(|d| d.field == "spec.http"));
+    assert_eq!(svc.backends.len(), 1, "the per-connection fallback");
+    // Without a VirtualService an HTTP port still goes through the proxy; a TCP port does not.
+    let plan =
+        compile(&config(&[&text.replace(
+            "name: http, port: 9080",
+            "name: http-web, port: 9080",
+        )]));
+    assert!(plan.services[&vip("10.96.2.2:9080", Transport::Tcp)].needs_l7);
+    let plan = compile(&config(&[
+        &text.replace("name: http, port: 9080", "name: tcp, port: 9080")
+    ]));
+    assert!(!plan.services[&vip("10.96.2.2:9080", Transport::Tcp)].needs_l7);
 }
 
 #[test]
