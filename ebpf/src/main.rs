@@ -25,9 +25,8 @@ use aya_log_ebpf::debug;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use steerd_common::{
     Addr, Backend, BackendStats, ClientKey, MAX_L7_PENDING, MAX_REVNAT, MAX_SERVICES, MAX_SLOTS,
-    MAX_STATS, StatsKey,
-    PROTO_TCP, PROTO_UDP, PROXY_SOCKET_MARK, ProxyConfig, RevNatKey, RevNatValue,
-    SVC_F_L7, SVC_F_NO_BACKENDS, ServiceKey, ServiceValue, Slot, SlotKey,
+    MAX_STATS, PROTO_TCP, PROTO_UDP, PROXY_SOCKET_MARK, ProxyConfig, RevNatKey, RevNatValue,
+    SVC_F_L7, SVC_F_NO_BACKENDS, ServiceKey, ServiceValue, Slot, SlotKey, StatsKey,
 };
 
 // Map names must match `steerd_common::map_names` (the attribute takes a literal).
@@ -400,7 +399,10 @@ pub fn sd_sockops(ctx: SockOpsContext) -> u32 {
             // Both counters advance with sequence numbers, so a graceful close adds each side's
             // FIN as one byte; Istio reports application bytes only.
             let old_state = unsafe { (*ops).__bindgen_anon_1.args[0] };
-            if matches!(old_state, TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_LAST_ACK | TCP_CLOSING) {
+            if matches!(
+                old_state,
+                TCP_FIN_WAIT1 | TCP_FIN_WAIT2 | TCP_LAST_ACK | TCP_CLOSING
+            ) {
                 sent = sent.saturating_sub(1);
                 received = received.saturating_sub(1);
             }
@@ -419,14 +421,17 @@ pub fn sd_sockops(ctx: SockOpsContext) -> u32 {
 /// Runs when the client's handshake completes, before the client's final ACK reaches the proxy.
 #[inline(always)]
 fn claim_for_proxy(ops: *mut bpf_sock_ops, cookie: u64, vip: RevNatValue) {
-    let addr = sock_ops_addr(
-        ops,
-        unsafe { addr_of!((*ops).local_ip4) },
-        unsafe { addr_of!((*ops).local_ip6) } as *const u32,
-    );
+    let addr = sock_ops_addr(ops, unsafe { addr_of!((*ops).local_ip4) }, unsafe {
+        addr_of!((*ops).local_ip6)
+    }
+        as *const u32);
     // local_port is in host byte order in bpf_sock_ops (unlike remote_port).
     let port = (rd(unsafe { addr_of!((*ops).local_port) }) as u16).to_be();
-    let key = ClientKey { addr, port, _pad: 0 };
+    let key = ClientKey {
+        addr,
+        port,
+        _pad: 0,
+    };
     let _ = L7CONN.insert(&key, &vip, 0);
     let _ = ORIGDST.remove(&cookie);
 }
@@ -434,14 +439,17 @@ fn claim_for_proxy(ops: *mut bpf_sock_ops, cookie: u64, vip: RevNatValue) {
 /// The (service, backend) of a socket the connect program steered, from its reverse entry.
 #[inline(always)]
 fn stats_key(ops: *mut bpf_sock_ops, cookie: u64) -> Option<StatsKey> {
-    let addr = sock_ops_addr(
-        ops,
-        unsafe { addr_of!((*ops).remote_ip4) },
-        unsafe { addr_of!((*ops).remote_ip6) } as *const u32,
-    );
+    let addr = sock_ops_addr(ops, unsafe { addr_of!((*ops).remote_ip4) }, unsafe {
+        addr_of!((*ops).remote_ip6)
+    }
+        as *const u32);
     // remote_port holds the network-order port in its upper 16 bits (a sock_ops quirk).
     let port = (rd(unsafe { addr_of!((*ops).remote_port) }) >> 16) as u16;
-    let backend = Backend { addr, port, _pad: 0 };
+    let backend = Backend {
+        addr,
+        port,
+        _pad: 0,
+    };
     let rk = RevNatKey {
         cookie,
         backend,

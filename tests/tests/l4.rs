@@ -177,6 +177,37 @@ fn spawn_agent(node: &Node, manifests: &TempDir, bpffs: &BpffsDir, client: &Test
     agent
 }
 
+/// GET `path` from the agent's admin listener (inside the node netns); returns the body.
+fn admin_get(t: &TcpEcho, path: &str) -> String {
+    t.node.netns.run_in(|| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(admin_addr()).expect("admin listener");
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default()
+    })
+}
+
+/// Sum of the samples of one metric whose labels include all of `labels`.
+fn metric(t: &TcpEcho, name: &str, labels: &[(&str, &str)]) -> f64 {
+    admin_get(t, "/metrics")
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 fn assert_clean(r: &ProbeResult, what: &str) {
     assert_eq!(r.failures, 0, "{what}: failures: {r:?}");
     assert_eq!(
@@ -196,6 +227,42 @@ fn tcp_echo_80_20_split_through_the_vip() {
     let r = t.tcp(&to, SPLIT_CONNECTS);
     assert_clean(&r, "80/20");
     assert_split(&r.counts, &[("v1:9000", 0.8), ("v2:9000", 0.2)], SIGMAS);
+
+    // The kernel counted every connection per backend, and /metrics reports it with Istio's
+    // names and labels: exactly the connects each version answered, all closed, and the
+    // identity line ("v1:9000\n", 8 bytes) received on each.
+    for version in ["v1", "v2"] {
+        let answered = r.counts[&format!("{version}:9000")] as f64;
+        let series = |name: &str| {
+            metric(
+                &t,
+                name,
+                &[
+                    ("destination_service", "tcp-echo.default.svc.cluster.local"),
+                    ("destination_version", version),
+                    ("destination_app", "tcp-echo"),
+                ],
+            )
+        };
+        assert_eq!(
+            series("istio_tcp_connections_opened_total"),
+            answered,
+            "{version}"
+        );
+        let closed = wait_until(Duration::from_secs(5), || {
+            series("istio_tcp_connections_closed_total") == answered
+        });
+        assert!(
+            closed,
+            "{version}: closed {} of {answered}",
+            series("istio_tcp_connections_closed_total")
+        );
+        assert_eq!(
+            series("istio_tcp_received_bytes_total"),
+            answered * 8.0,
+            "{version}"
+        );
+    }
 
     // The route matches port 9000 only; 9001 splits evenly over both pods.
     let r = t.tcp(&format!("{VIP4}:9001"), 1_000);
@@ -452,5 +519,5 @@ fn kill9_and_restart_lose_no_connects() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(links.len(), 8, "{links:?}");
+    assert_eq!(links.len(), 9, "{links:?}");
 }
