@@ -5,6 +5,7 @@
 //! plans and tests can check routing without a kernel.
 
 pub mod alias;
+pub mod http;
 pub mod registry;
 
 use crate::model::{
@@ -16,6 +17,7 @@ use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -94,7 +96,7 @@ pub struct WeightedBackend {
     pub workload: registry::Workload,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ServicePlan {
     pub host: String,
     pub port_name: String,
@@ -102,14 +104,26 @@ pub struct ServicePlan {
     pub route: String,
     /// Empty means "no backends": connects are rejected rather than sent nowhere.
     pub backends: Vec<WeightedBackend>,
-    /// The port speaks HTTP and its VirtualService has http routes, which need the L7 proxy.
+    /// The port speaks HTTP: the kernel sends its connections to the L7 proxy.
     pub needs_l7: bool,
+    /// How the L7 proxy routes each request (HTTP ports only; shared by the port's VIPs).
+    pub http: Option<Arc<http::HttpRoutes>>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Plan {
     pub services: BTreeMap<VipKey, ServicePlan>,
     pub diagnostics: Vec<Diagnostic>,
+    /// Pods by IP: who a client is, for `sourceLabels` matches and telemetry.
+    #[serde(skip)]
+    pub sources: HashMap<IpAddr, Source>,
+}
+
+/// A client workload, as the L7 proxy identifies it from the connection's source address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Source {
+    pub workload: registry::Workload,
+    pub labels: BTreeMap<String, String>,
 }
 
 impl Plan {
@@ -144,6 +158,7 @@ pub fn compile(config: &ConfigSet) -> Plan {
         let vs = ctx.virtual_service_for(&svc.hostname);
         for port in &svc.ports {
             let (route, backends, needs_l7) = ctx.route_port(svc, port, vs);
+            let http = needs_l7.then(|| Arc::new(ctx.http_routes(svc, port)));
             for vip in &svc.vips {
                 let backends: Vec<WeightedBackend> = backends
                     .iter()
@@ -164,6 +179,7 @@ pub fn compile(config: &ConfigSet) -> Plan {
                         route: route.clone(),
                         backends,
                         needs_l7,
+                        http: http.clone(),
                     },
                 );
             }
@@ -171,7 +187,26 @@ pub fn compile(config: &ConfigSet) -> Plan {
     }
     diags.sort();
     diags.dedup();
+    let sources = config
+        .pods
+        .iter()
+        .flat_map(|p| {
+            let source = Source {
+                workload: registry::Workload::new(
+                    "Pod",
+                    &p.meta.namespace,
+                    &p.meta.name,
+                    &p.meta.labels,
+                ),
+                labels: p.meta.labels.clone(),
+            };
+            registry::pod_ips(&p.spec)
+                .into_iter()
+                .map(move |ip| (ip, source.clone()))
+        })
+        .collect();
     Plan {
+        sources,
         services,
         diagnostics: diags,
     }
@@ -316,6 +351,70 @@ impl<'a> Ctx<'a> {
         }
         let (r, b) = default(self);
         (r, b, false)
+    }
+
+    /// The HTTP routing of one service port. Without a VirtualService: Istio's implicit route to
+    /// the service itself, with Istio's default retry policy and no timeout.
+    fn http_routes(
+        &mut self,
+        svc: &RegistryService,
+        port: &registry::ServicePort,
+    ) -> http::HttpRoutes {
+        let cluster = Arc::new(self.http_cluster(svc, port.port, None));
+        http::HttpRoutes {
+            virtual_service: None,
+            rules: vec![http::HttpRule {
+                index: 0,
+                name: Some("default".into()),
+                matches: Vec::new(),
+                action: http::RouteAction::Forward(vec![http::HttpDestination {
+                    cluster,
+                    weight: 100,
+                    headers_request: Default::default(),
+                    headers_response: Default::default(),
+                }]),
+                rewrite: None,
+                timeout: None,
+                retries: http::RetryPolicy::istio_default(),
+                fault: None,
+                mirrors: Vec::new(),
+                headers_request: Default::default(),
+                headers_response: Default::default(),
+            }],
+        }
+    }
+
+    /// An Istio cluster: the endpoints of `host:port` (optionally a subset) with their policy.
+    fn http_cluster(
+        &mut self,
+        svc: &RegistryService,
+        port: u16,
+        subset: Option<(&str, &BTreeMap<String, String>)>,
+    ) -> http::Cluster {
+        let mut endpoints = self.endpoints_filtered(svc, port, subset.map(|(_, l)| l), 1.0);
+        let name = cluster_name(port, subset.map(|(s, _)| s), &svc.hostname);
+        for e in &mut endpoints {
+            e.clusters = vec![name.clone()];
+        }
+        let protocol = svc
+            .ports
+            .iter()
+            .find(|p| p.port == port)
+            .and_then(|p| p.protocol.clone());
+        http::Cluster {
+            name,
+            host: svc.hostname.clone(),
+            port,
+            subset: subset.map(|(s, _)| s.to_string()),
+            endpoints,
+            policy: http::ClusterPolicy {
+                http2: matches!(
+                    protocol.as_deref(),
+                    Some("HTTP2" | "GRPC" | "GRPC-WEB" | "H2C")
+                ),
+                ..Default::default()
+            },
+        }
     }
 
     /// Weighted backends of a route: each destination's share split over its endpoints by

@@ -174,7 +174,7 @@ fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, S
 
 /// The IPs of a pod that is a usable endpoint: it has an IP, is not being deleted, and is not
 /// reported unready.
-fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+pub(crate) fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     if pod.metadata.deletion_timestamp.is_some() {
         return Vec::new();
     }

@@ -180,6 +180,7 @@ mod tests {
                 route: "default".into(),
                 backends: vec![b("10.0.0.1:80", 0.8), b("10.0.0.2:80", 0.2)],
                 needs_l7: false,
+                http: None,
             },
         );
         let t = tables(&plan);

@@ -4,5 +4,6 @@ pub mod bpf;
 pub mod kernel;
 pub mod maps;
 pub mod proxy;
+pub mod upstream;
 
 pub use bpf::{Dataplane, DataplaneError, Pins, cleanup};

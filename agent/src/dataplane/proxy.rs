@@ -7,8 +7,15 @@
 //! with the plan for that VIP, and forwards it over pooled upstream connections. Upstream sockets
 //! carry [`PROXY_SOCKET_MARK`] so the kernel never steers them back here.
 
-use crate::compile::{Plan, VipKey, WeightedBackend};
+use crate::compile::http::{
+    self, Cluster, HashKey, HeaderOps, HttpRoutes, LoadBalancer, Redirect, RequestView,
+    RetryPolicy, RouteAction,
+};
+use crate::compile::{Plan, Source, VipKey};
 use crate::dataplane::kernel;
+use crate::dataplane::upstream::{ClusterState, Clusters, HashInput, Outcome};
+use crate::metrics::{IstioLabels, Metrics, ServiceLabels};
+use crate::model::istio::MESH_GATEWAY;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
@@ -18,11 +25,11 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use steerd_common::{ClientKey, PROXY_SOCKET_MARK, RevNatValue};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
@@ -47,14 +54,15 @@ pub enum ProxyError {
 #[derive(Debug, Clone)]
 pub struct ProxyService {
     pub host: String,
-    /// Weighted endpoints of the default route.
-    pub backends: Vec<WeightedBackend>,
+    pub port: u16,
+    pub routes: Arc<HttpRoutes>,
 }
 
 /// Everything the proxy needs, rebuilt from each plan and swapped in atomically.
 #[derive(Debug, Default)]
 pub struct ProxyTable {
     pub services: HashMap<VipKey, Arc<ProxyService>>,
+    pub sources: HashMap<IpAddr, Source>,
 }
 
 impl ProxyTable {
@@ -62,18 +70,22 @@ impl ProxyTable {
         let services = plan
             .services
             .iter()
-            .filter(|(_, s)| s.needs_l7)
-            .map(|(vip, s)| {
-                (
+            .filter_map(|(vip, s)| {
+                let routes = s.http.clone()?;
+                Some((
                     *vip,
                     Arc::new(ProxyService {
                         host: s.host.clone(),
-                        backends: s.backends.clone(),
+                        port: vip.port,
+                        routes,
                     }),
-                )
+                ))
             })
             .collect();
-        Self { services }
+        Self {
+            services,
+            sources: plan.sources.clone(),
+        }
     }
 }
 
@@ -118,37 +130,84 @@ impl tower_service::Service<Uri> for MarkedConnector {
     }
 }
 
+/// Bodies up to this size are buffered so that retries and mirrors can replay them; larger or
+/// unknown-length bodies stream through with a single attempt and no mirror copy (Envoy's
+/// per-request buffer limit plays the same role).
+const REPLAY_LIMIT: u64 = 1 << 20;
+/// Mirrors in flight at once; beyond this, copies are dropped, so a slow shadow service can never
+/// hold more than this many requests in memory or slow the primary path.
+const MAX_MIRRORS_IN_FLIGHT: usize = 256;
+
 /// The proxy: shared state of the listeners and request handlers.
 pub struct Proxy {
     table: RwLock<Arc<ProxyTable>>,
     /// The kernel's record of which VIP each redirected client dialled.
     connections: Mutex<BpfHashMap<MapData, ClientKey, RevNatValue>>,
     http1: Client<MarkedConnector, ProxyBody>,
+    http2: Client<MarkedConnector, ProxyBody>,
+    clusters: Clusters,
+    mirrors: Arc<tokio::sync::Semaphore>,
+    metrics: Arc<Metrics>,
+}
+
+/// What became of a request, for telemetry.
+struct Served {
+    response: Response<ProxyBody>,
+    /// The endpoint that answered, if any.
+    endpoint: Option<SocketAddr>,
+    /// Envoy's response flags (`-`, `NR`, `UO`, `UT`, `UF`, `FI`, `DI`, ...).
+    flags: &'static str,
+}
+
+impl Served {
+    fn local(status: StatusCode, body: &'static str, flags: &'static str) -> Self {
+        Self {
+            response: local_reply(status, body),
+            endpoint: None,
+            flags,
+        }
+    }
 }
 
 impl Proxy {
-    pub fn new(connections: BpfHashMap<MapData, ClientKey, RevNatValue>) -> Arc<Self> {
+    pub fn new(
+        connections: BpfHashMap<MapData, ClientKey, RevNatValue>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         let connector = MarkedConnector {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
         };
         let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector.clone());
+        let http2 = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .http2_only(true)
             .build(connector);
         Arc::new(Self {
             table: RwLock::new(Arc::new(ProxyTable::default())),
             connections: Mutex::new(connections),
             http1,
+            http2,
+            clusters: Clusters::default(),
+            mirrors: Arc::new(tokio::sync::Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
+            metrics,
         })
     }
 
-    /// Swaps in the routing of a new plan; connections in flight finish their current request
-    /// with the table they started it with.
+    /// Swaps in the routing of a new plan; requests in flight finish with the table they
+    /// started with.
     pub fn update(&self, table: ProxyTable) {
         *self.table.write().expect("proxy table lock") = Arc::new(table);
     }
 
     fn table(&self) -> Arc<ProxyTable> {
         self.table.read().expect("proxy table lock").clone()
+    }
+
+    /// Runtime state of a cluster (ejections, pool usage), for `inspect`.
+    pub fn cluster_state(&self, name: &str) -> Arc<ClusterState> {
+        self.clusters.get(name)
     }
 
     /// The VIP the client behind `peer` dialled, consuming the kernel's record of it.
@@ -216,40 +275,492 @@ impl Proxy {
     async fn handle(
         &self,
         vip: VipKey,
-        _peer: SocketAddr,
+        peer: SocketAddr,
         req: Request<Incoming>,
     ) -> Response<ProxyBody> {
+        let started = Instant::now();
         let table = self.table();
+        let source = table.sources.get(&peer.ip().to_canonical());
         let Some(service) = table.services.get(&vip).cloned() else {
-            return local_reply(StatusCode::NOT_FOUND, "no route for this service\n");
+            return local_reply(StatusCode::NOT_FOUND, "");
         };
-        let Some(backend) = pick_weighted(&service.backends) else {
-            return local_reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream");
+        let served = self.route(&service, source, peer, req).await;
+        let status = served.response.status().as_u16();
+        let labels_service = ServiceLabels::from_host(&service.host);
+        let index = self.metrics.label_index();
+        let destination = served.endpoint.and_then(|e| index.workloads.get(&e));
+        let mut labels = IstioLabels::new(
+            source.map(|s| &s.workload),
+            &labels_service,
+            destination,
+            "http",
+        );
+        labels.response_code = status.to_string();
+        labels.response_flags = served.flags.to_string();
+        self.metrics.requests.get_or_create(&labels).inc();
+        self.metrics
+            .request_duration
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64() * 1000.0);
+        served.response
+    }
+
+    async fn route(
+        &self,
+        service: &ProxyService,
+        source: Option<&Source>,
+        peer: SocketAddr,
+        req: Request<Incoming>,
+    ) -> Served {
+        let (parts, body) = req.into_parts();
+        let authority = parts
+            .headers
+            .get(hyper::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+            .unwrap_or_else(|| service.host.clone());
+        let headers: Vec<(String, String)> = parts
+            .headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+            .collect();
+        let view = RequestView {
+            method: parts.method.as_str(),
+            scheme: "http",
+            authority: &authority,
+            path: parts.uri.path(),
+            query: parts.uri.query().unwrap_or(""),
+            headers,
+            port: service.port,
+            source_labels: source.map(|s| &s.labels),
+            source_namespace: source.map(|s| s.workload.namespace.as_str()),
+            gateway: MESH_GATEWAY,
         };
-        let (mut parts, body) = req.into_parts();
-        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        parts.uri = match format!("http://{backend}{path}").parse() {
-            Ok(u) => u,
-            Err(_) => return local_reply(StatusCode::BAD_REQUEST, "bad request path\n"),
+        let Some(rule) = service.routes.select(&view) else {
+            return Served::local(StatusCode::NOT_FOUND, "", "NR");
         };
-        if parts.headers.get(hyper::header::HOST).is_none()
-            && let Ok(v) = service.host.parse()
-        {
-            parts.headers.insert(hyper::header::HOST, v);
-        }
-        parts.version = hyper::Version::HTTP_11;
-        let upstream = Request::from_parts(parts, body.boxed());
-        match self.http1.request(upstream).await {
-            Ok(resp) => resp.map(|b| b.boxed()),
-            Err(e) => {
-                debug!(%backend, error = %e, "upstream request failed");
-                local_reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "upstream connect error or disconnect/reset before headers. reset reason: connection failure",
-                )
+
+        // Faults first; as in Istio, a faulted route gets no retries and no timeout.
+        let (retries, timeout) = if rule.fault.is_some() {
+            (RetryPolicy::none(), None)
+        } else {
+            (rule.retries.clone(), rule.timeout)
+        };
+        let mut delayed = false;
+        if let Some(fault) = &rule.fault {
+            if let Some((delay, pct)) = fault.delay
+                && fastrand::f64() * 100.0 < pct
+            {
+                tokio::time::sleep(delay).await;
+                delayed = true;
+            }
+            if let Some((status, pct)) = fault.abort
+                && fastrand::f64() * 100.0 < pct
+            {
+                let status =
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                return Served::local(status, "fault filter abort", "FI");
             }
         }
+
+        let dest = match &rule.action {
+            RouteAction::DirectResponse { status, body } => {
+                let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+                let body = body.clone().unwrap_or_default();
+                return Served {
+                    response: Response::builder()
+                        .status(status)
+                        .body(full(Bytes::from(body)))
+                        .expect("valid direct response"),
+                    endpoint: None,
+                    flags: "-",
+                };
+            }
+            RouteAction::Redirect(r) => {
+                return Served {
+                    response: redirect(r, &view),
+                    endpoint: None,
+                    flags: "-",
+                };
+            }
+            RouteAction::Forward(_) => match rule.pick(fastrand::f64()) {
+                Some(d) => d,
+                None => {
+                    return Served::local(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no healthy upstream",
+                        "UH",
+                    );
+                }
+            },
+        };
+
+        // Path and authority after rewrite.
+        let prefix = http::matched_prefix(rule, &view);
+        let path = match &rule.rewrite {
+            Some(rw) => http::rewrite_path(rw, prefix, view.path),
+            None => view.path.to_string(),
+        };
+        let path_and_query = match view.query {
+            "" => path,
+            q => format!("{path}?{q}"),
+        };
+        let authority = rule
+            .rewrite
+            .as_ref()
+            .and_then(|r| r.authority.clone())
+            .unwrap_or_else(|| authority.clone());
+        let hash_input_header = match &dest.cluster.policy.load_balancer {
+            LoadBalancer::Hash(HashKey::Header(h)) => view.header_value(h).map(str::to_string),
+            LoadBalancer::Hash(HashKey::Cookie { name, .. }) => {
+                view.cookie(name).map(str::to_string)
+            }
+            LoadBalancer::Hash(HashKey::QueryParam(q)) => view.query_value(q),
+            _ => None,
+        };
+        let mut upstream_headers = parts.headers.clone();
+        upstream_headers.insert(hyper::header::HOST, header_value(&authority));
+        apply_header_ops(&mut upstream_headers, &rule.headers_request);
+        apply_header_ops(&mut upstream_headers, &dest.headers_request);
+        upstream_headers.remove(hyper::header::CONNECTION);
+        if !upstream_headers.contains_key("x-forwarded-proto") {
+            upstream_headers.insert(
+                "x-forwarded-proto",
+                hyper::header::HeaderValue::from_static("http"),
+            );
+        }
+
+        // Replayable body (retries, mirrors) when small and of known length.
+        let known_len = parts
+            .headers
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let bodyless = known_len == Some(0)
+            || (known_len.is_none()
+                && !parts.headers.contains_key(hyper::header::TRANSFER_ENCODING));
+        let (buffered, mut streaming) = if bodyless {
+            (Some(Bytes::new()), None)
+        } else if known_len.is_some_and(|l| l <= REPLAY_LIMIT) {
+            match body.collect().await {
+                Ok(c) => (Some(c.to_bytes()), None),
+                Err(_) => {
+                    return Served::local(
+                        StatusCode::BAD_REQUEST,
+                        "error reading request body",
+                        "DPE",
+                    );
+                }
+            }
+        } else {
+            (None, Some(body))
+        };
+
+        for mirror in &rule.mirrors {
+            if let Some(body) = &buffered
+                && fastrand::f64() * 100.0 < mirror.percentage
+            {
+                self.mirror(
+                    mirror.cluster.clone(),
+                    &parts.method,
+                    &path_and_query,
+                    &authority,
+                    &upstream_headers,
+                    body.clone(),
+                );
+            }
+        }
+
+        let cluster = dest.cluster.clone();
+        let state = self.clusters.get(&cluster.name);
+        let Some(_admission) = state.admit(&cluster) else {
+            let mut r = local_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow",
+            );
+            r.headers_mut().insert(
+                "x-envoy-overloaded",
+                hyper::header::HeaderValue::from_static("true"),
+            );
+            return Served {
+                response: r,
+                endpoint: None,
+                flags: "UO",
+            };
+        };
+        let hash = HashInput {
+            header: hash_input_header.as_deref(),
+            cookie: hash_input_header.as_deref(),
+            query_param: hash_input_header.as_deref(),
+            source_ip: Some(peer.ip()),
+        };
+        let attempts = async {
+            let mut tried = Vec::new();
+            let max_attempts = if buffered.is_some() {
+                retries.attempts + 1
+            } else {
+                1
+            };
+            let mut last: Option<Served> = None;
+            for attempt in 0..max_attempts {
+                if attempt > 0 {
+                    // Envoy's default back-off: 25 ms base, exponential, jittered.
+                    let base = 25u64 << (attempt - 1).min(4);
+                    tokio::time::sleep(Duration::from_millis(base + fastrand::u64(..=base))).await;
+                }
+                let Some((endpoint, _in_flight)) = state.pick(&cluster, &hash, &tried) else {
+                    return Served::local(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no healthy upstream",
+                        "UH",
+                    );
+                };
+                tried.push(endpoint);
+                let body = match (&buffered, streaming.take()) {
+                    (Some(b), _) => full(b.clone()),
+                    (None, Some(s)) => s.boxed(),
+                    (None, None) => break,
+                };
+                let mut up = Request::builder()
+                    .method(parts.method.clone())
+                    .uri(format!("http://{endpoint}{path_and_query}"))
+                    .body(body)
+                    .expect("valid upstream request");
+                *up.headers_mut() = upstream_headers.clone();
+                if attempt > 0 {
+                    up.headers_mut().insert(
+                        "x-envoy-attempt-count",
+                        header_value(&(attempt + 1).to_string()),
+                    );
+                }
+                let client = if cluster.policy.http2 {
+                    &self.http2
+                } else {
+                    &self.http1
+                };
+                let sent = client.request(up);
+                let result = match retries.per_try_timeout {
+                    Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| ()),
+                    None => Ok(sent.await),
+                };
+                let outlier = cluster.policy.outlier.as_ref();
+                let n = cluster.endpoints.len();
+                match result {
+                    Ok(Ok(resp)) => {
+                        let code = resp.status().as_u16();
+                        let outcome = match code {
+                            502..=504 => Outcome::GatewayError,
+                            500..=599 => Outcome::ServerError,
+                            _ => Outcome::Success,
+                        };
+                        state.record(endpoint, outcome, outlier, n);
+                        let served = Served {
+                            response: resp.map(|b| b.boxed()),
+                            endpoint: Some(endpoint),
+                            flags: "-",
+                        };
+                        if attempt + 1 < max_attempts && retriable_status(&retries, code) {
+                            last = Some(served);
+                            continue;
+                        }
+                        return served;
+                    }
+                    Ok(Err(e)) => {
+                        state.record(endpoint, Outcome::GatewayError, outlier, n);
+                        let connect_failure = e.is_connect();
+                        debug!(%endpoint, error = %e, "upstream attempt failed");
+                        let (reason, flag) = if connect_failure {
+                            ("connection failure", "UF")
+                        } else {
+                            ("connection termination", "UC")
+                        };
+                        let served = Served {
+                            response: local_reply_owned(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                format!(
+                                    "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+                                ),
+                            ),
+                            endpoint: Some(endpoint),
+                            flags: flag,
+                        };
+                        if attempt + 1 < max_attempts && retriable_error(&retries, connect_failure)
+                        {
+                            last = Some(served);
+                            continue;
+                        }
+                        return served;
+                    }
+                    Err(()) => {
+                        state.record(endpoint, Outcome::GatewayError, outlier, n);
+                        let served = Served::local(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "upstream request timeout",
+                            "UT",
+                        );
+                        // Envoy retries per-try timeouts on 5xx, gateway-error and reset.
+                        if attempt + 1 < max_attempts
+                            && retries
+                                .retry_on
+                                .iter()
+                                .any(|r| matches!(r.as_str(), "5xx" | "gateway-error" | "reset"))
+                        {
+                            last = Some(served);
+                            continue;
+                        }
+                        return served;
+                    }
+                }
+            }
+            last.unwrap_or_else(|| {
+                Served::local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "UH")
+            })
+        };
+        let mut served = match timeout {
+            Some(t) => match tokio::time::timeout(t, attempts).await {
+                Ok(s) => s,
+                Err(_) => Served::local(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream request timeout",
+                    "UT",
+                ),
+            },
+            None => attempts.await,
+        };
+        if delayed && served.flags == "-" {
+            served.flags = "DI";
+        }
+        let headers = served.response.headers_mut();
+        apply_header_ops(headers, &dest.headers_response);
+        apply_header_ops(headers, &rule.headers_response);
+        served
     }
+
+    /// Sends a copy of a request to a mirror cluster and forgets it: the response is dropped,
+    /// failures only show in debug logs, and the copy never delays the primary request.
+    fn mirror(
+        &self,
+        cluster: Arc<Cluster>,
+        method: &hyper::Method,
+        path_and_query: &str,
+        authority: &str,
+        headers: &hyper::HeaderMap,
+        body: Bytes,
+    ) {
+        let Ok(permit) = self.mirrors.clone().try_acquire_owned() else {
+            debug!(cluster = %cluster.name, "mirror dropped: too many in flight");
+            return;
+        };
+        let state = self.clusters.get(&cluster.name);
+        let Some((endpoint, in_flight)) = state.pick(&cluster, &HashInput::default(), &[]) else {
+            return;
+        };
+        // Istio/Envoy mark shadow traffic by suffixing the host with -shadow.
+        let host = match authority.rsplit_once(':') {
+            Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => format!("{h}-shadow:{p}"),
+            _ => format!("{authority}-shadow"),
+        };
+        let mut req = Request::builder()
+            .method(method.clone())
+            .uri(format!("http://{endpoint}{path_and_query}"))
+            .body(full(body))
+            .expect("valid mirror request");
+        *req.headers_mut() = headers.clone();
+        req.headers_mut()
+            .insert(hyper::header::HOST, header_value(&host));
+        let client = if cluster.policy.http2 {
+            self.http2.clone()
+        } else {
+            self.http1.clone()
+        };
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _in_flight = in_flight;
+            match tokio::time::timeout(Duration::from_secs(30), client.request(req)).await {
+                Ok(Ok(resp)) => {
+                    let _ = resp.into_body().collect().await;
+                }
+                Ok(Err(e)) => debug!(%endpoint, error = %e, "mirror failed"),
+                Err(_) => debug!(%endpoint, "mirror timed out"),
+            }
+        });
+    }
+}
+
+fn retriable_status(policy: &RetryPolicy, code: u16) -> bool {
+    policy.retry_on.iter().any(|on| match on.as_str() {
+        "5xx" => (500..=599).contains(&code),
+        "gateway-error" => matches!(code, 502..=504),
+        "retriable-4xx" => code == 409,
+        "retriable-status-codes" => policy.retriable_status_codes.contains(&code),
+        "unavailable" | "cancelled" | "resource-exhausted" | "internal" | "deadline-exceeded" => {
+            false
+        }
+        other => other.parse::<u16>().ok() == Some(code),
+    })
+}
+
+fn retriable_error(policy: &RetryPolicy, connect_failure: bool) -> bool {
+    policy.retry_on.iter().any(|on| match on.as_str() {
+        "5xx" | "gateway-error" | "reset" => true,
+        "connect-failure" => connect_failure,
+        "refused-stream" => !connect_failure,
+        _ => false,
+    })
+}
+
+fn header_value(s: &str) -> hyper::header::HeaderValue {
+    hyper::header::HeaderValue::from_str(s)
+        .unwrap_or_else(|_| hyper::header::HeaderValue::from_static("invalid"))
+}
+
+fn apply_header_ops(headers: &mut hyper::HeaderMap, ops: &HeaderOps) {
+    for name in &ops.remove {
+        if let Ok(n) = hyper::header::HeaderName::from_bytes(name.as_bytes()) {
+            headers.remove(n);
+        }
+    }
+    for (name, value) in &ops.set {
+        if let Ok(n) = hyper::header::HeaderName::from_bytes(name.as_bytes()) {
+            headers.insert(n, header_value(value));
+        }
+    }
+    for (name, value) in &ops.add {
+        if let Ok(n) = hyper::header::HeaderName::from_bytes(name.as_bytes()) {
+            headers.append(n, header_value(value));
+        }
+    }
+}
+
+fn redirect(r: &Redirect, view: &RequestView<'_>) -> Response<ProxyBody> {
+    let authority = r
+        .authority
+        .clone()
+        .unwrap_or_else(|| view.authority.to_string());
+    let authority = match r.port {
+        Some(p) => format!(
+            "{}:{p}",
+            authority
+                .rsplit_once(':')
+                .map_or(authority.as_str(), |(h, _)| h)
+        ),
+        None => authority,
+    };
+    let scheme = r.scheme.as_deref().unwrap_or(view.scheme);
+    let path = r.uri.clone().unwrap_or_else(|| view.path.to_string());
+    let location = match view.query {
+        "" => format!("{scheme}://{authority}{path}"),
+        q => format!("{scheme}://{authority}{path}?{q}"),
+    };
+    Response::builder()
+        .status(StatusCode::from_u16(r.code).unwrap_or(StatusCode::MOVED_PERMANENTLY))
+        .header(hyper::header::LOCATION, header_value(&location))
+        .body(full(Bytes::new()))
+        .expect("valid redirect")
+}
+
+fn full(b: Bytes) -> ProxyBody {
+    Full::new(b).map_err(|never| match never {}).boxed()
 }
 
 fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -268,32 +779,16 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// A weighted random pick (weights need not be normalised).
-fn pick_weighted(backends: &[WeightedBackend]) -> Option<SocketAddr> {
-    let total: f64 = backends.iter().map(|b| b.weight).sum();
-    if backends.is_empty() || total <= 0.0 {
-        return None;
-    }
-    let mut x = fastrand::f64() * total;
-    for b in backends {
-        if x < b.weight {
-            return Some(b.addr);
-        }
-        x -= b.weight;
-    }
-    backends.last().map(|b| b.addr)
-}
-
 /// A response generated by the proxy itself, marked the way Envoy marks its own replies.
 pub fn local_reply(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
+    local_reply_owned(status, body.to_string())
+}
+
+fn local_reply_owned(status: StatusCode, body: String) -> Response<ProxyBody> {
     Response::builder()
         .status(status)
         .header("content-type", "text/plain")
         .header("server", "steerd")
-        .body(
-            Full::new(Bytes::from_static(body.as_bytes()))
-                .map_err(|never| match never {})
-                .boxed(),
-        )
+        .body(full(Bytes::from(body)))
         .expect("static response parts are valid")
 }

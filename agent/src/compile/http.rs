@@ -1,0 +1,749 @@
+//! HTTP routing as Istio evaluates it, compiled once per plan and evaluated per request.
+//!
+//! This is the single evaluator: the L7 proxy routes every request with [`HttpRoutes::select`],
+//! and `steerd explain` calls the same function, so what explain prints is what the proxy does.
+//!
+//! Semantics (Envoy's, as Istio configures it): rules are tried in order and the first rule with
+//! a matching `match` block wins; blocks are ORed, conditions within a block ANDed; a rule with
+//! no `match` matches everything. A request no rule matches gets a 404 (Envoy's "route not
+//! found"), except that a service without a VirtualService has one implicit catch-all rule.
+
+use regex::Regex;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::WeightedBackend;
+
+/// A compiled `StringMatch`.
+#[derive(Debug, Clone)]
+pub enum StrMatch {
+    Exact(String),
+    Prefix(String),
+    /// Anchored: Envoy's safe_regex matches the whole value.
+    Regex(Regex),
+    /// `{}`: the value only has to be present.
+    Present,
+}
+
+impl StrMatch {
+    /// `value` is the request's value; `ignore_case` applies to exact and prefix (Istio's
+    /// `ignoreUriCase`).
+    pub fn matches(&self, value: &str, ignore_case: bool) -> bool {
+        match self {
+            StrMatch::Exact(e) if ignore_case => e.eq_ignore_ascii_case(value),
+            StrMatch::Exact(e) => e == value,
+            StrMatch::Prefix(p) if ignore_case => {
+                value.len() >= p.len()
+                    && value.as_bytes()[..p.len()].eq_ignore_ascii_case(p.as_bytes())
+            }
+            StrMatch::Prefix(p) => value.starts_with(p.as_str()),
+            StrMatch::Regex(r) => r.is_match(value),
+            StrMatch::Present => true,
+        }
+    }
+
+    /// Compiles a regex with full-match semantics.
+    pub fn regex(pattern: &str) -> Result<Self, regex::Error> {
+        Regex::new(&format!("^(?:{pattern})$")).map(StrMatch::Regex)
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            StrMatch::Exact(e) => format!("exact {e:?}"),
+            StrMatch::Prefix(p) => format!("prefix {p:?}"),
+            StrMatch::Regex(r) => {
+                let s = r.as_str();
+                format!("regex {:?}", &s[4..s.len() - 2])
+            }
+            StrMatch::Present => "present".into(),
+        }
+    }
+}
+
+/// One `match` block: every condition must hold.
+#[derive(Debug, Clone, Default)]
+pub struct RequestMatch {
+    pub name: Option<String>,
+    pub uri: Option<StrMatch>,
+    pub scheme: Option<StrMatch>,
+    pub method: Option<StrMatch>,
+    pub authority: Option<StrMatch>,
+    /// Lower-case header name → condition.
+    pub headers: Vec<(String, StrMatch)>,
+    /// Headers that must NOT match (absent, or present with a non-matching value).
+    pub without_headers: Vec<(String, StrMatch)>,
+    pub query_params: Vec<(String, StrMatch)>,
+    pub port: Option<u16>,
+    pub source_labels: BTreeMap<String, String>,
+    pub source_namespace: Option<String>,
+    pub gateways: Vec<String>,
+    pub ignore_uri_case: bool,
+}
+
+/// What the evaluator needs to know about a request.
+#[derive(Debug, Clone, Default)]
+pub struct RequestView<'a> {
+    pub method: &'a str,
+    pub scheme: &'a str,
+    /// Host header (HTTP/1.1) or :authority (HTTP/2), as sent.
+    pub authority: &'a str,
+    /// Path without the query.
+    pub path: &'a str,
+    /// Raw query string, without `?`.
+    pub query: &'a str,
+    /// Lower-case name → value (repeated headers joined with ",").
+    pub headers: Vec<(String, String)>,
+    /// The service port the client dialled.
+    pub port: u16,
+    pub source_labels: Option<&'a BTreeMap<String, String>>,
+    pub source_namespace: Option<&'a str>,
+    /// `mesh` for sidecar-style traffic, or a gateway name.
+    pub gateway: &'a str,
+}
+
+impl RequestView<'_> {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// A header's value by (case-insensitive) name.
+    pub fn header_value(&self, name: &str) -> Option<&str> {
+        self.header(&name.to_ascii_lowercase())
+    }
+
+    /// A cookie's value from the `cookie` header.
+    pub fn cookie(&self, name: &str) -> Option<&str> {
+        self.header("cookie")?.split(';').find_map(|c| {
+            let (k, v) = c.trim().split_once('=')?;
+            (k == name).then_some(v)
+        })
+    }
+
+    /// A query parameter's value.
+    pub fn query_value(&self, name: &str) -> Option<String> {
+        self.query_param(name)
+    }
+
+    fn query_param(&self, name: &str) -> Option<String> {
+        self.query.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (k == name).then(|| v.to_string())
+        })
+    }
+}
+
+impl RequestMatch {
+    pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        let str_ok =
+            |m: &Option<StrMatch>, v: &str, ci: bool| m.as_ref().is_none_or(|m| m.matches(v, ci));
+        str_ok(&self.uri, req.path, self.ignore_uri_case)
+            && str_ok(&self.scheme, req.scheme, false)
+            && str_ok(&self.method, req.method, false)
+            && str_ok(&self.authority, req.authority, false)
+            && self.port.is_none_or(|p| p == req.port)
+            && self.headers.iter().all(|(name, m)| {
+                // Envoy matches :authority/:method/:path pseudo-headers by these names too.
+                let value = match name.as_str() {
+                    ":authority" | "host" => Some(req.authority),
+                    ":method" => Some(req.method),
+                    ":path" => Some(req.path),
+                    _ => req.header(name),
+                };
+                value.is_some_and(|v| m.matches(v, false))
+            })
+            && self
+                .without_headers
+                .iter()
+                .all(|(name, m)| req.header(name).is_none_or(|v| !m.matches(v, false)))
+            && self
+                .query_params
+                .iter()
+                .all(|(name, m)| req.query_param(name).is_some_and(|v| m.matches(&v, false)))
+            && (self.source_labels.is_empty()
+                || req
+                    .source_labels
+                    .is_some_and(|l| self.source_labels.iter().all(|(k, v)| l.get(k) == Some(v))))
+            && self
+                .source_namespace
+                .as_ref()
+                .is_none_or(|ns| req.source_namespace == Some(ns.as_str()))
+            && (self.gateways.is_empty() || self.gateways.iter().any(|g| g == req.gateway))
+    }
+}
+
+/// Request or response header edits (`headers.request`/`headers.response`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HeaderOps {
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// Where a destination's requests go: one Istio cluster.
+#[derive(Debug, Clone, Serialize)]
+pub struct Cluster {
+    /// `outbound|<port>|<subset>|<host>`.
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub subset: Option<String>,
+    pub endpoints: Vec<WeightedBackend>,
+    pub policy: ClusterPolicy,
+}
+
+/// DestinationRule traffic policy as the proxy applies it (subset-level overrides merged).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ClusterPolicy {
+    pub load_balancer: LoadBalancer,
+    pub connect_timeout: Option<Duration>,
+    /// `tcp.maxConnections`.
+    pub max_connections: Option<u32>,
+    /// `http.http1MaxPendingRequests`.
+    pub max_pending_requests: Option<u32>,
+    /// `http.http2MaxRequests`: concurrent requests.
+    pub max_requests: Option<u32>,
+    pub max_requests_per_connection: Option<u32>,
+    pub idle_timeout: Option<Duration>,
+    pub outlier: Option<OutlierPolicy>,
+    /// Upstream speaks HTTP/2 (service port protocol HTTP2/GRPC, or `h2UpgradePolicy: UPGRADE`).
+    pub http2: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub enum LoadBalancer {
+    #[default]
+    RoundRobin,
+    Random,
+    LeastRequest,
+    /// Consistent hashing on a header, cookie, the source IP or a query parameter.
+    Hash(HashKey),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub enum HashKey {
+    Header(String),
+    Cookie { name: String, ttl: Option<Duration> },
+    SourceIp,
+    QueryParam(String),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct OutlierPolicy {
+    pub consecutive_5xx: Option<u32>,
+    pub consecutive_gateway_errors: Option<u32>,
+    pub interval: Duration,
+    pub base_ejection_time: Duration,
+    pub max_ejection_percent: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpDestination {
+    pub cluster: Arc<Cluster>,
+    pub weight: u32,
+    pub headers_request: HeaderOps,
+    pub headers_response: HeaderOps,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Rewrite {
+    pub uri: Option<String>,
+    /// (regex, substitution) for `uriRegexRewrite`.
+    #[serde(skip)]
+    pub uri_regex: Option<(Regex, String)>,
+    pub authority: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Redirect {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub scheme: Option<String>,
+    pub port: Option<u16>,
+    pub code: u16,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub enum RouteAction {
+    Forward(Vec<HttpDestination>),
+    Redirect(Redirect),
+    DirectResponse { status: u16, body: Option<String> },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RetryPolicy {
+    /// Retries after the first attempt.
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    /// Envoy retry conditions (`5xx`, `gateway-error`, `reset`, `connect-failure`, ...).
+    pub retry_on: Vec<String>,
+    /// Status codes from `retriable-status-codes` entries given as numbers.
+    pub retriable_status_codes: Vec<u16>,
+}
+
+impl RetryPolicy {
+    /// Istio's default when a route sets no `retries`.
+    pub fn istio_default() -> Self {
+        Self {
+            attempts: 2,
+            per_try_timeout: None,
+            retry_on: [
+                "connect-failure",
+                "refused-stream",
+                "unavailable",
+                "cancelled",
+                "retriable-status-codes",
+            ]
+            .map(String::from)
+            .to_vec(),
+            retriable_status_codes: vec![503],
+        }
+    }
+
+    pub fn none() -> Self {
+        Self {
+            attempts: 0,
+            per_try_timeout: None,
+            retry_on: Vec::new(),
+            retriable_status_codes: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Fault {
+    /// (delay, percentage of requests 0–100).
+    pub delay: Option<(Duration, f64)>,
+    /// (HTTP status, percentage of requests 0–100).
+    pub abort: Option<(u16, f64)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Mirror {
+    pub cluster: Arc<Cluster>,
+    /// Percentage of requests mirrored (0–100).
+    pub percentage: f64,
+}
+
+/// One `http` rule of a VirtualService.
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpRule {
+    /// Index in `spec.http`.
+    pub index: usize,
+    pub name: Option<String>,
+    #[serde(skip)]
+    pub matches: Vec<RequestMatch>,
+    pub action: RouteAction,
+    pub rewrite: Option<Rewrite>,
+    pub timeout: Option<Duration>,
+    pub retries: RetryPolicy,
+    pub fault: Option<Fault>,
+    pub mirrors: Vec<Mirror>,
+    pub headers_request: HeaderOps,
+    pub headers_response: HeaderOps,
+}
+
+impl HttpRule {
+    pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        self.matches.is_empty() || self.matches.iter().any(|m| m.matches(req))
+    }
+
+    /// Descriptions of the match blocks, for explain and inspect.
+    pub fn describe_matches(&self) -> Vec<String> {
+        self.matches
+            .iter()
+            .map(|m| {
+                let mut parts = Vec::new();
+                let mut push = |what: &str, s: &Option<StrMatch>| {
+                    if let Some(s) = s {
+                        parts.push(format!("{what} {}", s.describe()));
+                    }
+                };
+                push("uri", &m.uri);
+                push("scheme", &m.scheme);
+                push("method", &m.method);
+                push("authority", &m.authority);
+                for (h, s) in &m.headers {
+                    parts.push(format!("header {h} {}", s.describe()));
+                }
+                for (h, s) in &m.without_headers {
+                    parts.push(format!("without header {h} {}", s.describe()));
+                }
+                for (q, s) in &m.query_params {
+                    parts.push(format!("query {q} {}", s.describe()));
+                }
+                if let Some(p) = m.port {
+                    parts.push(format!("port {p}"));
+                }
+                if !m.source_labels.is_empty() {
+                    parts.push(format!("sourceLabels {:?}", m.source_labels));
+                }
+                if parts.is_empty() {
+                    "*".to_string()
+                } else {
+                    parts.join(" && ")
+                }
+            })
+            .collect()
+    }
+
+    /// Picks a destination by weight with `r` uniform in [0, 1).
+    pub fn pick(&self, r: f64) -> Option<&HttpDestination> {
+        let RouteAction::Forward(dests) = &self.action else {
+            return None;
+        };
+        let total: u64 = dests.iter().map(|d| d.weight as u64).sum();
+        if total == 0 {
+            return None;
+        }
+        let mut x = (r * total as f64) as u64;
+        for d in dests {
+            if x < d.weight as u64 {
+                return Some(d);
+            }
+            x -= d.weight as u64;
+        }
+        dests.iter().rev().find(|d| d.weight > 0)
+    }
+}
+
+/// The HTTP routing of one service port.
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpRoutes {
+    /// `ns/name` of the VirtualService, if one applies.
+    pub virtual_service: Option<String>,
+    pub rules: Vec<HttpRule>,
+}
+
+impl HttpRoutes {
+    /// The first rule matching the request (None: Envoy's 404 "route not found").
+    pub fn select(&self, req: &RequestView<'_>) -> Option<&HttpRule> {
+        self.rules.iter().find(|r| r.matches(req))
+    }
+}
+
+/// Applies `rewrite.uri` / `uriRegexRewrite` the way Envoy does: a prefix match's matched part is
+/// replaced, an exact or regex match (or no uri match) replaces the whole path.
+pub fn rewrite_path(rewrite: &Rewrite, matched_prefix: Option<&str>, path: &str) -> String {
+    if let Some((re, sub)) = &rewrite.uri_regex {
+        // Envoy's regex_rewrite substitutes every match; \1 → $1.
+        let sub = sub.replace("\\", "$");
+        return re.replace_all(path, sub.as_str()).into_owned();
+    }
+    match (&rewrite.uri, matched_prefix) {
+        (Some(new), Some(prefix)) if path.starts_with(prefix) => {
+            format!("{new}{}", &path[prefix.len()..])
+        }
+        (Some(new), _) => new.clone(),
+        (None, _) => path.to_string(),
+    }
+}
+
+/// The prefix of the block that matched, when it matched on a uri prefix (for rewrite).
+pub fn matched_prefix<'r>(rule: &'r HttpRule, req: &RequestView<'_>) -> Option<&'r str> {
+    rule.matches
+        .iter()
+        .find(|m| m.matches(req))
+        .and_then(|m| match &m.uri {
+            Some(StrMatch::Prefix(p)) => Some(p.as_str()),
+            _ => None,
+        })
+}
+
+/// A cluster's endpoint by address, for tests and explain output.
+pub fn endpoint_addrs(cluster: &Cluster) -> Vec<SocketAddr> {
+    cluster.endpoints.iter().map(|e| e.addr).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(name: &str) -> Arc<Cluster> {
+        Arc::new(Cluster {
+            name: name.into(),
+            host: "reviews.default.svc.cluster.local".into(),
+            port: 9080,
+            subset: None,
+            endpoints: vec![],
+            policy: ClusterPolicy::default(),
+        })
+    }
+
+    fn forward(dests: &[(&str, u32)]) -> RouteAction {
+        RouteAction::Forward(
+            dests
+                .iter()
+                .map(|(c, w)| HttpDestination {
+                    cluster: cluster(c),
+                    weight: *w,
+                    headers_request: HeaderOps::default(),
+                    headers_response: HeaderOps::default(),
+                })
+                .collect(),
+        )
+    }
+
+    fn rule(index: usize, matches: Vec<RequestMatch>, action: RouteAction) -> HttpRule {
+        HttpRule {
+            index,
+            name: None,
+            matches,
+            action,
+            rewrite: None,
+            timeout: None,
+            retries: RetryPolicy::istio_default(),
+            fault: None,
+            mirrors: vec![],
+            headers_request: HeaderOps::default(),
+            headers_response: HeaderOps::default(),
+        }
+    }
+
+    fn req<'a>(path: &'a str, headers: &[(&str, &str)]) -> RequestView<'a> {
+        RequestView {
+            method: "GET",
+            scheme: "http",
+            authority: "reviews:9080",
+            path,
+            query: "",
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            port: 9080,
+            gateway: "mesh",
+            ..Default::default()
+        }
+    }
+
+    fn cohort_routes() -> HttpRoutes {
+        // The seed scenario: x-istio-cohort: internal → v2, everyone else → v1.
+        HttpRoutes {
+            virtual_service: Some("default/reviews".into()),
+            rules: vec![
+                rule(
+                    0,
+                    vec![RequestMatch {
+                        headers: vec![(
+                            "x-istio-cohort".into(),
+                            StrMatch::Exact("internal".into()),
+                        )],
+                        ..Default::default()
+                    }],
+                    forward(&[("v2", 100)]),
+                ),
+                rule(1, vec![], forward(&[("v1", 100)])),
+            ],
+        }
+    }
+
+    fn chosen(routes: &HttpRoutes, r: &RequestView<'_>) -> Option<String> {
+        routes
+            .select(r)
+            .and_then(|rule| rule.pick(0.5))
+            .map(|d| d.cluster.name.clone())
+    }
+
+    #[test]
+    fn header_match_routes_cohort_to_v2() {
+        let routes = cohort_routes();
+        assert_eq!(
+            chosen(&routes, &req("/", &[("x-istio-cohort", "internal")])).as_deref(),
+            Some("v2")
+        );
+        assert_eq!(
+            chosen(&routes, &req("/", &[("x-istio-cohort", "external")])).as_deref(),
+            Some("v1")
+        );
+        assert_eq!(chosen(&routes, &req("/", &[])).as_deref(), Some("v1"));
+    }
+
+    #[test]
+    fn blocks_are_ored_and_conditions_anded() {
+        let m = |uri: StrMatch, method: Option<&str>| RequestMatch {
+            uri: Some(uri),
+            method: method.map(|m| StrMatch::Exact(m.into())),
+            ..Default::default()
+        };
+        let routes = HttpRoutes {
+            virtual_service: None,
+            rules: vec![rule(
+                0,
+                vec![
+                    m(StrMatch::Prefix("/api".into()), Some("POST")),
+                    m(StrMatch::Exact("/health".into()), None),
+                ],
+                forward(&[("a", 1)]),
+            )],
+        };
+        let mut post = req("/api/x", &[]);
+        post.method = "POST";
+        assert!(routes.select(&post).is_some());
+        assert!(
+            routes.select(&req("/api/x", &[])).is_none(),
+            "GET fails the AND"
+        );
+        assert!(
+            routes.select(&req("/health", &[])).is_some(),
+            "second block ORs"
+        );
+        assert!(
+            routes.select(&req("/healthz", &[])).is_none(),
+            "exact is exact"
+        );
+    }
+
+    #[test]
+    fn first_matching_rule_wins_and_no_match_is_404() {
+        let routes = HttpRoutes {
+            virtual_service: None,
+            rules: vec![
+                rule(
+                    0,
+                    vec![RequestMatch {
+                        uri: Some(StrMatch::Prefix("/a".into())),
+                        ..Default::default()
+                    }],
+                    forward(&[("first", 1)]),
+                ),
+                rule(
+                    1,
+                    vec![RequestMatch {
+                        uri: Some(StrMatch::Prefix("/a/b".into())),
+                        ..Default::default()
+                    }],
+                    forward(&[("never", 1)]),
+                ),
+            ],
+        };
+        assert_eq!(
+            chosen(&routes, &req("/a/b/c", &[])).as_deref(),
+            Some("first")
+        );
+        assert!(routes.select(&req("/z", &[])).is_none());
+    }
+
+    #[test]
+    fn regex_is_anchored_and_ignore_case_applies_to_uri() {
+        let re = StrMatch::regex("/reviews/[0-9]+").unwrap();
+        assert!(re.matches("/reviews/12", false));
+        assert!(
+            !re.matches("/reviews/12/x", false),
+            "full match, like Envoy's safe_regex"
+        );
+        assert!(StrMatch::Prefix("/API".into()).matches("/api/v1", true));
+        assert!(!StrMatch::Prefix("/API".into()).matches("/api/v1", false));
+        assert!(StrMatch::Exact("/Login".into()).matches("/login", true));
+    }
+
+    #[test]
+    fn without_headers_query_params_port_and_source_labels() {
+        let m = RequestMatch {
+            without_headers: vec![("x-debug".into(), StrMatch::Present)],
+            query_params: vec![("user".into(), StrMatch::Exact("jason".into()))],
+            port: Some(9080),
+            source_labels: [("app".to_string(), "productpage".to_string())].into(),
+            ..Default::default()
+        };
+        let labels: BTreeMap<String, String> =
+            [("app".to_string(), "productpage".to_string())].into();
+        let mut r = req("/", &[]);
+        r.query = "a=1&user=jason";
+        r.source_labels = Some(&labels);
+        assert!(m.matches(&r));
+        let mut with_debug = r.clone();
+        with_debug.headers.push(("x-debug".into(), "1".into()));
+        assert!(!m.matches(&with_debug));
+        let mut other_port = r.clone();
+        other_port.port = 9081;
+        assert!(!m.matches(&other_port));
+        let mut unknown_source = r.clone();
+        unknown_source.source_labels = None;
+        assert!(
+            !m.matches(&unknown_source),
+            "sourceLabels need a known client"
+        );
+        let mut no_user = r.clone();
+        no_user.query = "user=mike";
+        assert!(!m.matches(&no_user));
+    }
+
+    #[test]
+    fn gateways_restrict_a_block() {
+        let m = RequestMatch {
+            gateways: vec!["istio-system/ingress".into()],
+            ..Default::default()
+        };
+        assert!(
+            !m.matches(&req("/", &[])),
+            "a gateway-only block does not match mesh traffic"
+        );
+    }
+
+    #[test]
+    fn weighted_pick_follows_weights() {
+        let r = rule(0, vec![], forward(&[("v1", 90), ("v2", 10)]));
+        let n = 10_000;
+        let v2 = (0..n)
+            .filter(|i| r.pick(*i as f64 / n as f64).unwrap().cluster.name == "v2")
+            .count();
+        assert_eq!(v2, 1000, "exactly 10% of [0,1) maps to v2");
+        let zero = rule(0, vec![], forward(&[("v1", 0), ("v2", 0)]));
+        assert!(zero.pick(0.3).is_none());
+        let last = rule(0, vec![], forward(&[("v1", 1), ("v2", 0)]));
+        assert_eq!(last.pick(0.999_999).unwrap().cluster.name, "v1");
+    }
+
+    #[test]
+    fn rewrites_follow_envoy() {
+        let rw = Rewrite {
+            uri: Some("/v2/".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            rewrite_path(&rw, Some("/v1/"), "/v1/reviews"),
+            "/v2/reviews"
+        );
+        assert_eq!(rewrite_path(&rw, None, "/anything"), "/v2/");
+        let rx = Rewrite {
+            uri_regex: Some((
+                Regex::new("^/service/([^/]+)(/.*)$").unwrap(),
+                "\\2/instance/\\1".into(),
+            )),
+            ..Default::default()
+        };
+        assert_eq!(
+            rewrite_path(&rx, None, "/service/foo/v1/api"),
+            "/v1/api/instance/foo"
+        );
+    }
+
+    #[test]
+    fn describe_matches_for_explain() {
+        let r = rule(
+            0,
+            vec![RequestMatch {
+                uri: Some(StrMatch::Prefix("/api".into())),
+                headers: vec![("end-user".into(), StrMatch::Exact("jason".into()))],
+                ..Default::default()
+            }],
+            forward(&[("v1", 1)]),
+        );
+        assert_eq!(
+            r.describe_matches(),
+            vec!["uri prefix \"/api\" && header end-user exact \"jason\""]
+        );
+    }
+}
