@@ -35,6 +35,18 @@ fn main() -> Result<()> {
             print!("{}", cli::maps::render(&bpffs, table, output)?);
             Ok(())
         }
+        Command::Inspect {
+            what,
+            fqdn,
+            port,
+            subset,
+            output,
+            admin,
+        } => {
+            let filter = cli::inspect::Filter { fqdn, port, subset };
+            print!("{}", cli::inspect::run(admin, what, &filter, output)?);
+            Ok(())
+        }
         Command::Cleanup { bpffs } => {
             init_logging(LogFormat::Text);
             let removed = steerd::dataplane::cleanup(&steerd::dataplane::Pins::new(&bpffs))?;

@@ -288,6 +288,26 @@ fn tcp_echo_80_20_split_through_the_vip() {
         Some(20.0),
         "{rows:#}"
     );
+
+    // `steerd inspect listeners` names the route and the subset clusters.
+    let out = Agent::run_cli(
+        &t.node,
+        &[
+            "inspect",
+            "listeners",
+            "--port",
+            "9000",
+            "--admin",
+            "127.0.0.1:15000",
+        ],
+    );
+    let listeners = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listeners.lines().any(|l| l.starts_with(VIP4)
+            && l.contains(" L4 ")
+            && l.contains("VirtualService default/tcp-echo-mesh tcp[0] -> outbound|9000|v1|tcp-echo.default.svc.cluster.local,outbound|9000|v2|tcp-echo.default.svc.cluster.local")),
+        "{listeners}"
+    );
 }
 
 #[test]

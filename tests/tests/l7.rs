@@ -24,8 +24,8 @@ struct Mesh {
     _bpffs: BpffsDir,
     servers: Vec<HttpIdentityServer>,
     client: Pod,
-    _backends: Vec<Pod>,
-    _node: Node,
+    backends: Vec<Pod>,
+    node: Node,
 }
 
 fn pod_manifest(name: &str, version: &str, pod: &Pod) -> String {
@@ -54,7 +54,11 @@ impl Mesh {
         let client = node.add_pod("client");
         let mut backends = Vec::new();
         let mut servers = Vec::new();
-        let mut pods = String::new();
+        // The client is a Pod too, so the proxy can name it (sourceLabels, source_workload).
+        let mut pods = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: client, labels: {{app: client, version: v1}}}}\nstatus: {{podIP: {}, podIPs: [{{ip: {}}}, {{ip: \"{}\"}}]}}\n---\n",
+            client.ipv4, client.ipv4, client.ipv6
+        );
         for version in ["v1", "v2", "v3"] {
             let pod = node.add_pod(&format!("reviews-{version}"));
             servers.push(HttpIdentityServer::start(
@@ -114,9 +118,26 @@ impl Mesh {
             _bpffs: bpffs,
             servers,
             client,
-            _backends: backends,
-            _node: node,
+            backends,
+            node,
         }
+    }
+
+    fn admin_get(&self, path: &str) -> String {
+        self.node.netns.run_in(|| {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(admin_addr()).expect("admin listener");
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out.split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default()
+        })
     }
 
     fn http(&self, args: &[&str]) -> HttpProbeResult {
@@ -167,6 +188,66 @@ fn http_service_is_proxied_with_the_vip_recovered() {
                 .all(|r| r.peer.ip().to_string() != client_ip)
         );
     }
+
+    // `steerd inspect` shows the agent's view in istioctl proxy-config form.
+    let inspect = |what: &str, extra: &[&str]| {
+        let mut args = vec!["inspect", what, "--admin", "127.0.0.1:15000"];
+        args.extend_from_slice(extra);
+        let out = Agent::run_cli(&m.node, &args);
+        assert!(
+            out.status.success(),
+            "inspect {what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let listeners = inspect("listeners", &[]);
+    assert!(
+        listeners.lines().any(|l| l.starts_with(VIP4)
+            && l.contains(" L7 ")
+            && l.contains("reviews.default.svc.cluster.local")),
+        "{listeners}"
+    );
+    let clusters = inspect("clusters", &["--fqdn", "reviews"]);
+    assert!(clusters.starts_with("SERVICE FQDN"), "{clusters}");
+    assert!(
+        clusters.contains("reviews.default.svc.cluster.local  9080  -       outbound   EDS"),
+        "{clusters}"
+    );
+    let endpoints = inspect("endpoints", &[]);
+    for pod in &m.backends {
+        let line = format!("{}:9080", pod.ipv4);
+        assert!(
+            endpoints.lines().any(|l| l.starts_with(&line)
+                && l.contains("HEALTHY")
+                && l.contains(" OK ")
+                && l.ends_with("outbound|9080||reviews.default.svc.cluster.local")),
+            "{line} missing:\n{endpoints}"
+        );
+    }
+    let routes: serde_json::Value =
+        serde_json::from_str(&inspect("routes", &["-o", "json"])).unwrap();
+    assert_eq!(routes[0]["name"], "9080", "{routes:#}");
+    assert_eq!(routes[0]["rules"][0]["matches"][0], "*", "{routes:#}");
+    assert_eq!(
+        routes[0]["rules"][0]["destinations"][0]["cluster"],
+        "outbound|9080||reviews.default.svc.cluster.local"
+    );
+
+    // Istio's request metrics, labelled with the client pod and the backend's version.
+    let metrics = m.admin_get("/metrics");
+    let ok_v1: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains("response_code=\"200\"")
+                && l.contains("destination_version=\"v1\"")
+                && l.contains("source_workload=\"client\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    let v1_served = (m.servers[0].requests() + m.servers[1].requests()) as f64;
+    assert_eq!(ok_v1, v1_served, "{metrics}");
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Command-line interface: `steerd run | maps | cleanup | version`.
 
+pub mod inspect;
 pub mod maps;
 pub mod run;
 
@@ -48,6 +49,24 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
     },
+    /// Show a running agent's listeners, routes, clusters or endpoints (like `istioctl
+    /// proxy-config`), from its admin API.
+    Inspect {
+        #[arg(value_enum)]
+        what: inspect::What,
+        /// Only this service host (FQDN or a prefix of it, e.g. `reviews`).
+        #[arg(long)]
+        fqdn: Option<String>,
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long)]
+        subset: Option<String>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: Output,
+        /// The agent's admin listener.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: SocketAddr,
+    },
     /// Detach the programs and remove every map and link pinned under --bpffs (uninstall).
     Cleanup {
         #[arg(long, default_value = DEFAULT_BPFFS)]
@@ -67,16 +86,29 @@ pub enum MapsTable {
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Configuration source: `files:DIR` (watched) or `builtin` (the bundled examples).
-    /// Repeat to merge several sources.
+    /// Configuration source: `files:DIR` (watched), `kube` (the API server, watched) or
+    /// `builtin` (the bundled examples). Repeat to merge several sources.
     #[arg(long = "source", default_value = "builtin")]
     pub sources: Vec<SourceSpec>,
+    /// Kubeconfig for `--source kube`. Default: `$KUBECONFIG`, then `~/.kube/config`, then the
+    /// in-cluster service account (a Pod's mounted token and `KUBERNETES_SERVICE_HOST`).
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
     /// Where maps and links are pinned.
     #[arg(long, default_value = DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
     /// The cgroup (v2) whose processes are steered; default: the cgroup2 root.
     #[arg(long)]
     pub cgroup: Option<PathBuf>,
+    /// The node's own address(es), where the L7 proxy listens and the kernel sends L7
+    /// connections (in the DaemonSet: the downward API's `status.hostIP`). Repeat for IPv4 and
+    /// IPv6. Default: the address of the interface holding the IPv4 default route; with no
+    /// address the L7 proxy is off and HTTP services are balanced per connection.
+    #[arg(long = "node-ip")]
+    pub node_ips: Vec<std::net::IpAddr>,
+    /// Port of the L7 proxy listener on the node addresses.
+    #[arg(long, default_value_t = 15001)]
+    pub proxy_port: u16,
     /// Admin listener (probes, debug views).
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
@@ -91,5 +123,23 @@ pub fn cgroup2_root() -> Option<PathBuf> {
         let mut f = l.split_whitespace();
         let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
         (fstype == "cgroup2").then(|| PathBuf::from(dir))
+    })
+}
+
+/// The address of the interface that holds the IPv4 default route (the node's primary
+/// address), from /proc/net/route and getifaddrs.
+pub fn default_node_ip() -> Option<std::net::IpAddr> {
+    let routes = std::fs::read_to_string("/proc/net/route").ok()?;
+    let iface = routes.lines().skip(1).find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (iface, dest) = (f.next()?, f.next()?);
+        (dest == "00000000").then(|| iface.to_string())
+    })?;
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|a| {
+        if a.interface_name != iface {
+            return None;
+        }
+        let sin = a.address?.as_sockaddr_in()?.ip();
+        Some(std::net::IpAddr::V4(sin))
     })
 }

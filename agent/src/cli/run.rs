@@ -3,10 +3,13 @@
 
 use super::RunArgs;
 use crate::admin::{self, AdminState};
-use crate::compile::{self, Level, Plan};
-use crate::dataplane::{Dataplane, Pins, kernel};
+use crate::compile::{self, Level};
+use crate::dataplane::{
+    Dataplane, Pins, kernel,
+    proxy::{Proxy, ProxyTable},
+};
 use crate::model::ConfigSet;
-use crate::sources::{self, Snapshot, SourceSpec, files::FileSource};
+use crate::sources::{self, Snapshot, SourceSpec, files::FileSource, kube::KubeSource};
 use anyhow::{Context, Result};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +30,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .with_context(|| format!("starting the dataplane (bpffs {})", args.bpffs.display()))?;
 
     let state = Arc::new(AdminState::default());
+    let proxy = start_proxy(&args, &mut dataplane, state.metrics.clone()).await?;
+    if let Some(p) = &proxy {
+        let _ = state.proxy.set(p.clone());
+    }
+    if let Some(stats) = dataplane.stats.take() {
+        state.metrics.attach_stats(stats);
+    }
     let admin = admin::bind(args.admin, state.clone())
         .await
         .with_context(|| format!("binding the admin listener {}", args.admin))?;
@@ -59,19 +69,21 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 let _ = tx.send((index, sources::builtin())).await;
             }
             SourceSpec::Files(dir) => {
-                let (snap_tx, mut snap_rx) = mpsc::channel(4);
+                let (snap_tx, snap_rx) = mpsc::channel(4);
                 tokio::spawn(async move {
                     if let Err(e) = FileSource::new(&dir).watch(snap_tx).await {
                         error!(error = %e, dir = %dir.display(), "file source stopped");
                     }
                 });
-                tokio::spawn(async move {
-                    while let Some(snap) = snap_rx.recv().await {
-                        if tx.send((index, snap)).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+                tokio::spawn(forward(index, snap_rx, tx));
+            }
+            SourceSpec::Kube => {
+                let source = KubeSource::connect(args.kubeconfig.as_deref())
+                    .await
+                    .context("--source kube")?;
+                let (snap_tx, snap_rx) = mpsc::channel(4);
+                tokio::spawn(source.watch(snap_tx));
+                tokio::spawn(forward(index, snap_rx, tx));
             }
         }
     }
@@ -85,15 +97,20 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tokio::select! {
             update = rx.recv() => {
                 let Some((index, snap)) = update else { break };
+                // Sources repeat their errors in every snapshot until fixed; log each once, or a
+                // cluster's steady Pod churn would repeat every warning on every update.
+                let previous = latest[index].as_ref().map(|s| s.errors.as_slice()).unwrap_or_default();
+                for e in snap.errors.iter().filter(|e| !previous.contains(e)) {
+                    warn!(error = %e, "invalid configuration; serving its last good version");
+                }
                 latest[index] = Some(snap);
+                let rejected: usize = latest.iter().flatten().map(|s| s.errors.len()).sum();
+                state.metrics.config_errors.set(rejected as i64);
                 let mut config = ConfigSet::default();
                 for snap in latest.iter().flatten() {
-                    for e in &snap.errors {
-                        warn!(error = %e, "invalid configuration; serving its last good version");
-                    }
                     merge(&mut config, &snap.config);
                 }
-                reconcile(&mut dataplane, &config, &state);
+                reconcile(&mut dataplane, proxy.as_deref(), &config, &state);
             }
             _ = gc.tick() => {
                 dataplane.writer.collect_garbage(Instant::now());
@@ -102,8 +119,28 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = sigterm.recv() => break,
         }
     }
+    if proxy.is_some() {
+        // Without this the kernel would keep sending L7 connections to a closed port; with it
+        // they fall back to per-connection balancing until the next agent starts its proxy.
+        if let Err(e) = dataplane.set_proxy(None, None, None) {
+            warn!(error = %e, "could not withdraw the proxy from the kernel");
+        }
+    }
     info!("stopping; pinned programs and maps keep steering until the next agent adopts them");
     Ok(())
+}
+
+/// Tags one source's snapshots with its index for the agent loop.
+async fn forward(
+    index: usize,
+    mut snapshots: mpsc::Receiver<Snapshot>,
+    tx: mpsc::Sender<(usize, Snapshot)>,
+) {
+    while let Some(snap) = snapshots.recv().await {
+        if tx.send((index, snap)).await.is_err() {
+            return;
+        }
+    }
 }
 
 fn merge(into: &mut ConfigSet, from: &ConfigSet) {
@@ -122,9 +159,63 @@ fn merge(into: &mut ConfigSet, from: &ConfigSet) {
     into.gateways.extend(from.gateways.iter().cloned());
 }
 
-fn reconcile(dataplane: &mut Dataplane, config: &ConfigSet, state: &AdminState) {
+/// Starts the L7 proxy on the node addresses and tells the kernel about it.
+async fn start_proxy(
+    args: &RunArgs,
+    dataplane: &mut Dataplane,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> Result<Option<Arc<Proxy>>> {
+    let node_ips = if args.node_ips.is_empty() {
+        super::default_node_ip().into_iter().collect()
+    } else {
+        args.node_ips.clone()
+    };
+    let ipv4 = node_ips.iter().find_map(|ip| match ip {
+        std::net::IpAddr::V4(v4) => Some(*v4),
+        _ => None,
+    });
+    let ipv6 = node_ips.iter().find_map(|ip| match ip {
+        std::net::IpAddr::V6(v6) => Some(*v6),
+        _ => None,
+    });
+    let Some(connections) = dataplane
+        .l7_connections
+        .take()
+        .filter(|_| ipv4.is_some() || ipv6.is_some())
+    else {
+        warn!(
+            "no node address (--node-ip): the L7 proxy is off; HTTP services are balanced per connection"
+        );
+        dataplane.set_proxy(None, None, None)?;
+        return Ok(None);
+    };
+    let proxy = Proxy::new(connections, metrics);
+    for ip in [
+        ipv4.map(std::net::IpAddr::V4),
+        ipv6.map(std::net::IpAddr::V6),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let serve = proxy.bind((ip, args.proxy_port).into()).await?;
+        tokio::spawn(serve);
+    }
+    dataplane.set_proxy(ipv4, ipv6, Some(args.proxy_port))?;
+    Ok(Some(proxy))
+}
+
+fn reconcile(
+    dataplane: &mut Dataplane,
+    proxy: Option<&Proxy>,
+    config: &ConfigSet,
+    state: &AdminState,
+) {
     let started = Instant::now();
     let plan = compile::compile(config);
+    // The proxy learns new L7 services before the kernel starts sending it their connections.
+    if let Some(proxy) = proxy {
+        proxy.update(ProxyTable::from_plan(&plan));
+    }
     for d in &plan.diagnostics {
         match d.level {
             Level::Error => warn!(diagnostic = %d, "configuration error"),
@@ -133,8 +224,18 @@ fn reconcile(dataplane: &mut Dataplane, config: &ConfigSet, state: &AdminState) 
         }
     }
     let tables = kernel::tables(&plan);
+    let metrics = &state.metrics;
     match dataplane.writer.apply(&tables) {
         Ok(stats) => {
+            metrics.set_plan(&plan);
+            metrics.plan_generation.inc();
+            metrics
+                .plan_apply_seconds
+                .observe(started.elapsed().as_secs_f64());
+            metrics
+                .map_services
+                .set(dataplane.writer.service_count() as i64);
+            metrics.map_slots.set(dataplane.writer.slot_count() as i64);
             info!(
                 services = tables.len(),
                 added = stats.added,
@@ -144,29 +245,12 @@ fn reconcile(dataplane: &mut Dataplane, config: &ConfigSet, state: &AdminState) 
                 elapsed_us = started.elapsed().as_micros() as u64,
                 "plan applied"
             );
-            state.publish(config_dump(&plan));
+            state.publish(Arc::new(plan));
         }
         Err(e) => {
-            error!(error = %e, "writing the plan to the maps failed; will retry on the next change")
+            metrics.map_write_errors.inc();
+            error!(error = %e, "writing the plan to the maps failed; will retry on the next change");
         }
     }
 }
 
-/// The plan as JSON for `/debug/config_dump`.
-pub fn config_dump(plan: &Plan) -> serde_json::Value {
-    let services: Vec<serde_json::Value> = plan
-        .services
-        .iter()
-        .map(|(vip, svc)| {
-            serde_json::json!({
-                "vip": vip.to_string(),
-                "host": svc.host,
-                "portName": svc.port_name,
-                "route": svc.route,
-                "needsL7": svc.needs_l7,
-                "backends": svc.backends,
-            })
-        })
-        .collect();
-    serde_json::json!({ "services": services, "diagnostics": plan.diagnostics })
-}

@@ -201,6 +201,8 @@ pub struct Cluster {
     pub subset: Option<String>,
     pub endpoints: Vec<WeightedBackend>,
     pub policy: ClusterPolicy,
+    /// `ns/name` of the DestinationRule that defines the subset or policy.
+    pub destination_rule: Option<String>,
 }
 
 /// DestinationRule traffic policy as the proxy applies it (subset-level overrides merged).
@@ -478,6 +480,7 @@ mod tests {
             subset: None,
             endpoints: vec![],
             policy: ClusterPolicy::default(),
+            destination_rule: None,
         })
     }
 

@@ -407,6 +407,7 @@ impl<'a> Ctx<'a> {
             port,
             subset: subset.map(|(s, _)| s.to_string()),
             endpoints,
+            destination_rule: self.subsets.get(&svc.hostname).map(|(dr, _)| dr.clone()),
             policy: http::ClusterPolicy {
                 http2: matches!(
                     protocol.as_deref(),

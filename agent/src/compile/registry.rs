@@ -504,7 +504,7 @@ impl Builder<'_> {
         };
         let mut endpoints = Vec::new();
         if spec.resolution == Resolution::Static {
-            for (i, we) in spec.endpoints.iter().enumerate() {
+            for (i, we) in spec.endpoints().iter().enumerate() {
                 match we.address.parse::<IpAddr>() {
                     Ok(ip) => endpoints.push(Endpoint {
                         ip,
@@ -585,7 +585,10 @@ impl Builder<'_> {
                     }
                 }
             }
-        } else if matches!(spec.resolution, Resolution::Dns | Resolution::DnsRoundRobin) {
+        } else if matches!(
+            spec.resolution,
+            Resolution::Dns | Resolution::DnsRoundRobin | Resolution::DynamicDns
+        ) {
             self.diag(
                 Level::Warning,
                 "ServiceEntry",

@@ -346,6 +346,7 @@ mod tests {
                 load_balancer: lb,
                 ..Default::default()
             },
+            destination_rule: None,
         }
     }
 

@@ -2,7 +2,9 @@
 //! that define services and their endpoints. Every source (files, Kubernetes) produces a
 //! [`ConfigSet`]; the compiler consumes nothing else.
 
+pub mod duration;
 pub mod istio;
+pub mod validate;
 
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -64,6 +66,7 @@ pub enum Kind {
     ServiceEntry,
     WorkloadEntry,
     Gateway,
+    Sidecar,
 }
 
 impl Kind {
@@ -77,6 +80,7 @@ impl Kind {
             Kind::ServiceEntry => "ServiceEntry",
             Kind::WorkloadEntry => "WorkloadEntry",
             Kind::Gateway => "Gateway",
+            Kind::Sidecar => "Sidecar",
         }
     }
 }
@@ -98,6 +102,7 @@ pub struct ConfigSet {
     pub service_entries: Vec<Resource<istio::ServiceEntry>>,
     pub workload_entries: Vec<Resource<istio::WorkloadEntry>>,
     pub gateways: Vec<Resource<istio::Gateway>>,
+    pub sidecars: Vec<Resource<istio::Sidecar>>,
 }
 
 /// One parsed object of any supported kind. Objects are moved straight into a [`ConfigSet`]'s
@@ -113,6 +118,7 @@ pub enum Object {
     ServiceEntry(Resource<istio::ServiceEntry>),
     WorkloadEntry(Resource<istio::WorkloadEntry>),
     Gateway(Resource<istio::Gateway>),
+    Sidecar(Resource<istio::Sidecar>),
 }
 
 impl ConfigSet {
@@ -126,6 +132,7 @@ impl ConfigSet {
             Object::ServiceEntry(r) => self.service_entries.push(r),
             Object::WorkloadEntry(r) => self.workload_entries.push(r),
             Object::Gateway(r) => self.gateways.push(r),
+            Object::Sidecar(r) => self.sidecars.push(r),
         }
     }
 
@@ -133,6 +140,33 @@ impl ConfigSet {
         for o in objects {
             self.insert(o);
         }
+    }
+
+    /// Appends clones of every object of `other` (for merging the snapshots of several sources).
+    pub fn merge_from(&mut self, other: &ConfigSet) {
+        let ConfigSet {
+            services,
+            endpoint_slices,
+            pods,
+            virtual_services,
+            destination_rules,
+            service_entries,
+            workload_entries,
+            gateways,
+            sidecars,
+        } = other;
+        self.services.extend(services.iter().cloned());
+        self.endpoint_slices.extend(endpoint_slices.iter().cloned());
+        self.pods.extend(pods.iter().cloned());
+        self.virtual_services
+            .extend(virtual_services.iter().cloned());
+        self.destination_rules
+            .extend(destination_rules.iter().cloned());
+        self.service_entries.extend(service_entries.iter().cloned());
+        self.workload_entries
+            .extend(workload_entries.iter().cloned());
+        self.gateways.extend(gateways.iter().cloned());
+        self.sidecars.extend(sidecars.iter().cloned());
     }
 
     /// Number of objects of all kinds.
@@ -145,6 +179,7 @@ impl ConfigSet {
             + self.service_entries.len()
             + self.workload_entries.len()
             + self.gateways.len()
+            + self.sidecars.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -286,10 +321,12 @@ pub fn parse_value(
                     format!("unsupported version {api_version:?} (served: v1, v1beta1, v1alpha3)"),
                 ));
             }
-            let spec = map
+            let mut spec = map
                 .get("spec")
                 .cloned()
                 .unwrap_or(serde_json::Value::Object(Default::default()));
+            // The API server prunes null fields of CRDs (`hosts: ~` is as good as absent).
+            prune_nulls(&mut spec);
             match kind {
                 "VirtualService" => {
                     typed(&spec, "spec").map(|s| Object::VirtualService(resource(&meta, origin, s)))
@@ -304,6 +341,9 @@ pub fn parse_value(
                 }
                 "Gateway" => {
                     typed(&spec, "spec").map(|s| Object::Gateway(resource(&meta, origin, s)))
+                }
+                "Sidecar" => {
+                    typed(&spec, "spec").map(|s| Object::Sidecar(resource(&meta, origin, s)))
                 }
                 _ => {
                     return Err(err(
@@ -320,6 +360,18 @@ pub fn parse_value(
     parsed
         .map(|o| Some(vec![o]))
         .map_err(|(field, message)| err(kind, &object, &field, message))
+}
+
+/// Removes object fields whose value is null, at every depth (list items are kept).
+fn prune_nulls(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            map.retain(|_, v| !v.is_null());
+            map.values_mut().for_each(prune_nulls);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(prune_nulls),
+        _ => {}
+    }
 }
 
 fn resource<T>(meta: &Meta, origin: &Origin, spec: T) -> Resource<T> {

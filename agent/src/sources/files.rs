@@ -7,6 +7,7 @@
 
 use super::Snapshot;
 use crate::model::{Object, ParseError, parse_documents};
+use notify::event::{AccessKind, AccessMode, EventKind};
 use notify::{RecursiveMode, Watcher};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -123,6 +124,13 @@ impl FileSource {
     pub async fn watch(mut self, tx: mpsc::Sender<Snapshot>) -> Result<(), FilesError> {
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
         let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            // Reading the manifests makes inotify report opens and closes of them; were those a
+            // change, every read would trigger the next. A write still counts (close-after-write).
+            if let Ok(e) = &ev
+                && matches!(e.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write))
+            {
+                return;
+            }
             let _ = ev_tx.send(ev);
         })
         .map_err(|source| FilesError::Watch {
@@ -216,6 +224,18 @@ mod tests {
             .map(|s| s.meta.name.as_str())
             .collect();
         assert_eq!(names, vec!["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn reading_the_manifests_does_not_trigger_another_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), SVC).unwrap();
+        let (tx, mut rx) = mpsc::channel(4);
+        let task = tokio::spawn(FileSource::new(dir.path()).watch(tx));
+        rx.recv().await.unwrap();
+        let again = tokio::time::timeout(DEBOUNCE * 5, rx.recv()).await;
+        assert!(again.is_err(), "a snapshot without any change: {again:?}");
+        task.abort();
     }
 
     #[tokio::test]

@@ -2,6 +2,7 @@
 //! whichever snapshot arrived last.
 
 pub mod files;
+pub mod kube;
 
 use crate::model::{ConfigSet, ParseError};
 
@@ -21,6 +22,8 @@ pub enum SourceSpec {
     Files(std::path::PathBuf),
     /// `builtin`: the example manifests compiled into the binary.
     Builtin,
+    /// `kube`: the API server (in-cluster, `--kubeconfig` or `KUBECONFIG`), watched.
+    Kube,
 }
 
 impl std::str::FromStr for SourceSpec {
@@ -29,8 +32,9 @@ impl std::str::FromStr for SourceSpec {
         match s.split_once(':') {
             Some(("files", dir)) if !dir.is_empty() => Ok(Self::Files(dir.into())),
             None if s == "builtin" => Ok(Self::Builtin),
+            None if s == "kube" => Ok(Self::Kube),
             _ => Err(format!(
-                "unknown source {s:?}: expected files:DIR or builtin"
+                "unknown source {s:?}: expected files:DIR, kube or builtin"
             )),
         }
     }

@@ -5,13 +5,17 @@
 //! - `GET /debug/config_dump`: the current plan and diagnostics as JSON.
 //! - `GET /metrics`: Prometheus metrics (see [`crate::metrics`]).
 
+pub mod dump;
+
+use crate::compile::Plan;
+use crate::dataplane::proxy::Proxy;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
@@ -20,14 +24,16 @@ use tracing::{debug, info};
 pub struct AdminState {
     ready: AtomicBool,
     generation: AtomicU64,
-    config_dump: RwLock<serde_json::Value>,
+    plan: RwLock<Arc<Plan>>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The L7 proxy, when running (live outlier status for the dump).
+    pub proxy: OnceLock<Arc<Proxy>>,
 }
 
 impl AdminState {
     /// Records a plan that is now in the maps.
-    pub fn publish(&self, dump: serde_json::Value) {
-        *self.config_dump.write().expect("config dump lock") = dump;
+    pub fn publish(&self, plan: Arc<Plan>) {
+        *self.plan.write().expect("plan lock") = plan;
         self.generation.fetch_add(1, Ordering::Relaxed);
         self.ready.store(true, Ordering::Release);
     }
@@ -71,8 +77,9 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             state.metrics.encode(),
         ),
         "/debug/config_dump" => {
-            let dump = state.config_dump.read().expect("config dump lock").clone();
-            let body = serde_json::to_vec_pretty(&dump).expect("JSON values serialize");
+            let plan = state.plan.read().expect("plan lock").clone();
+            let dump = dump::build(&plan, state.proxy.get().map(|p| p.as_ref()));
+            let body = serde_json::to_vec_pretty(&dump).expect("the dump serializes");
             respond(StatusCode::OK, "application/json", body)
         }
         _ => respond(StatusCode::NOT_FOUND, "text/plain", "not found\n"),

@@ -1,0 +1,181 @@
+//! `steerd inspect listeners|routes|clusters|endpoints`: the running agent's view of the mesh,
+//! in `istioctl proxy-config` form, read from its admin API.
+
+use super::Output;
+use crate::admin::dump::ConfigDump;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum What {
+    Listeners,
+    Routes,
+    Clusters,
+    Endpoints,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("reading {admin}/debug/config_dump (is the agent running with --admin {admin}?): {source}")]
+    Fetch {
+        admin: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{admin}/debug/config_dump answered {status}")]
+    Status { admin: SocketAddr, status: String },
+    #[error("{admin}/debug/config_dump is not a config dump: {source}")]
+    Decode {
+        admin: SocketAddr,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+#[derive(Debug, Default)]
+pub struct Filter {
+    pub fqdn: Option<String>,
+    pub port: Option<u16>,
+    pub subset: Option<String>,
+}
+
+impl Filter {
+    fn host(&self, host: &str) -> bool {
+        self.fqdn.as_deref().is_none_or(|f| host == f || host.starts_with(&format!("{f}.")))
+    }
+    fn port(&self, port: u16) -> bool {
+        self.port.is_none_or(|p| p == port)
+    }
+    fn subset(&self, subset: &str) -> bool {
+        self.subset.as_deref().is_none_or(|s| s == subset)
+    }
+}
+
+/// Fetches the dump over plain HTTP/1.1 (the admin listener is local and unauthenticated).
+pub fn fetch(admin: SocketAddr) -> Result<ConfigDump, InspectError> {
+    let io = |source| InspectError::Fetch { admin, source };
+    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(5)).map_err(io)?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
+    s.write_all(b"GET /debug/config_dump HTTP/1.1\r\nHost: steerd\r\nConnection: close\r\n\r\n")
+        .map_err(io)?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).map_err(io)?;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head.lines().next().unwrap_or("").to_string();
+    if !status.contains(" 200 ") {
+        return Err(InspectError::Status { admin, status });
+    }
+    serde_json::from_str(body).map_err(|source| InspectError::Decode { admin, source })
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(header.iter().map(|s| s.to_string()).collect::<Vec<_>>()).chain(rows) {
+        let line: Vec<String> = row.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Renders one view of the dump.
+pub fn render(dump: &ConfigDump, what: What, f: &Filter, output: Output) -> String {
+    let json = |v: serde_json::Value| serde_json::to_string_pretty(&v).expect("JSON values serialize") + "\n";
+    match what {
+        What::Listeners => {
+            let rows: Vec<_> = dump.listeners.iter().filter(|l| f.host(&l.host) && f.port(l.port)).collect();
+            match output {
+                Output::Json => json(serde_json::to_value(&rows).expect("views serialize")),
+                Output::Table => table(
+                    &["ADDRESSES", "PORT", "PROTOCOL", "MODE", "HOST", "DESTINATION"],
+                    rows.iter()
+                        .map(|l| {
+                            let dest = if l.mode == "L7" { format!("Route: {}", l.route) } else { format!("{} -> {}", l.route, l.clusters.join(",")) };
+                            vec![l.address.clone(), l.port.to_string(), l.protocol.clone(), l.mode.clone(), l.host.clone(), dest]
+                        })
+                        .collect(),
+                ),
+            }
+        }
+        What::Routes => {
+            let rows: Vec<_> = dump.routes.iter().filter(|r| f.host(&r.host) && f.port(r.name.parse().unwrap_or(0))).collect();
+            match output {
+                Output::Json => json(serde_json::to_value(&rows).expect("views serialize")),
+                Output::Table => table(
+                    &["NAME", "VHOST NAME", "MATCH", "VIRTUAL SERVICE", "DESTINATIONS"],
+                    rows.iter()
+                        .flat_map(|r| {
+                            r.rules.iter().map(move |rule| {
+                                let dests = if rule.destinations.is_empty() {
+                                    rule.action.clone()
+                                } else {
+                                    rule.destinations.iter().map(|d| format!("{} {}", d.cluster, d.weight)).collect::<Vec<_>>().join(", ")
+                                };
+                                vec![
+                                    r.name.clone(),
+                                    format!("{}:{}", r.host, r.name),
+                                    rule.matches.join(" || "),
+                                    r.virtual_service.clone().unwrap_or_else(|| "-".into()),
+                                    dests,
+                                ]
+                            })
+                        })
+                        .collect(),
+                ),
+            }
+        }
+        What::Clusters => {
+            let rows: Vec<_> = dump.clusters.iter().filter(|c| f.host(&c.host) && f.port(c.port) && f.subset(&c.subset)).collect();
+            match output {
+                Output::Json => json(serde_json::to_value(&rows).expect("views serialize")),
+                Output::Table => table(
+                    &["SERVICE FQDN", "PORT", "SUBSET", "DIRECTION", "TYPE", "DESTINATION RULE"],
+                    rows.iter()
+                        .map(|c| {
+                            vec![
+                                c.host.clone(),
+                                c.port.to_string(),
+                                if c.subset.is_empty() { "-".into() } else { c.subset.clone() },
+                                c.direction.clone(),
+                                c.r#type.clone(),
+                                c.destination_rule.clone().unwrap_or_else(|| "-".into()),
+                            ]
+                        })
+                        .collect(),
+                ),
+            }
+        }
+        What::Endpoints => {
+            let rows: Vec<_> = dump
+                .clusters
+                .iter()
+                .filter(|c| f.host(&c.host) && f.port(c.port) && f.subset(&c.subset))
+                .flat_map(|c| c.endpoints.iter().map(move |e| (c, e)))
+                .collect();
+            match output {
+                Output::Json => json(serde_json::Value::Array(
+                    rows.iter()
+                        .map(|(c, e)| {
+                            serde_json::json!({"endpoint": e.address, "status": e.status, "outlierCheck": e.outlier_check, "cluster": c.name, "weight": e.weight})
+                        })
+                        .collect(),
+                )),
+                Output::Table => table(
+                    &["ENDPOINT", "STATUS", "OUTLIER CHECK", "CLUSTER"],
+                    rows.iter().map(|(c, e)| vec![e.address.clone(), e.status.clone(), e.outlier_check.clone(), c.name.clone()]).collect(),
+                ),
+            }
+        }
+    }
+}
+
+pub fn run(admin: SocketAddr, what: What, f: &Filter, output: Output) -> Result<String, InspectError> {
+    Ok(render(&fetch(admin)?, what, f, output))
+}
