@@ -4,16 +4,23 @@
 //! steerd-probe tcp  --to ADDR:PORT --count N [--timeout-ms T]
 //! steerd-probe udp  --to ADDR:PORT --count N [--connected] [--timeout-ms T]
 //! steerd-probe loop --to ADDR:PORT --duration-ms D [--interval-ms I] [--timeout-ms T]
+//! steerd-probe latency --to ADDR:PORT --count N [--warmup W] [--cpu C] [--fifo P] [--timeout-ms T]
 //! ```
 //!
 //! Prints one JSON object on stdout:
 //! `{"counts":{"id":n,...},"failures":n,"peer_mismatches":n,"errors":[...],"attempts":n}`.
+//! `latency` (for `cargo xtask bench`) makes `W` unrecorded connections, then `N` recorded ones,
+//! one after another, optionally pinned to CPU `C` and at real-time priority `P` (SCHED_FIFO,
+//! so that other work on a busy machine does not delay it; it only ever blocks, never spins). Each recorded one times `connect()` up to the
+//! end of the identity line with the monotonic clock; the report adds `"samples_ns":[...]` (one
+//! per successful attempt, in order). It does not compare peers (`peer_mismatches` stays 0).
 //! Every connect, send and read is bounded by the timeout (default 1000 ms), so it never hangs.
 //! Exit status 0 whenever a report was printed, 2 on bad arguments.
 
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 /// Error messages kept in the report; the rest are only counted.
@@ -29,6 +36,7 @@ enum Mode {
     Tcp,
     Udp,
     Loop,
+    Latency,
 }
 
 #[derive(Debug)]
@@ -40,6 +48,9 @@ struct Args {
     connected: bool,
     duration: Duration,
     interval: Duration,
+    warmup: u64,
+    cpu: Option<usize>,
+    fifo: Option<i32>,
 }
 
 #[derive(Default)]
@@ -49,6 +60,8 @@ struct Report {
     peer_mismatches: u64,
     errors: Vec<String>,
     attempts: u64,
+    /// `latency` mode only: per-attempt latency of the successful recorded attempts.
+    samples_ns: Option<Vec<u64>>,
 }
 
 /// What one successful attempt saw.
@@ -82,13 +95,17 @@ impl Report {
     }
 
     fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "counts": self.counts,
             "failures": self.failures,
             "peer_mismatches": self.peer_mismatches,
             "errors": self.errors,
             "attempts": self.attempts,
-        })
+        });
+        if let Some(samples) = &self.samples_ns {
+            json["samples_ns"] = serde_json::json!(samples);
+        }
+        json
     }
 }
 
@@ -99,7 +116,7 @@ fn main() {
             eprintln!("steerd-probe: {e}");
             eprintln!(
                 "usage: steerd-probe tcp|udp|loop --to ADDR:PORT [--count N] [--timeout-ms T] \
-                 [--connected] [--duration-ms D] [--interval-ms I]"
+                 [--connected] [--duration-ms D] [--interval-ms I] [--warmup W] [--cpu C] [--fifo P]"
             );
             std::process::exit(2);
         }
@@ -128,8 +145,93 @@ fn main() {
                 }
             }
         }
+        Mode::Latency => latency(&args, &mut report),
     }
     println!("{}", report.to_json());
+}
+
+/// `latency` mode: warm-up attempts (not recorded), then `count` timed ones.
+fn latency(args: &Args, report: &mut Report) {
+    if let Some(cpu) = args.cpu {
+        let mut set = nix::sched::CpuSet::new();
+        let pinned = set
+            .set(cpu)
+            .and_then(|()| nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set));
+        if let Err(e) = pinned {
+            eprintln!("steerd-probe: pinning to CPU {cpu}: {e}");
+            std::process::exit(2);
+        }
+    }
+    if let Some(priority) = args.fifo {
+        let param = libc::sched_param {
+            sched_priority: priority,
+        };
+        // SAFETY: a valid sched_param for the calling process.
+        if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+            let e = std::io::Error::last_os_error();
+            eprintln!("steerd-probe: SCHED_FIFO {priority}: {e}");
+            std::process::exit(2);
+        }
+    }
+    for _ in 0..args.warmup {
+        let _ = timed_tcp_attempt(args.to, args.timeout);
+    }
+    let mut samples = Vec::with_capacity(args.count as usize);
+    for _ in 0..args.count {
+        let result = timed_tcp_attempt(args.to, args.timeout).map(|(elapsed, id)| {
+            samples.push(u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX));
+            Reply { id, peer: args.to }
+        });
+        report.record(args.to, false, result);
+    }
+    report.samples_ns = Some(samples);
+}
+
+/// One connection: a blocking `connect()` (bounded by SO_SNDTIMEO) and reads up to the end of
+/// the identity line, timed; then, untimed, reading to EOF so that the server closes first and
+/// the client is left with no TIME_WAIT socket.
+fn timed_tcp_attempt(to: SocketAddr, timeout: Duration) -> Result<(Duration, String), String> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrStorage, sockopt};
+    let family = if to.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = nix::sys::socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| format!("socket: {e}"))?;
+    let tv = nix::sys::time::TimeVal::new(
+        timeout.as_secs() as libc::time_t,
+        timeout.subsec_micros() as libc::suseconds_t,
+    );
+    nix::sys::socket::setsockopt(&fd, sockopt::SendTimeout, &tv)
+        .map_err(|e| format!("SO_SNDTIMEO: {e}"))?;
+    nix::sys::socket::setsockopt(&fd, sockopt::ReceiveTimeout, &tv)
+        .map_err(|e| format!("SO_RCVTIMEO: {e}"))?;
+    let addr = SockaddrStorage::from(to);
+    let mut stream = TcpStream::from(fd);
+
+    let start = Instant::now();
+    nix::sys::socket::connect(stream.as_raw_fd(), &addr)
+        .map_err(|e| format!("connect {to}: {e}"))?;
+    let mut buf = [0u8; MAX_REPLY];
+    let mut len = 0;
+    let elapsed = loop {
+        let n = stream
+            .read(&mut buf[len..])
+            .map_err(|e| format!("read from {to}: {e}"))?;
+        len += n;
+        if buf[..len].contains(&b'\n') {
+            break start.elapsed();
+        }
+        if n == 0 || len == buf.len() {
+            return Err(format!("no identity line from {to}: {:?}", &buf[..len]));
+        }
+    };
+
+    let mut rest = [0u8; MAX_REPLY];
+    while matches!(stream.read(&mut rest), Ok(n) if n > 0) {}
+    let id = identity(&buf[..len]).ok_or_else(|| format!("no identity line from {to}"))?;
+    Ok((elapsed, id))
 }
 
 fn tcp_attempt(to: SocketAddr, timeout: Duration) -> Result<Reply, String> {
@@ -206,6 +308,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         Some("tcp") => Mode::Tcp,
         Some("udp") => Mode::Udp,
         Some("loop") => Mode::Loop,
+        Some("latency") => Mode::Latency,
         Some(other) => return Err(format!("unknown mode {other:?}")),
         None => return Err("missing mode".into()),
     };
@@ -215,6 +318,9 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut connected = false;
     let mut duration_ms = None;
     let mut interval_ms = 5;
+    let mut warmup = 0;
+    let mut cpu = None;
+    let mut fifo = None;
     while let Some(flag) = argv.next() {
         let mut value = || argv.next().ok_or_else(|| format!("{flag} needs a value"));
         let number = |v: String| v.parse::<u64>().map_err(|e| format!("{flag} {v:?}: {e}"));
@@ -231,6 +337,12 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--duration-ms" => duration_ms = Some(number(value()?)?),
             "--interval-ms" => interval_ms = number(value()?)?,
             "--connected" => connected = true,
+            "--warmup" => warmup = number(value()?)?,
+            "--cpu" => cpu = Some(number(value()?)? as usize),
+            "--fifo" => match number(value()?)? {
+                p @ 1..=99 => fifo = Some(p as i32),
+                p => return Err(format!("--fifo {p}: a priority from 1 to 99")),
+            },
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -240,9 +352,12 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
     }
     let (count, duration_ms) = match mode {
         Mode::Loop => (0, duration_ms.ok_or("loop needs --duration-ms")?),
-        Mode::Tcp | Mode::Udp => (count.ok_or("--count is required")?, 0),
+        Mode::Tcp | Mode::Udp | Mode::Latency => (count.ok_or("--count is required")?, 0),
     };
-    if count > MAX_COUNT || duration_ms > MAX_DURATION_MS || timeout_ms > MAX_DURATION_MS {
+    if count.saturating_add(warmup) > MAX_COUNT
+        || duration_ms > MAX_DURATION_MS
+        || timeout_ms > MAX_DURATION_MS
+    {
         return Err(format!(
             "at most {MAX_COUNT} attempts and {MAX_DURATION_MS} ms per run or attempt"
         ));
@@ -255,5 +370,8 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         connected,
         duration: Duration::from_millis(duration_ms),
         interval: Duration::from_millis(interval_ms),
+        warmup,
+        cpu,
+        fifo,
     })
 }
