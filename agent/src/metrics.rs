@@ -133,6 +133,9 @@ impl LabelIndex {
     }
 }
 
+/// A counter family derived from the kernel's per-backend stats: name, help, value.
+type CounterFamily = (&'static str, &'static str, fn(&BackendStats) -> u64);
+
 /// Reads the kernel's traffic counters when scraped.
 struct TcpCollector {
     stats: Mutex<Option<PerCpuHashMap<MapData, StatsKey, BackendStats>>>,
@@ -171,7 +174,7 @@ impl prometheus_client::collector::Collector for TcpCollector {
                 }
             }
         }
-        let families: [(&str, &str, fn(&BackendStats) -> u64); 4] = [
+        let families: [CounterFamily; 4] = [
             (
                 "istio_tcp_connections_opened",
                 "TCP connections opened",

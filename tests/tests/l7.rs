@@ -299,3 +299,309 @@ fn without_a_node_address_http_falls_back_to_per_connection_balancing() {
     assert_eq!(r.counts.len(), 3, "{r:?}");
     let _ = &m.manifests;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Istio's HTTP semantics through the kernel redirect. Servers: [v1 v4, v1 v6, v2 v4, v2 v6, v3
+// v4, v3 v6] (both addresses of a pod answer with the pod's identity).
+// ---------------------------------------------------------------------------------------------
+
+fn shared(path: &str) -> String {
+    let p = format!(
+        "{}/../../shared/istio/samples/bookinfo/networking/{path}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p}: {e}"))
+}
+
+/// bookinfo's DestinationRules (reviews subsets v1/v2/v3) plus one routing file.
+fn bookinfo(routing: &str) -> Mesh {
+    Mesh::start(&[
+        (
+            "destination-rule-all.yaml",
+            &shared("destination-rule-all.yaml"),
+        ),
+        ("routing.yaml", &shared(routing)),
+    ])
+}
+
+fn url(path: &str) -> String {
+    format!("http://{VIP4}:9080{path}")
+}
+
+const REVIEWS_DR: &str = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n  - {name: v3, labels: {version: v3}}\n";
+
+fn virtual_service(http: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews}}\nspec:\n  hosts: [reviews]\n  http:\n{http}"
+    )
+}
+
+#[test]
+fn header_match_routes_jason_to_v2_and_everyone_else_to_v3() {
+    let m = bookinfo("virtual-service-reviews-jason-v2-v3.yaml");
+    let jason = m.http(&[
+        "--url",
+        &url("/"),
+        "--count",
+        "100",
+        "--header",
+        "end-user:jason",
+        "--keepalive",
+    ]);
+    assert_eq!(jason.status(200), 100, "{jason:?}\n{}", m.agent.log());
+    assert_split(&jason.counts, &[("reviews-v2", 1.0)], 4.0);
+    let others = m.http(&[
+        "--url",
+        &url("/"),
+        "--count",
+        "100",
+        "--header",
+        "end-user:mike",
+        "--keepalive",
+    ]);
+    assert_split(&others.counts, &[("reviews-v3", 1.0)], 4.0);
+    let anonymous = m.http(&["--url", &url("/"), "--count", "50"]);
+    assert_split(&anonymous.counts, &[("reviews-v3", 1.0)], 4.0);
+}
+
+#[test]
+fn weighted_splits_per_request_90_10_and_50_50() {
+    let m = bookinfo("virtual-service-reviews-90-10.yaml");
+    // One keep-alive connection: the split happens per request, not per connection.
+    let r = m.http(&["--url", &url("/"), "--count", "2000", "--keepalive"]);
+    assert_eq!(r.status(200), 2000, "{r:?}");
+    assert_eq!(r.connections, 1);
+    assert_split(&r.counts, &[("reviews-v1", 0.9), ("reviews-v2", 0.1)], 4.0);
+    m.manifests
+        .write("routing.yaml", shared("virtual-service-reviews-50-v3.yaml"));
+    let switched = steerd_e2e::wait_until(Duration::from_secs(10), || {
+        m.http(&["--url", &url("/"), "--count", "40", "--keepalive"])
+            .count("reviews-v3")
+            > 0
+    });
+    assert!(switched, "the new route never applied:\n{}", m.agent.log());
+    let r = m.http(&[
+        "--url",
+        &url("/"),
+        "--count",
+        "2000",
+        "--h2",
+        "--concurrency",
+        "4",
+    ]);
+    assert_eq!(r.status(200), 2000, "{r:?}");
+    assert_split(&r.counts, &[("reviews-v1", 0.5), ("reviews-v3", 0.5)], 4.0);
+}
+
+#[test]
+fn uri_prefix_exact_and_regex_with_rewrites() {
+    let http = "  - match: [{uri: {prefix: /v1/}}]\n    rewrite: {uri: /api/, authority: reviews.internal}\n    route: [{destination: {host: reviews, subset: v1}}]\n  - match: [{uri: {exact: /health}}]\n    route: [{destination: {host: reviews, subset: v2}}]\n  - match: [{uri: {regex: '/items/[0-9]+'}}]\n    rewrite:\n      uriRegexRewrite: {match: '^/items/([0-9]+)$', rewrite: '/item?id=\\1'}\n    route: [{destination: {host: reviews, subset: v3}}]\n";
+    let vs = virtual_service(http);
+    let m = Mesh::start(&[("dr.yaml", REVIEWS_DR), ("vs.yaml", &vs)]);
+    let r = m.http(&["--url", &url("/v1/reviews/7?x=1"), "--count", "5"]);
+    assert_eq!(r.count("reviews-v1"), 5, "{r:?}\n{}", m.agent.log());
+    let body = r.sample.unwrap().body;
+    assert_eq!(body["path"], "/api/reviews/7", "prefix rewritten");
+    assert_eq!(body["query"], "x=1", "query kept");
+    assert_eq!(body["host"], "reviews.internal", "authority rewritten");
+    let r = m.http(&["--url", &url("/health"), "--count", "5"]);
+    assert_eq!(r.count("reviews-v2"), 5, "{r:?}");
+    let r = m.http(&["--url", &url("/healthz"), "--count", "3"]);
+    assert_eq!(
+        r.status(404),
+        3,
+        "no rule matches: Envoy's route-not-found 404: {r:?}"
+    );
+    let r = m.http(&["--url", &url("/items/42"), "--count", "3"]);
+    assert_eq!(r.count("reviews-v3"), 3, "{r:?}");
+    let body = r.sample.unwrap().body;
+    assert_eq!(
+        (body["path"].as_str(), body["query"].as_str()),
+        (Some("/item"), Some("id=42")),
+        "regex rewrite to a path with a query"
+    );
+    let r = m.http(&["--url", &url("/items/42/x"), "--count", "2"]);
+    assert_eq!(r.status(404), 2, "regex is a full match: {r:?}");
+}
+
+#[test]
+fn mirror_copies_to_shadow_with_shadow_host_and_client_sees_primary_only() {
+    let http = "  - route: [{destination: {host: reviews, subset: v1}}]\n    mirror: {host: reviews, subset: v2}\n    mirrorPercentage: {value: 100.0}\n";
+    let m = Mesh::start(&[("dr.yaml", REVIEWS_DR), ("vs.yaml", &virtual_service(http))]);
+    // The shadow is slow: the primary path must not wait for it.
+    for s in &m.servers[2..4] {
+        s.set_delay(Duration::from_millis(400));
+    }
+    let r = m.http(&["--url", &url("/mirrored"), "--count", "50", "--keepalive"]);
+    assert_eq!(r.status(200), 50, "{r:?}");
+    assert_split(&r.counts, &[("reviews-v1", 1.0)], 4.0);
+    assert!(
+        r.latency_ms.p99 < 300.0,
+        "the primary waited for the mirror: {:?}",
+        r.latency_ms
+    );
+    let shadow_seen = steerd_e2e::wait_until(Duration::from_secs(5), || {
+        m.servers[2].requests() + m.servers[3].requests() == 50
+    });
+    assert!(
+        shadow_seen,
+        "shadow got {} of 50",
+        m.servers[2].requests() + m.servers[3].requests()
+    );
+    let shadow: Vec<_> = m.servers[2]
+        .received()
+        .into_iter()
+        .chain(m.servers[3].received())
+        .collect();
+    assert!(
+        shadow
+            .iter()
+            .all(|r| r.host == format!("{VIP4}-shadow:9080") && r.path == "/mirrored"),
+        "{shadow:?}"
+    );
+}
+
+#[test]
+fn retries_hide_failures_and_per_try_timeout_moves_on() {
+    let http = "  - route: [{destination: {host: reviews, subset: v1}}]\n    retries: {attempts: 3, retryOn: 5xx, perTryTimeout: 150ms}\n";
+    let m = Mesh::start(&[("dr.yaml", REVIEWS_DR), ("vs.yaml", &virtual_service(http))]);
+    // Each v1 endpoint fails its next request: a retry on the other (or the same) recovers.
+    m.servers[0].fail_next(1, 503);
+    m.servers[1].fail_next(1, 503);
+    let r = m.http(&["--url", &url("/"), "--count", "1"]);
+    assert_eq!(r.status(200), 1, "{r:?}\n{}", m.agent.log());
+    assert_eq!(
+        m.servers[0].requests() + m.servers[1].requests(),
+        3,
+        "two failed attempts, one success"
+    );
+
+    // One v1 endpoint hangs: each try on it is cut at 150 ms and retried on the other.
+    m.servers[0].set_delay(Duration::from_secs(2));
+    let r = m.http(&["--url", &url("/"), "--count", "20"]);
+    assert_eq!(r.status(200), 20, "{r:?}");
+    assert!(
+        r.latency_ms.max < 1000.0,
+        "per-try timeout did not cut the slow try: {:?}",
+        r.latency_ms
+    );
+}
+
+#[test]
+fn route_timeout_answers_504() {
+    let http = "  - route: [{destination: {host: reviews, subset: v2}}]\n    timeout: 200ms\n    retries: {attempts: 0}\n";
+    let m = Mesh::start(&[("dr.yaml", REVIEWS_DR), ("vs.yaml", &virtual_service(http))]);
+    m.servers[2].set_delay(Duration::from_secs(2));
+    m.servers[3].set_delay(Duration::from_secs(2));
+    let r = m.http(&["--url", &url("/"), "--count", "3"]);
+    assert_eq!(r.status(504), 3, "{r:?}");
+    assert!(r.latency_ms.max < 1000.0, "{:?}", r.latency_ms);
+    assert!(r.latency_ms.p50 >= 190.0, "{:?}", r.latency_ms);
+}
+
+#[test]
+fn fault_abort_and_delay() {
+    let http = "  - match: [{headers: {end-user: {exact: jason}}}]\n    fault: {abort: {httpStatus: 503, percentage: {value: 100}}}\n    route: [{destination: {host: reviews, subset: v1}}]\n  - fault: {delay: {fixedDelay: 300ms, percentage: {value: 100}}}\n    route: [{destination: {host: reviews, subset: v1}}]\n";
+    let m = Mesh::start(&[("dr.yaml", REVIEWS_DR), ("vs.yaml", &virtual_service(http))]);
+    let aborted = m.http(&[
+        "--url",
+        &url("/"),
+        "--count",
+        "10",
+        "--header",
+        "end-user:jason",
+    ]);
+    assert_eq!(aborted.status(503), 10, "{aborted:?}");
+    assert_eq!(
+        m.servers[0].requests() + m.servers[1].requests(),
+        0,
+        "aborted requests never reach a backend"
+    );
+    let delayed = m.http(&["--url", &url("/"), "--count", "5"]);
+    assert_eq!(delayed.status(200), 5, "{delayed:?}");
+    assert!(delayed.latency_ms.p50 >= 295.0, "{:?}", delayed.latency_ms);
+}
+
+#[test]
+fn connection_pool_overflow_answers_503_overloaded() {
+    let dr = format!(
+        "{REVIEWS_DR}  trafficPolicy:\n    connectionPool:\n      tcp: {{maxConnections: 1}}\n      http: {{http1MaxPendingRequests: 1, http2MaxRequests: 1}}\n"
+    );
+    let http =
+        "  - route: [{destination: {host: reviews, subset: v1}}]\n    retries: {attempts: 0}\n";
+    let m = Mesh::start(&[("dr.yaml", &dr), ("vs.yaml", &virtual_service(http))]);
+    m.servers[0].set_delay(Duration::from_millis(300));
+    m.servers[1].set_delay(Duration::from_millis(300));
+    let r = m.http(&[
+        "--url",
+        &url("/"),
+        "--count",
+        "24",
+        "--concurrency",
+        "8",
+        "--keepalive",
+    ]);
+    assert!(
+        r.status(503) > 0,
+        "no overflow with 8 concurrent requests and a limit of 2: {r:?}"
+    );
+    assert!(r.status(200) > 0, "{r:?}");
+    assert_eq!(r.status(200) + r.status(503), 24, "{r:?}");
+}
+
+#[test]
+fn outlier_detection_ejects_a_failing_backend_and_lets_it_back() {
+    let dr = format!(
+        "{REVIEWS_DR}  trafficPolicy:\n    loadBalancer: {{simple: ROUND_ROBIN}}\n    outlierDetection: {{consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 1s, maxEjectionPercent: 100}}\n"
+    );
+    let m = Mesh::start(&[("dr.yaml", &dr)]);
+    m.servers[0].fail_next(1000, 500);
+    m.servers[1].fail_next(1000, 500);
+    let r = m.http(&["--url", &url("/"), "--count", "60", "--keepalive"]);
+    // Two consecutive 500s per v1 endpoint eject it; after that only v2/v3 answer.
+    assert_eq!(r.status(500), 4, "{r:?}");
+    assert_eq!(r.status(200), 56, "{r:?}");
+    let ejected = Agent::run_cli(
+        &m.node,
+        &["inspect", "endpoints", "--admin", "127.0.0.1:15000"],
+    );
+    let table = String::from_utf8_lossy(&ejected.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with(&format!("{}:9080", m.backends[0].ipv4))
+                && l.contains("UNHEALTHY")
+                && l.contains("FAILED")),
+        "{table}"
+    );
+    // Healed and past the ejection time: v1 serves again.
+    m.servers[0].fail_next(0, 500);
+    m.servers[1].fail_next(0, 500);
+    std::thread::sleep(Duration::from_millis(1200));
+    let r = m.http(&["--url", &url("/"), "--count", "30", "--keepalive"]);
+    assert_eq!(r.status(200), 30, "{r:?}");
+    assert!(r.count("reviews-v1") > 0, "v1 never came back: {r:?}");
+}
+
+#[test]
+fn consistent_hash_on_a_header_is_sticky() {
+    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer:\n      consistentHash: {httpHeaderName: x-user}\n";
+    let m = Mesh::start(&[("dr.yaml", dr)]);
+    let mut seen = std::collections::HashSet::new();
+    for user in [
+        "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi",
+    ] {
+        let r = m.http(&[
+            "--url",
+            &url("/"),
+            "--count",
+            "20",
+            "--header",
+            &format!("x-user:{user}"),
+        ]);
+        assert_eq!(r.status(200), 20, "{r:?}");
+        assert_eq!(r.counts.len(), 1, "{user} moved between backends: {r:?}");
+        seen.extend(r.counts.keys().cloned());
+    }
+    assert!(seen.len() >= 2, "all users hashed to one backend: {seen:?}");
+}

@@ -6,6 +6,7 @@
 
 pub mod alias;
 pub mod http;
+mod l7;
 pub mod registry;
 
 use crate::model::{
@@ -146,6 +147,7 @@ pub fn compile(config: &ConfigSet) -> Plan {
         registry: &registry,
         diags: &mut diags,
         subsets: subset_index(config),
+        destination_rules: destination_rule_index(config),
     };
     let mut services = BTreeMap::new();
     for svc in registry.services.values() {
@@ -158,7 +160,7 @@ pub fn compile(config: &ConfigSet) -> Plan {
         let vs = ctx.virtual_service_for(&svc.hostname);
         for port in &svc.ports {
             let (route, backends, needs_l7) = ctx.route_port(svc, port, vs);
-            let http = needs_l7.then(|| Arc::new(ctx.http_routes(svc, port)));
+            let http = needs_l7.then(|| Arc::new(ctx.http_routes(svc, port, vs)));
             for vip in &svc.vips {
                 let backends: Vec<WeightedBackend> = backends
                     .iter()
@@ -244,11 +246,28 @@ fn subset_index(config: &ConfigSet) -> SubsetIndex {
     index
 }
 
+fn destination_rule_index(
+    config: &ConfigSet,
+) -> HashMap<String, &Resource<istio::DestinationRule>> {
+    let mut rules: Vec<&Resource<istio::DestinationRule>> =
+        config.destination_rules.iter().collect();
+    rules.sort_by_key(|r| r.meta.key());
+    let mut index = HashMap::new();
+    for dr in rules {
+        index
+            .entry(resolve_host(&dr.spec.host, &dr.meta.namespace))
+            .or_insert(dr);
+    }
+    index
+}
+
 struct Ctx<'a> {
     config: &'a ConfigSet,
     registry: &'a Registry,
     diags: &'a mut Vec<Diagnostic>,
     subsets: SubsetIndex,
+    /// The DestinationRule that applies to each resolved host (first by namespace/name).
+    destination_rules: HashMap<String, &'a Resource<istio::DestinationRule>>,
 }
 
 impl<'a> Ctx<'a> {
@@ -262,6 +281,18 @@ impl<'a> Ctx<'a> {
         self.diags.push(Diagnostic {
             level: Level::Warning,
             code: code.map(str::to_string),
+            kind: "VirtualService".into(),
+            object: vs.meta.key(),
+            origin: vs.origin.clone(),
+            field,
+            message,
+        });
+    }
+
+    fn info(&mut self, vs: &Resource<istio::VirtualService>, field: String, message: String) {
+        self.diags.push(Diagnostic {
+            level: Level::Info,
+            code: None,
             kind: "VirtualService".into(),
             object: vs.meta.key(),
             origin: vs.origin.clone(),
@@ -351,71 +382,6 @@ impl<'a> Ctx<'a> {
         }
         let (r, b) = default(self);
         (r, b, false)
-    }
-
-    /// The HTTP routing of one service port. Without a VirtualService: Istio's implicit route to
-    /// the service itself, with Istio's default retry policy and no timeout.
-    fn http_routes(
-        &mut self,
-        svc: &RegistryService,
-        port: &registry::ServicePort,
-    ) -> http::HttpRoutes {
-        let cluster = Arc::new(self.http_cluster(svc, port.port, None));
-        http::HttpRoutes {
-            virtual_service: None,
-            rules: vec![http::HttpRule {
-                index: 0,
-                name: Some("default".into()),
-                matches: Vec::new(),
-                action: http::RouteAction::Forward(vec![http::HttpDestination {
-                    cluster,
-                    weight: 100,
-                    headers_request: Default::default(),
-                    headers_response: Default::default(),
-                }]),
-                rewrite: None,
-                timeout: None,
-                retries: http::RetryPolicy::istio_default(),
-                fault: None,
-                mirrors: Vec::new(),
-                headers_request: Default::default(),
-                headers_response: Default::default(),
-            }],
-        }
-    }
-
-    /// An Istio cluster: the endpoints of `host:port` (optionally a subset) with their policy.
-    fn http_cluster(
-        &mut self,
-        svc: &RegistryService,
-        port: u16,
-        subset: Option<(&str, &BTreeMap<String, String>)>,
-    ) -> http::Cluster {
-        let mut endpoints = self.endpoints_filtered(svc, port, subset.map(|(_, l)| l), 1.0);
-        let name = cluster_name(port, subset.map(|(s, _)| s), &svc.hostname);
-        for e in &mut endpoints {
-            e.clusters = vec![name.clone()];
-        }
-        let protocol = svc
-            .ports
-            .iter()
-            .find(|p| p.port == port)
-            .and_then(|p| p.protocol.clone());
-        http::Cluster {
-            name,
-            host: svc.hostname.clone(),
-            port,
-            subset: subset.map(|(s, _)| s.to_string()),
-            endpoints,
-            destination_rule: self.subsets.get(&svc.hostname).map(|(dr, _)| dr.clone()),
-            policy: http::ClusterPolicy {
-                http2: matches!(
-                    protocol.as_deref(),
-                    Some("HTTP2" | "GRPC" | "GRPC-WEB" | "H2C")
-                ),
-                ..Default::default()
-            },
-        }
     }
 
     /// Weighted backends of a route: each destination's share split over its endpoints by

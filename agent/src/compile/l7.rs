@@ -1,0 +1,550 @@
+//! Compiling VirtualService `http` rules and DestinationRule traffic policies into the
+//! [`HttpRoutes`] the L7 proxy evaluates (Istio's semantics, field by field).
+
+use super::http::{
+    Cluster, ClusterPolicy, Fault, HashKey, HeaderOps, HttpDestination, HttpRoutes, HttpRule,
+    LoadBalancer, Mirror, OutlierPolicy, Redirect, RequestMatch, RetryPolicy, Rewrite, RouteAction,
+    StrMatch,
+};
+use super::registry::{self, RegistryService, resolve_host};
+use super::{Ctx, cluster_name};
+use crate::model::Resource;
+use crate::model::istio::{self, AbortError, DelayKind, HttpBody, RedirectPort, StringMatch};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Clusters built for one port's routes, shared by every rule that names them.
+type ClusterCache = HashMap<String, Arc<Cluster>>;
+
+fn duration(d: Option<crate::model::duration::Duration>) -> Option<Duration> {
+    d.and_then(|d| d.as_std())
+}
+
+fn str_match(m: &StringMatch) -> Result<StrMatch, regex::Error> {
+    Ok(match m {
+        StringMatch::Exact(s) => StrMatch::Exact(s.clone()),
+        StringMatch::Prefix(s) => StrMatch::Prefix(s.clone()),
+        StringMatch::Regex(r) => StrMatch::regex(r)?,
+        StringMatch::Unset => StrMatch::Present,
+    })
+}
+
+fn header_ops(ops: Option<&istio::HeaderOperations>) -> HeaderOps {
+    let Some(ops) = ops else {
+        return HeaderOps::default();
+    };
+    HeaderOps {
+        set: ops
+            .set
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect(),
+        add: ops
+            .add
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect(),
+        remove: ops.remove.iter().map(|k| k.to_ascii_lowercase()).collect(),
+    }
+}
+
+/// Istio's `Percent` or the deprecated integer percent; unset means 0 for faults (Istio's
+/// translateFault) and 100 for mirrors.
+fn percent(p: Option<istio::Percent>, legacy: Option<i32>, default: f64) -> f64 {
+    match (p, legacy) {
+        (Some(p), _) => p.value,
+        (None, Some(i)) => i as f64,
+        (None, None) => default,
+    }
+}
+
+fn retry_policy(r: Option<&istio::HttpRetry>) -> RetryPolicy {
+    let Some(r) = r else {
+        return RetryPolicy::istio_default();
+    };
+    let attempts = r.attempts.unwrap_or(0).max(0) as u32;
+    if attempts == 0 {
+        return RetryPolicy::none();
+    }
+    let on = r.retry_on.clone().unwrap_or_else(|| {
+        "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes".into()
+    });
+    let mut policy = RetryPolicy {
+        attempts,
+        per_try_timeout: duration(r.per_try_timeout),
+        retry_on: Vec::new(),
+        retriable_status_codes: Vec::new(),
+    };
+    for part in on.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        // Istio turns numeric entries into retriable-status-codes.
+        match part.parse::<u16>() {
+            Ok(code) => {
+                policy.retriable_status_codes.push(code);
+                if !policy
+                    .retry_on
+                    .iter()
+                    .any(|r| r == "retriable-status-codes")
+                {
+                    policy.retry_on.push("retriable-status-codes".into());
+                }
+            }
+            Err(_) => policy.retry_on.push(part.to_string()),
+        }
+    }
+    if policy
+        .retry_on
+        .iter()
+        .any(|r| r == "retriable-status-codes")
+        && policy.retriable_status_codes.is_empty()
+    {
+        policy.retriable_status_codes.push(503);
+    }
+    policy
+}
+
+/// Merges a DestinationRule's policies for one subset and port: subset-level settings override
+/// host-level ones, port-level settings override both, each at the level of whole sections
+/// (loadBalancer, connectionPool, outlierDetection), as Istio does.
+fn cluster_policy(
+    dr: Option<&istio::DestinationRule>,
+    subset: Option<&str>,
+    port: u16,
+    http2_port: bool,
+) -> ClusterPolicy {
+    let mut lb = None;
+    let mut pool = None;
+    let mut outlier = None;
+    let mut layer = |tp: &istio::TrafficPolicy| {
+        if tp.load_balancer.is_some() {
+            lb = tp.load_balancer.clone();
+        }
+        if tp.connection_pool.is_some() {
+            pool = tp.connection_pool.clone();
+        }
+        if tp.outlier_detection.is_some() {
+            outlier = tp.outlier_detection.clone();
+        }
+        for pl in &tp.port_level_settings {
+            if pl.port.as_ref().and_then(|p| p.number) == Some(port as u32) {
+                if pl.load_balancer.is_some() {
+                    lb = pl.load_balancer.clone();
+                }
+                if pl.connection_pool.is_some() {
+                    pool = pl.connection_pool.clone();
+                }
+                if pl.outlier_detection.is_some() {
+                    outlier = pl.outlier_detection.clone();
+                }
+            }
+        }
+    };
+    if let Some(dr) = dr {
+        if let Some(tp) = &dr.traffic_policy {
+            layer(tp);
+        }
+        if let Some(tp) = subset
+            .and_then(|s| dr.subsets.iter().find(|x| x.name == s))
+            .and_then(|s| s.traffic_policy.as_ref())
+        {
+            layer(tp);
+        }
+    }
+    let load_balancer = match lb.as_ref().and_then(|l| l.policy.as_ref()) {
+        Some(istio::LbPolicy::Simple(istio::SimpleLb::RoundRobin)) => LoadBalancer::RoundRobin,
+        Some(istio::LbPolicy::Simple(istio::SimpleLb::Random | istio::SimpleLb::Passthrough)) => {
+            LoadBalancer::Random
+        }
+        Some(istio::LbPolicy::ConsistentHash(ch)) => match &ch.hash_key {
+            Some(istio::HashKey::HttpHeaderName(h)) => {
+                LoadBalancer::Hash(HashKey::Header(h.to_ascii_lowercase()))
+            }
+            Some(istio::HashKey::HttpCookie(c)) => LoadBalancer::Hash(HashKey::Cookie {
+                name: c.name.clone(),
+                ttl: duration(c.ttl),
+            }),
+            Some(istio::HashKey::UseSourceIp(true)) => LoadBalancer::Hash(HashKey::SourceIp),
+            Some(istio::HashKey::HttpQueryParameterName(q)) => {
+                LoadBalancer::Hash(HashKey::QueryParam(q.clone()))
+            }
+            _ => LoadBalancer::LeastRequest,
+        },
+        // Istio's default (and LEAST_CONN's modern meaning).
+        _ => LoadBalancer::LeastRequest,
+    };
+    let tcp = pool.as_ref().and_then(|p| p.tcp.as_ref());
+    let http = pool.as_ref().and_then(|p| p.http.as_ref());
+    let positive = |v: Option<i32>| v.filter(|v| *v > 0).map(|v| v as u32);
+    ClusterPolicy {
+        load_balancer,
+        connect_timeout: tcp.and_then(|t| duration(t.connect_timeout)),
+        max_connections: positive(tcp.and_then(|t| t.max_connections)),
+        max_pending_requests: positive(http.and_then(|h| h.http1_max_pending_requests)),
+        max_requests: positive(http.and_then(|h| h.http2_max_requests)),
+        max_requests_per_connection: positive(http.and_then(|h| h.max_requests_per_connection)),
+        idle_timeout: http.and_then(|h| duration(h.idle_timeout)),
+        outlier: outlier.map(|o| OutlierPolicy {
+            consecutive_5xx: o.consecutive_5xx_errors,
+            // The deprecated consecutiveErrors meant gateway errors in Istio.
+            consecutive_gateway_errors: o
+                .consecutive_gateway_errors
+                .or(o.consecutive_errors.filter(|e| *e > 0).map(|e| e as u32)),
+            interval: duration(o.interval).unwrap_or(Duration::from_secs(10)),
+            base_ejection_time: duration(o.base_ejection_time).unwrap_or(Duration::from_secs(30)),
+            max_ejection_percent: o
+                .max_ejection_percent
+                .map_or(10, |p| p.clamp(0, 100) as u32),
+        }),
+        http2: http2_port
+            || matches!(
+                http.and_then(|h| h.h2_upgrade_policy),
+                Some(istio::H2UpgradePolicy::Upgrade)
+            ),
+    }
+}
+
+impl<'a> Ctx<'a> {
+    /// The HTTP routing of one service port. Without a VirtualService (or one without `http`
+    /// rules): Istio's implicit route to the service itself, with the default retry policy and
+    /// no timeout.
+    pub(super) fn http_routes(
+        &mut self,
+        svc: &RegistryService,
+        port: &registry::ServicePort,
+        vs: Option<&'a Resource<istio::VirtualService>>,
+    ) -> HttpRoutes {
+        let mut cache = ClusterCache::new();
+        if let Some(vs) = vs.filter(|vs| !vs.spec.http.is_empty()) {
+            let mut rules = Vec::new();
+            for (i, route) in vs.spec.http.iter().enumerate() {
+                if let Some(rule) = self.http_rule(vs, i, route, port.port, &mut cache) {
+                    rules.push(rule);
+                }
+            }
+            return HttpRoutes {
+                virtual_service: Some(vs.meta.key()),
+                rules,
+            };
+        }
+        let cluster = self.cluster(&svc.hostname, port.port, None, &mut cache);
+        HttpRoutes {
+            virtual_service: None,
+            rules: vec![HttpRule {
+                index: 0,
+                name: Some("default".into()),
+                matches: Vec::new(),
+                action: RouteAction::Forward(vec![HttpDestination {
+                    cluster,
+                    weight: 100,
+                    headers_request: HeaderOps::default(),
+                    headers_response: HeaderOps::default(),
+                }]),
+                rewrite: None,
+                timeout: None,
+                retries: RetryPolicy::istio_default(),
+                fault: None,
+                mirrors: Vec::new(),
+                headers_request: HeaderOps::default(),
+                headers_response: HeaderOps::default(),
+            }],
+        }
+    }
+
+    fn http_rule(
+        &mut self,
+        vs: &Resource<istio::VirtualService>,
+        index: usize,
+        route: &istio::HttpRoute,
+        port: u16,
+        cache: &mut ClusterCache,
+    ) -> Option<HttpRule> {
+        let field = format!("spec.http[{index}]");
+        let mut matches = Vec::new();
+        for (m_index, m) in route.matches.iter().enumerate() {
+            match self.request_match(m) {
+                Ok(rm) => matches.push(rm),
+                Err(e) => {
+                    // Validation reports the regex; a rule whose match cannot compile never
+                    // matches, like a route Envoy rejected.
+                    self.warn(
+                        vs,
+                        format!("{field}.match[{m_index}]"),
+                        None,
+                        format!("invalid regex, the match block is skipped: {e}"),
+                    );
+                }
+            }
+        }
+        if !route.matches.is_empty() && matches.is_empty() {
+            return None;
+        }
+        if route.delegate.is_some() {
+            self.warn(
+                vs,
+                format!("{field}.delegate"),
+                None,
+                "delegate is not supported yet; the rule is skipped".into(),
+            );
+            return None;
+        }
+        if route.cors_policy.is_some() {
+            self.info(
+                vs,
+                format!("{field}.corsPolicy"),
+                "corsPolicy is not supported yet; requests pass through unchanged".into(),
+            );
+        }
+        let action = if let Some(r) = &route.redirect {
+            RouteAction::Redirect(Redirect {
+                uri: r.uri.clone().or_else(|| r.prefix_rewrite.clone()),
+                authority: r.authority.clone(),
+                scheme: r.scheme.clone(),
+                port: match r.port {
+                    Some(RedirectPort::Number(n)) => u16::try_from(n).ok(),
+                    Some(RedirectPort::Derive(istio::DerivePort::FromRequestPort)) => Some(port),
+                    Some(RedirectPort::Derive(istio::DerivePort::FromProtocolDefault)) => Some(80),
+                    None => None,
+                },
+                code: r
+                    .redirect_code
+                    .and_then(|c| u16::try_from(c).ok())
+                    .unwrap_or(301),
+            })
+        } else if let Some(d) = &route.direct_response {
+            RouteAction::DirectResponse {
+                status: u16::try_from(d.status).unwrap_or(500),
+                body: d.body.as_ref().map(|b| match b {
+                    HttpBody::String(s) => s.clone(),
+                    HttpBody::Bytes(b) => String::from_utf8_lossy(b).into_owned(),
+                    HttpBody::Unset => String::new(),
+                }),
+            }
+        } else {
+            let single = route.route.len() == 1;
+            let mut dests = Vec::new();
+            for (d_index, rd) in route.route.iter().enumerate() {
+                let weight = if single {
+                    rd.weight.unwrap_or(100)
+                } else {
+                    rd.weight.unwrap_or(0)
+                }
+                .max(0) as u32;
+                let dest_field = format!("{field}.route[{d_index}].destination");
+                let cluster =
+                    self.destination_cluster(vs, &dest_field, &rd.destination, port, cache);
+                dests.push(HttpDestination {
+                    cluster,
+                    weight,
+                    headers_request: header_ops(
+                        rd.headers.as_ref().and_then(|h| h.request.as_ref()),
+                    ),
+                    headers_response: header_ops(
+                        rd.headers.as_ref().and_then(|h| h.response.as_ref()),
+                    ),
+                });
+            }
+            RouteAction::Forward(dests)
+        };
+        let rewrite = route.rewrite.as_ref().map(|r| Rewrite {
+            uri: r.uri.clone(),
+            uri_regex: r.uri_regex_rewrite.as_ref().and_then(|rr| {
+                let re = regex::Regex::new(rr.pattern.as_deref()?).ok()?;
+                Some((re, rr.rewrite.clone().unwrap_or_default()))
+            }),
+            authority: r.authority.clone(),
+        });
+        let fault = route.fault.as_ref().map(|f| Fault {
+            delay: f.delay.as_ref().and_then(|d| {
+                let delay = match d.delay? {
+                    DelayKind::Fixed(d) | DelayKind::Exponential(d) => d.as_std()?,
+                };
+                Some((delay, percent(d.percentage, d.percent, 0.0)))
+            }),
+            abort: f.abort.as_ref().and_then(|a| match &a.error {
+                Some(AbortError::HttpStatus(s)) => {
+                    Some((u16::try_from(*s).ok()?, percent(a.percentage, None, 0.0)))
+                }
+                // gRPC and HTTP/2 aborts answer as an HTTP 503 here.
+                Some(_) => Some((503, percent(a.percentage, None, 0.0))),
+                None => None,
+            }),
+        });
+        let mut mirrors = Vec::new();
+        if let Some(m) = &route.mirror {
+            let cluster = self.destination_cluster(vs, &format!("{field}.mirror"), m, port, cache);
+            let pct = percent(
+                route.mirror_percentage,
+                route.mirror_percent.map(|p| p as i32),
+                100.0,
+            );
+            mirrors.push(Mirror {
+                cluster,
+                percentage: pct,
+            });
+        }
+        for (m_index, m) in route.mirrors.iter().enumerate() {
+            let cluster = self.destination_cluster(
+                vs,
+                &format!("{field}.mirrors[{m_index}].destination"),
+                &m.destination,
+                port,
+                cache,
+            );
+            mirrors.push(Mirror {
+                cluster,
+                percentage: percent(m.percentage, None, 100.0),
+            });
+        }
+        Some(HttpRule {
+            index,
+            name: route.name.clone(),
+            matches,
+            action,
+            rewrite,
+            // 0s means "no timeout" in Istio.
+            timeout: duration(route.timeout).filter(|t| !t.is_zero()),
+            retries: retry_policy(route.retries.as_ref()),
+            fault,
+            mirrors,
+            headers_request: header_ops(route.headers.as_ref().and_then(|h| h.request.as_ref())),
+            headers_response: header_ops(route.headers.as_ref().and_then(|h| h.response.as_ref())),
+        })
+    }
+
+    fn request_match(&self, m: &istio::HttpMatchRequest) -> Result<RequestMatch, regex::Error> {
+        let opt = |s: &Option<StringMatch>| s.as_ref().map(str_match).transpose();
+        let map = |h: &std::collections::BTreeMap<String, StringMatch>| -> Result<Vec<(String, StrMatch)>, regex::Error> {
+            h.iter().map(|(k, v)| Ok((k.to_ascii_lowercase(), str_match(v)?))).collect()
+        };
+        Ok(RequestMatch {
+            name: m.name.clone(),
+            uri: opt(&m.uri)?,
+            scheme: opt(&m.scheme)?,
+            method: opt(&m.method)?,
+            authority: opt(&m.authority)?,
+            headers: map(&m.headers)?,
+            without_headers: map(&m.without_headers)?,
+            query_params: m
+                .query_params
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), str_match(v)?)))
+                .collect::<Result<_, regex::Error>>()?,
+            port: m.port.and_then(|p| u16::try_from(p).ok()),
+            source_labels: m.source_labels.clone(),
+            source_namespace: m.source_namespace.clone(),
+            gateways: m.gateways.clone(),
+            ignore_uri_case: m.ignore_uri_case.unwrap_or(false),
+        })
+    }
+
+    /// The cluster of a route destination. A host or subset that does not exist still gets a
+    /// cluster (with no endpoints): as in Istio, its share of requests fails with 503 instead of
+    /// silently moving to the other destinations.
+    fn destination_cluster(
+        &mut self,
+        vs: &Resource<istio::VirtualService>,
+        field: &str,
+        dest: &istio::Destination,
+        incoming_port: u16,
+        cache: &mut ClusterCache,
+    ) -> Arc<Cluster> {
+        let host = resolve_host(&dest.host, &vs.meta.namespace);
+        let port = dest
+            .port
+            .as_ref()
+            .and_then(|p| p.number)
+            .map_or(incoming_port, |n| n as u16);
+        if !self.registry.services.contains_key(&host) {
+            self.warn(
+                vs,
+                format!("{field}.host"),
+                Some("IST0101"),
+                format!("Referenced host not found: {:?}", dest.host),
+            );
+        } else if let Some(subset) = &dest.subset
+            && !self
+                .subsets
+                .get(&host)
+                .is_some_and(|(_, s)| s.contains_key(subset))
+        {
+            self.warn(
+                vs,
+                format!("{field}.subset"),
+                Some("IST0101"),
+                format!("Referenced host+subset in destinationrule not found: \"{host}+{subset}\""),
+            );
+        }
+        self.cluster(&host, port, dest.subset.as_deref(), cache)
+    }
+
+    fn cluster(
+        &mut self,
+        host: &str,
+        port: u16,
+        subset: Option<&str>,
+        cache: &mut ClusterCache,
+    ) -> Arc<Cluster> {
+        let name = cluster_name(port, subset, host);
+        if let Some(c) = cache.get(&name) {
+            return c.clone();
+        }
+        let svc = self.registry.services.get(host);
+        let labels =
+            subset.and_then(|s| self.subsets.get(host).and_then(|(_, m)| m.get(s)).cloned());
+        let mut endpoints = match (svc, subset, &labels) {
+            (Some(svc), None, _) => self.endpoints_filtered(svc, port, None, 1.0),
+            (Some(svc), Some(_), Some(l)) => self.endpoints_filtered(svc, port, Some(l), 1.0),
+            _ => Vec::new(),
+        };
+        for e in &mut endpoints {
+            e.clusters = vec![name.clone()];
+        }
+        let http2_port = svc
+            .and_then(|s| s.ports.iter().find(|p| p.port == port))
+            .is_some_and(|p| {
+                matches!(
+                    p.protocol.as_deref(),
+                    Some("HTTP2" | "GRPC" | "GRPC-WEB" | "H2C")
+                )
+            });
+        let dr = self.destination_rules.get(host).copied();
+        let cluster = Arc::new(Cluster {
+            name: name.clone(),
+            host: host.to_string(),
+            port,
+            subset: subset.map(str::to_string),
+            endpoints,
+            policy: cluster_policy(dr.map(|d| &d.spec), subset, port, http2_port),
+            destination_rule: dr.map(|d| d.meta.key()),
+        });
+        cache.insert(name, cluster.clone());
+        cluster
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numeric_retry_on_becomes_status_codes() {
+        let r = istio::HttpRetry {
+            attempts: Some(3),
+            retry_on: Some("gateway-error,503, reset".into()),
+            ..Default::default()
+        };
+        let p = retry_policy(Some(&r));
+        assert_eq!(p.attempts, 3);
+        assert_eq!(
+            p.retry_on,
+            vec!["gateway-error", "retriable-status-codes", "reset"]
+        );
+        assert_eq!(p.retriable_status_codes, vec![503]);
+        assert_eq!(retry_policy(None).attempts, 2, "Istio's default");
+        let off = istio::HttpRetry {
+            attempts: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(retry_policy(Some(&off)).attempts, 0);
+    }
+}
