@@ -25,8 +25,6 @@ pub mod map_names {
     pub const REVNAT: &str = "sd_revnat_v1";
     /// index 0 → [`crate::ProxyConfig`].
     pub const PROXY: &str = "sd_proxy_v1";
-    /// socket cookie (`u64`) → [`crate::RevNatValue`].
-    pub const ORIGDST: &str = "sd_origdst_v1";
     /// [`crate::ClientKey`] → [`crate::RevNatValue`].
     pub const L7CONN: &str = "sd_l7conn_v1";
     /// [`crate::StatsKey`] → [`crate::BackendStats`] (per CPU).
@@ -206,9 +204,9 @@ pub struct ProxyConfig {
 /// sees as the peer of the accepted socket.
 ///
 /// Map `sd_l7conn_v1` (LRU hash): [`ClientKey`] → [`RevNatValue`] (the VIP the client dialled).
-/// Written by the `sock_ops` program when the client's connection is established (the cookie
-/// recorded at connect() has a local port by then); the proxy reads and deletes it on accept.
-/// Map `sd_origdst_v1` (LRU hash) holds the cookie → VIP record in between.
+/// Written by the `sock_ops` program when the client's connection is established (it finds the
+/// VIP in the socket's reverse entry, `sd_revnat_v1`, written at connect()); the proxy reads and
+/// deletes it on accept.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ClientKey {

@@ -43,9 +43,6 @@ static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(MAX_REVNA
 #[map(name = "sd_proxy_v1")]
 static PROXY: Array<ProxyConfig> = Array::pinned(1, 0);
 
-#[map(name = "sd_origdst_v1")]
-static ORIGDST: LruHashMap<u64, RevNatValue> = LruHashMap::pinned(MAX_L7_PENDING, 0);
-
 #[map(name = "sd_l7conn_v1")]
 static L7CONN: LruHashMap<ClientKey, RevNatValue> = LruHashMap::pinned(MAX_L7_PENDING, 0);
 
@@ -258,13 +255,19 @@ fn forward(ctx: &SockAddrContext, v6: bool, sticky: bool) -> i32 {
         protocol,
         _pad: 0,
     };
-    let cookie = cookie(ctx);
+    // The cookie costs a helper call: only sendmsg's sticky pick needs it before the lookup,
+    // connect only once it steers.
     let draw = if sticky {
-        Draw::Sticky(cookie)
+        Draw::Sticky(cookie(ctx))
     } else {
         Draw::Random
     };
-    match pick(&key, draw) {
+    let verdict = pick(&key, draw);
+    let socket_cookie = || match draw {
+        Draw::Sticky(c) => c,
+        Draw::Random => cookie(ctx),
+    };
+    match verdict {
         Verdict::Pass => ALLOW,
         Verdict::Reject => {
             debug!(ctx, "steerd: rejected connect to service without backends");
@@ -274,21 +277,16 @@ fn forward(ctx: &SockAddrContext, v6: bool, sticky: bool) -> i32 {
             if !set_dest(sa, v6, &proxy) {
                 return ALLOW;
             }
-            let vip = RevNatValue {
-                vip: key.addr,
-                port: key.port,
-                _pad: 0,
-            };
-            // Claimed by the sock_ops program once the connection has its local port.
-            let _ = ORIGDST.insert(&cookie, &vip, 0);
-            remember_vip(cookie, &proxy, &key);
+            // The reverse entry doubles as the record the sock_ops program hands to the proxy
+            // once the connection has its local port.
+            remember_vip(socket_cookie(), &proxy, &key);
             ALLOW
         }
         Verdict::Steer(backend) => {
             if !set_dest(sa, v6, &backend) {
                 return ALLOW;
             }
-            remember_vip(cookie, &backend, &key);
+            remember_vip(socket_cookie(), &backend, &key);
             ALLOW
         }
     }
@@ -381,9 +379,13 @@ pub fn sd_sockops(ctx: SockOpsContext) -> u32 {
     let op = rd(unsafe { addr_of!((*ops).op) });
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
-        if let Some(vip) = (unsafe { ORIGDST.get(&cookie) }).copied() {
-            claim_for_proxy(ops, cookie, vip);
-        } else if let Some(key) = stats_key(ops, cookie) {
+        // One lookup tells whether connect() steered this socket, and to which VIP.
+        let Some(key) = stats_key(ops, cookie) else {
+            return 1;
+        };
+        if is_proxy(&key.backend) {
+            claim_for_proxy(ops, key.service);
+        } else {
             count(&key, |s| s.connections_opened += 1);
             // Ask for state changes of this socket only, to count its close and bytes.
             let flags = rd(unsafe { addr_of!((*ops).bpf_sock_ops_cb_flags) });
@@ -416,11 +418,22 @@ pub fn sd_sockops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// Re-keys a proxied connection's original destination from the client socket's cookie to its
-/// local address and port, which is what the proxy sees as the peer of the accepted socket.
-/// Runs when the client's handshake completes, before the client's final ACK reaches the proxy.
+/// Whether a steered socket's destination is the L7 proxy.
 #[inline(always)]
-fn claim_for_proxy(ops: *mut bpf_sock_ops, cookie: u64, vip: RevNatValue) {
+fn is_proxy(to: &Backend) -> bool {
+    proxy_for(&to.addr).is_some_and(|p| p.addr == to.addr && p.port == to.port)
+}
+
+/// Records a proxied connection's original destination under the client's local address and
+/// port, which is what the proxy sees as the peer of the accepted socket. Runs when the client's
+/// handshake completes, before the client's final ACK reaches the proxy.
+#[inline(always)]
+fn claim_for_proxy(ops: *mut bpf_sock_ops, service: ServiceKey) {
+    let vip = RevNatValue {
+        vip: service.addr,
+        port: service.port,
+        _pad: 0,
+    };
     let addr = sock_ops_addr(ops, unsafe { addr_of!((*ops).local_ip4) }, unsafe {
         addr_of!((*ops).local_ip6)
     }
@@ -433,7 +446,6 @@ fn claim_for_proxy(ops: *mut bpf_sock_ops, cookie: u64, vip: RevNatValue) {
         _pad: 0,
     };
     let _ = L7CONN.insert(&key, &vip, 0);
-    let _ = ORIGDST.remove(&cookie);
 }
 
 /// The (service, backend) of a socket the connect program steered, from its reverse entry.
