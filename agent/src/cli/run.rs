@@ -99,7 +99,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 let Some((index, snap)) = update else { break };
                 // Sources repeat their errors in every snapshot until fixed; log each once, or a
                 // cluster's steady Pod churn would repeat every warning on every update.
-                let previous = latest[index].as_ref().map(|s| s.errors.as_slice()).unwrap_or_default();
+                let previous = latest[index]
+                    .as_ref()
+                    .map(|s| s.errors.as_slice())
+                    .unwrap_or_default();
                 for e in snap.errors.iter().filter(|e| !previous.contains(e)) {
                     warn!(error = %e, "invalid configuration; serving its last good version");
                 }
@@ -253,4 +256,3 @@ fn reconcile(
         }
     }
 }
-

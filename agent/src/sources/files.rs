@@ -50,6 +50,11 @@ fn is_manifest(path: &Path) -> bool {
         .is_some_and(|n| n.starts_with('.'))
 }
 
+/// An open, or a close without a write (a write still counts: it also ends in close-after-write).
+fn is_read_only_access(kind: &EventKind) -> bool {
+    matches!(kind, EventKind::Access(a) if *a != AccessKind::Close(AccessMode::Write))
+}
+
 fn manifests_under(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), FilesError> {
     let io = |source| FilesError::Io {
         path: dir.to_path_buf(),
@@ -125,10 +130,8 @@ impl FileSource {
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
         let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
             // Reading the manifests makes inotify report opens and closes of them; were those a
-            // change, every read would trigger the next. A write still counts (close-after-write).
-            if let Ok(e) = &ev
-                && matches!(e.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write))
-            {
+            // change, every read would trigger the next.
+            if ev.as_ref().is_ok_and(|e| is_read_only_access(&e.kind)) {
                 return;
             }
             let _ = ev_tx.send(ev);

@@ -181,6 +181,7 @@ async fn discover(
 /// of built-in kinds come without them), `managedFields` dropped (large and never read), and
 /// older API shapes rewritten to the ones the model knows.
 fn to_model_json(target: &Target, obj: &DynamicObject) -> Value {
+    // A DynamicObject is JSON already; serializing it cannot fail (Null would be skipped).
     let mut value = serde_json::to_value(obj).unwrap_or(Value::Null);
     if let Some(map) = value.as_object_mut() {
         map.insert("apiVersion".into(), target.ar.api_version.clone().into());
@@ -844,7 +845,12 @@ mod tests {
         snap.config
             .virtual_services
             .iter()
-            .map(|v| (v.meta.name.clone(), v.spec.tcp[0].route[0].weight))
+            .map(|v| {
+                (
+                    v.meta.name.clone(),
+                    v.spec.tcp[0].route[0].weight.map(i64::from),
+                )
+            })
             .collect()
     }
 
