@@ -35,6 +35,14 @@ fn main() -> Result<()> {
             print!("{}", cli::maps::render(&bpffs, table, output)?);
             Ok(())
         }
+        Command::Check { paths, output } => {
+            let code = cli::check::check(&paths, output);
+            std::process::exit(code);
+        }
+        Command::Explain(args) => {
+            let code = cli::check::explain(&args);
+            std::process::exit(code);
+        }
         Command::Inspect {
             what,
             fqdn,

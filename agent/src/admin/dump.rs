@@ -106,7 +106,10 @@ pub fn build(plan: &Plan, proxy: Option<&Proxy>) -> ConfigDump {
     let mut routes: BTreeMap<(String, u16), RouteView> = BTreeMap::new();
     let status = |cluster: &str, addr: std::net::SocketAddr| {
         let ejected = proxy.is_some_and(|p| p.cluster_state(cluster).is_ejected(addr));
-        (if ejected { "UNHEALTHY" } else { "HEALTHY" }, if ejected { "FAILED" } else { "OK" })
+        (
+            if ejected { "UNHEALTHY" } else { "HEALTHY" },
+            if ejected { "FAILED" } else { "OK" },
+        )
     };
     for (vip, svc) in &plan.services {
         let mode = if svc.needs_l7 {
@@ -116,7 +119,11 @@ pub fn build(plan: &Plan, proxy: Option<&Proxy>) -> ConfigDump {
         } else {
             "L4"
         };
-        let mut names: Vec<String> = svc.backends.iter().flat_map(|b| b.clusters.clone()).collect();
+        let mut names: Vec<String> = svc
+            .backends
+            .iter()
+            .flat_map(|b| b.clusters.clone())
+            .collect();
         names.sort();
         names.dedup();
         for b in &svc.backends {
@@ -132,7 +139,11 @@ pub fn build(plan: &Plan, proxy: Option<&Proxy>) -> ConfigDump {
                     destination_rule: None,
                     endpoints: Vec::new(),
                 });
-                if !view.endpoints.iter().any(|e| e.address == b.addr.to_string()) {
+                if !view
+                    .endpoints
+                    .iter()
+                    .any(|e| e.address == b.addr.to_string())
+                {
                     let (st, oc) = status(name, b.addr);
                     view.endpoints.push(EndpointView {
                         address: b.addr.to_string(),
@@ -166,21 +177,33 @@ pub fn build(plan: &Plan, proxy: Option<&Proxy>) -> ConfigDump {
                                     })
                                     .collect(),
                             ),
-                            RouteAction::Redirect(r) => (format!("redirect {}", r.code), Vec::new()),
-                            RouteAction::DirectResponse { status, .. } => (format!("direct response {status}"), Vec::new()),
+                            RouteAction::Redirect(r) => {
+                                (format!("redirect {}", r.code), Vec::new())
+                            }
+                            RouteAction::DirectResponse { status, .. } => {
+                                (format!("direct response {status}"), Vec::new())
+                            }
                         };
                         let matches = r.describe_matches();
                         RuleView {
                             index: r.index,
                             name: r.name.clone(),
-                            matches: if matches.is_empty() { vec!["*".into()] } else { matches },
+                            matches: if matches.is_empty() {
+                                vec!["*".into()]
+                            } else {
+                                matches
+                            },
                             action,
                             destinations,
                             timeout: r.timeout.map(|t| format!("{}ms", t.as_millis())),
                             retries: if r.retries.attempts == 0 {
                                 "none".into()
                             } else {
-                                format!("{} on {}", r.retries.attempts, r.retries.retry_on.join(","))
+                                format!(
+                                    "{} on {}",
+                                    r.retries.attempts,
+                                    r.retries.retry_on.join(",")
+                                )
                             },
                             fault: r.fault.as_ref().map(|f| {
                                 let mut parts = Vec::new();
@@ -210,18 +233,23 @@ pub fn build(plan: &Plan, proxy: Option<&Proxy>) -> ConfigDump {
                     RouteAction::Forward(d) => d.iter().map(|d| d.cluster.clone()).collect(),
                     _ => Vec::new(),
                 };
-                for c in dests.into_iter().chain(rule.mirrors.iter().map(|m| m.cluster.clone())) {
+                for c in dests
+                    .into_iter()
+                    .chain(rule.mirrors.iter().map(|m| m.cluster.clone()))
+                {
                     names.push(c.name.clone());
-                    let view = clusters.entry(c.name.clone()).or_insert_with(|| ClusterView {
-                        name: c.name.clone(),
-                        host: c.host.clone(),
-                        port: c.port,
-                        subset: c.subset.clone().unwrap_or_default(),
-                        direction: "outbound".into(),
-                        r#type: "EDS".into(),
-                        destination_rule: None,
-                        endpoints: Vec::new(),
-                    });
+                    let view = clusters
+                        .entry(c.name.clone())
+                        .or_insert_with(|| ClusterView {
+                            name: c.name.clone(),
+                            host: c.host.clone(),
+                            port: c.port,
+                            subset: c.subset.clone().unwrap_or_default(),
+                            direction: "outbound".into(),
+                            r#type: "EDS".into(),
+                            destination_rule: None,
+                            endpoints: Vec::new(),
+                        });
                     view.destination_rule = c.destination_rule.clone();
                     let total: f64 = c.endpoints.iter().map(|e| e.weight).sum();
                     view.endpoints = c
@@ -231,7 +259,11 @@ pub fn build(plan: &Plan, proxy: Option<&Proxy>) -> ConfigDump {
                             let (st, oc) = status(&c.name, e.addr);
                             EndpointView {
                                 address: e.addr.to_string(),
-                                weight: if total > 0.0 { (e.weight / total * 1e4).round() / 100.0 } else { 0.0 },
+                                weight: if total > 0.0 {
+                                    (e.weight / total * 1e4).round() / 100.0
+                                } else {
+                                    0.0
+                                },
                                 status: st.into(),
                                 outlier_check: oc.into(),
                             }

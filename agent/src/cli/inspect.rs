@@ -17,7 +17,9 @@ pub enum What {
 
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
-    #[error("reading {admin}/debug/config_dump (is the agent running with --admin {admin}?): {source}")]
+    #[error(
+        "reading {admin}/debug/config_dump (is the agent running with --admin {admin}?): {source}"
+    )]
     Fetch {
         admin: SocketAddr,
         #[source]
@@ -42,7 +44,9 @@ pub struct Filter {
 
 impl Filter {
     fn host(&self, host: &str) -> bool {
-        self.fqdn.as_deref().is_none_or(|f| host == f || host.starts_with(&format!("{f}.")))
+        self.fqdn
+            .as_deref()
+            .is_none_or(|f| host == f || host.starts_with(&format!("{f}.")))
     }
     fn port(&self, port: u16) -> bool {
         self.port.is_none_or(|p| p == port)
@@ -56,7 +60,8 @@ impl Filter {
 pub fn fetch(admin: SocketAddr) -> Result<ConfigDump, InspectError> {
     let io = |source| InspectError::Fetch { admin, source };
     let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(5)).map_err(io)?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(io)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io)?;
     s.write_all(b"GET /debug/config_dump HTTP/1.1\r\nHost: steerd\r\nConnection: close\r\n\r\n")
         .map_err(io)?;
     let mut raw = String::new();
@@ -77,8 +82,13 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
         }
     }
     let mut out = String::new();
-    for row in std::iter::once(header.iter().map(|s| s.to_string()).collect::<Vec<_>>()).chain(rows) {
-        let line: Vec<String> = row.iter().enumerate().map(|(i, c)| format!("{c:<w$}", w = widths[i])).collect();
+    for row in std::iter::once(header.iter().map(|s| s.to_string()).collect::<Vec<_>>()).chain(rows)
+    {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }
@@ -87,36 +97,74 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
 
 /// Renders one view of the dump.
 pub fn render(dump: &ConfigDump, what: What, f: &Filter, output: Output) -> String {
-    let json = |v: serde_json::Value| serde_json::to_string_pretty(&v).expect("JSON values serialize") + "\n";
+    let json = |v: serde_json::Value| {
+        serde_json::to_string_pretty(&v).expect("JSON values serialize") + "\n"
+    };
     match what {
         What::Listeners => {
-            let rows: Vec<_> = dump.listeners.iter().filter(|l| f.host(&l.host) && f.port(l.port)).collect();
+            let rows: Vec<_> = dump
+                .listeners
+                .iter()
+                .filter(|l| f.host(&l.host) && f.port(l.port))
+                .collect();
             match output {
                 Output::Json => json(serde_json::to_value(&rows).expect("views serialize")),
                 Output::Table => table(
-                    &["ADDRESSES", "PORT", "PROTOCOL", "MODE", "HOST", "DESTINATION"],
+                    &[
+                        "ADDRESSES",
+                        "PORT",
+                        "PROTOCOL",
+                        "MODE",
+                        "HOST",
+                        "DESTINATION",
+                    ],
                     rows.iter()
                         .map(|l| {
-                            let dest = if l.mode == "L7" { format!("Route: {}", l.route) } else { format!("{} -> {}", l.route, l.clusters.join(",")) };
-                            vec![l.address.clone(), l.port.to_string(), l.protocol.clone(), l.mode.clone(), l.host.clone(), dest]
+                            let dest = if l.mode == "L7" {
+                                format!("Route: {}", l.route)
+                            } else {
+                                format!("{} -> {}", l.route, l.clusters.join(","))
+                            };
+                            vec![
+                                l.address.clone(),
+                                l.port.to_string(),
+                                l.protocol.clone(),
+                                l.mode.clone(),
+                                l.host.clone(),
+                                dest,
+                            ]
                         })
                         .collect(),
                 ),
             }
         }
         What::Routes => {
-            let rows: Vec<_> = dump.routes.iter().filter(|r| f.host(&r.host) && f.port(r.name.parse().unwrap_or(0))).collect();
+            let rows: Vec<_> = dump
+                .routes
+                .iter()
+                .filter(|r| f.host(&r.host) && f.port(r.name.parse().unwrap_or(0)))
+                .collect();
             match output {
                 Output::Json => json(serde_json::to_value(&rows).expect("views serialize")),
                 Output::Table => table(
-                    &["NAME", "VHOST NAME", "MATCH", "VIRTUAL SERVICE", "DESTINATIONS"],
+                    &[
+                        "NAME",
+                        "VHOST NAME",
+                        "MATCH",
+                        "VIRTUAL SERVICE",
+                        "DESTINATIONS",
+                    ],
                     rows.iter()
                         .flat_map(|r| {
                             r.rules.iter().map(move |rule| {
                                 let dests = if rule.destinations.is_empty() {
                                     rule.action.clone()
                                 } else {
-                                    rule.destinations.iter().map(|d| format!("{} {}", d.cluster, d.weight)).collect::<Vec<_>>().join(", ")
+                                    rule.destinations
+                                        .iter()
+                                        .map(|d| format!("{} {}", d.cluster, d.weight))
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
                                 };
                                 vec![
                                     r.name.clone(),
@@ -132,17 +180,32 @@ pub fn render(dump: &ConfigDump, what: What, f: &Filter, output: Output) -> Stri
             }
         }
         What::Clusters => {
-            let rows: Vec<_> = dump.clusters.iter().filter(|c| f.host(&c.host) && f.port(c.port) && f.subset(&c.subset)).collect();
+            let rows: Vec<_> = dump
+                .clusters
+                .iter()
+                .filter(|c| f.host(&c.host) && f.port(c.port) && f.subset(&c.subset))
+                .collect();
             match output {
                 Output::Json => json(serde_json::to_value(&rows).expect("views serialize")),
                 Output::Table => table(
-                    &["SERVICE FQDN", "PORT", "SUBSET", "DIRECTION", "TYPE", "DESTINATION RULE"],
+                    &[
+                        "SERVICE FQDN",
+                        "PORT",
+                        "SUBSET",
+                        "DIRECTION",
+                        "TYPE",
+                        "DESTINATION RULE",
+                    ],
                     rows.iter()
                         .map(|c| {
                             vec![
                                 c.host.clone(),
                                 c.port.to_string(),
-                                if c.subset.is_empty() { "-".into() } else { c.subset.clone() },
+                                if c.subset.is_empty() {
+                                    "-".into()
+                                } else {
+                                    c.subset.clone()
+                                },
                                 c.direction.clone(),
                                 c.r#type.clone(),
                                 c.destination_rule.clone().unwrap_or_else(|| "-".into()),
@@ -176,6 +239,11 @@ pub fn render(dump: &ConfigDump, what: What, f: &Filter, output: Output) -> Stri
     }
 }
 
-pub fn run(admin: SocketAddr, what: What, f: &Filter, output: Output) -> Result<String, InspectError> {
+pub fn run(
+    admin: SocketAddr,
+    what: What,
+    f: &Filter,
+    output: Output,
+) -> Result<String, InspectError> {
     Ok(render(&fetch(admin)?, what, f, output))
 }

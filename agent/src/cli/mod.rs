@@ -1,5 +1,6 @@
 //! Command-line interface: `steerd run | maps | cleanup | version`.
 
+pub mod check;
 pub mod inspect;
 pub mod maps;
 pub mod run;
@@ -30,6 +31,14 @@ pub enum Output {
 }
 
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]
+pub enum CheckOutput {
+    #[default]
+    Text,
+    Json,
+    Yaml,
+}
+
+#[derive(Debug, Clone, Copy, Default, ValueEnum)]
 pub enum LogFormat {
     #[default]
     Text,
@@ -49,6 +58,17 @@ pub enum Command {
         #[arg(long, default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
     },
+    /// Validate and analyze manifests like `istioctl analyze` (exit 0: no errors, 1: errors,
+    /// 2: could not run).
+    Check {
+        /// Files or directories of manifests (applied together).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        #[arg(short, long, value_enum, default_value_t)]
+        output: CheckOutput,
+    },
+    /// Show where one request (or TCP connection) goes, evaluated exactly as the agent routes it.
+    Explain(check::ExplainArgs),
     /// Show a running agent's listeners, routes, clusters or endpoints (like `istioctl
     /// proxy-config`), from its admin API.
     Inspect {

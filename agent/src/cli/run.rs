@@ -111,7 +111,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 state.metrics.config_errors.set(rejected as i64);
                 let mut config = ConfigSet::default();
                 for snap in latest.iter().flatten() {
-                    merge(&mut config, &snap.config);
+                    config.merge_from(&snap.config);
                 }
                 reconcile(&mut dataplane, proxy.as_deref(), &config, &state);
             }
@@ -144,22 +144,6 @@ async fn forward(
             return;
         }
     }
-}
-
-fn merge(into: &mut ConfigSet, from: &ConfigSet) {
-    into.services.extend(from.services.iter().cloned());
-    into.endpoint_slices
-        .extend(from.endpoint_slices.iter().cloned());
-    into.pods.extend(from.pods.iter().cloned());
-    into.virtual_services
-        .extend(from.virtual_services.iter().cloned());
-    into.destination_rules
-        .extend(from.destination_rules.iter().cloned());
-    into.service_entries
-        .extend(from.service_entries.iter().cloned());
-    into.workload_entries
-        .extend(from.workload_entries.iter().cloned());
-    into.gateways.extend(from.gateways.iter().cloned());
 }
 
 /// Starts the L7 proxy on the node addresses and tells the kernel about it.

@@ -5,6 +5,8 @@
 //! plans and tests can check routing without a kernel.
 
 pub mod alias;
+pub mod analyze;
+pub mod explain;
 pub mod http;
 mod l7;
 pub mod registry;
@@ -130,6 +132,16 @@ pub struct Source {
 impl Plan {
     pub fn errors(&self) -> impl Iterator<Item = &Diagnostic> {
         self.diagnostics.iter().filter(|d| d.level == Level::Error)
+    }
+}
+
+/// A VirtualService's gateway reference as `ns/name` (`mesh` stays `mesh`): short names are in
+/// the VirtualService's namespace.
+pub fn gateway_ref(gateway: &str, namespace: &str) -> String {
+    if gateway == MESH_GATEWAY || gateway.contains('/') {
+        gateway.to_string()
+    } else {
+        format!("{namespace}/{gateway}")
     }
 }
 
@@ -304,9 +316,26 @@ impl<'a> Ctx<'a> {
     /// The mesh VirtualService for a host: an exact host match beats a wildcard, a longer
     /// wildcard beats a shorter one, and among equals the first by namespace/name wins.
     fn virtual_service_for(&self, hostname: &str) -> Option<&'a Resource<istio::VirtualService>> {
+        self.virtual_service_for_gateway(hostname, MESH_GATEWAY)
+    }
+
+    /// The VirtualService for a host as seen by `gateway` (`mesh`, or a Gateway as `ns/name`).
+    fn virtual_service_for_gateway(
+        &self,
+        hostname: &str,
+        gateway: &str,
+    ) -> Option<&'a Resource<istio::VirtualService>> {
         let mut best: Option<(usize, String, &Resource<istio::VirtualService>)> = None;
         for vs in &self.config.virtual_services {
-            if !vs.spec.binds_mesh() {
+            let binds = if gateway == MESH_GATEWAY {
+                vs.spec.binds_mesh()
+            } else {
+                vs.spec
+                    .gateways
+                    .iter()
+                    .any(|g| gateway_ref(g, &vs.meta.namespace) == gateway)
+            };
+            if !binds {
                 continue;
             }
             for h in &vs.spec.hosts {

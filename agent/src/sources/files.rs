@@ -71,6 +71,29 @@ fn manifests_under(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), FilesError>
     Ok(())
 }
 
+/// Reads files and directories (recursively) once: for `steerd check` and `explain`.
+pub fn load_paths(paths: &[PathBuf]) -> Result<Snapshot, FilesError> {
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            manifests_under(p, &mut files)?;
+        } else {
+            files.push(p.clone());
+        }
+    }
+    let mut snapshot = Snapshot::default();
+    for path in files {
+        let text = std::fs::read_to_string(&path).map_err(|source| FilesError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let (objects, errors) = parse_documents(&path.display().to_string(), &text);
+        snapshot.config.extend(objects);
+        snapshot.errors.extend(errors);
+    }
+    Ok(snapshot)
+}
+
 impl FileSource {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
@@ -108,7 +131,8 @@ impl FileSource {
                     continue;
                 }
             };
-            let (objects, errors) = parse_documents(&path.display().to_string(), &text);
+            let (objects, mut errors) = parse_documents(&path.display().to_string(), &text);
+            errors.extend(super::rejected(&objects));
             if errors.is_empty() {
                 next_good.insert(path, objects);
             } else {
@@ -202,6 +226,25 @@ mod tests {
         std::fs::remove_file(&f).unwrap();
         let snap = src.load().unwrap();
         assert!(snap.config.is_empty(), "a deleted file's objects go away");
+    }
+
+    #[test]
+    fn objects_istio_would_reject_keep_their_last_good_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("vs.yaml");
+        let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: r}\nspec:\n  hosts: [r]\n  http:\n  - route:\n    - destination: {host: r}\n      weight: 100\n";
+        std::fs::write(&f, vs).unwrap();
+        let mut src = FileSource::new(dir.path());
+        assert_eq!(src.load().unwrap().config.virtual_services.len(), 1);
+        // Parses, but the webhook refuses a negative weight.
+        std::fs::write(&f, vs.replace("weight: 100", "weight: -5")).unwrap();
+        let snap = src.load().unwrap();
+        assert_eq!(snap.errors.len(), 1, "{:?}", snap.errors);
+        assert_eq!(snap.errors[0].field, "spec.http[0].route[0].weight");
+        assert_eq!(
+            snap.config.virtual_services[0].spec.http[0].route[0].weight,
+            Some(100)
+        );
     }
 
     #[test]

@@ -56,3 +56,22 @@ pub fn builtin() -> Snapshot {
     }
     snap
 }
+
+/// What Istio's admission webhook would refuse among `objects`, as errors: a source serves the
+/// last good version of such objects instead of the new one, as the API server keeps the old
+/// object when the webhook rejects an update.
+pub fn rejected(objects: &[crate::model::Object]) -> Vec<ParseError> {
+    let mut set = crate::model::ConfigSet::default();
+    set.extend(objects.iter().cloned());
+    crate::model::validate::validate(&set)
+        .into_iter()
+        .filter(|d| d.level == crate::compile::Level::Error)
+        .map(|d| ParseError {
+            origin: d.origin,
+            kind: d.kind,
+            object: d.object,
+            field: d.field,
+            message: d.message,
+        })
+        .collect()
+}
