@@ -139,6 +139,8 @@ type CounterFamily = (&'static str, &'static str, fn(&BackendStats) -> u64);
 /// Reads the kernel's traffic counters when scraped.
 struct TcpCollector {
     stats: Mutex<Option<PerCpuHashMap<MapData, StatsKey, BackendStats>>>,
+    /// REGISTRY_ONLY refusals per destination.
+    denied: Mutex<Option<aya::maps::HashMap<MapData, steerd_common::Addr, u64>>>,
     labels: Arc<RwLock<Arc<LabelIndex>>>,
 }
 
@@ -196,6 +198,18 @@ impl prometheus_client::collector::Collector for TcpCollector {
                 |s| s.bytes_received,
             ),
         ];
+        if let Some(map) = self.denied.lock().expect("denied map lock").as_ref() {
+            let mut family = encoder.encode_descriptor(
+                "steerd_egress_denied",
+                "Connections to unregistered destinations refused by REGISTRY_ONLY",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (ip, n) in crate::dataplane::egress::denied(map) {
+                let labels = [("destination_ip".to_string(), ip.to_string())];
+                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+            }
+        }
         for (name, help, value) in families {
             let mut family = encoder.encode_descriptor(
                 name,
@@ -243,6 +257,7 @@ impl Metrics {
         let labels = Arc::new(RwLock::new(Arc::new(LabelIndex::default())));
         let tcp = Arc::new(TcpCollector {
             stats: Mutex::new(None),
+            denied: Mutex::new(None),
             labels: labels.clone(),
         });
         let plan_generation = Gauge::default();
@@ -319,6 +334,11 @@ impl Metrics {
     /// Hands the kernel's counter map to the scraper.
     pub fn attach_stats(&self, map: PerCpuHashMap<MapData, StatsKey, BackendStats>) {
         *self.tcp.stats.lock().expect("stats map lock") = Some(map);
+    }
+
+    /// Hands the kernel's REGISTRY_ONLY refusal counters to the scraper.
+    pub fn attach_denied(&self, map: aya::maps::HashMap<MapData, steerd_common::Addr, u64>) {
+        *self.tcp.denied.lock().expect("denied map lock") = Some(map);
     }
 
     /// Labels for the plan now in the maps.

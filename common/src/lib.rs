@@ -29,6 +29,12 @@ pub mod map_names {
     pub const L7CONN: &str = "sd_l7conn_v1";
     /// [`crate::StatsKey`] → [`crate::BackendStats`] (per CPU).
     pub const STATS: &str = "sd_stats_v1";
+    /// index 0 → [`crate::EgressPolicy`].
+    pub const EGRESS: &str = "sd_egress_v1";
+    /// LPM `{prefix_len, Addr}` → `u32` (unused): registered destinations.
+    pub const REGISTRY: &str = "sd_registry_v1";
+    /// [`crate::Addr`] → `u64`: connects refused by REGISTRY_ONLY, per destination.
+    pub const DENIED: &str = "sd_denied_v1";
 }
 
 /// Maximum number of service VIP:port:protocol entries.
@@ -38,6 +44,11 @@ pub const MAX_SERVICES: u32 = 65_536;
 pub const MAX_SLOTS: u32 = 262_144;
 /// Reverse-translation entries (one per steered socket and backend); LRU-evicted.
 pub const MAX_REVNAT: u32 = 262_144;
+/// Registered destination prefixes (VIPs, endpoint addresses, ServiceEntry address ranges).
+pub const MAX_REGISTRY: u32 = 262_144;
+/// Distinct refused destinations counted; LRU-evicted beyond this.
+pub const MAX_DENIED: u32 = 16_384;
+
 /// (service, backend) pairs with traffic counters; LRU-evicted beyond this.
 pub const MAX_STATS: u32 = 65_536;
 /// Connections redirected to the L7 proxy whose original destination has not been claimed yet.
@@ -241,8 +252,23 @@ pub struct BackendStats {
     pub bytes_received: u64,
 }
 
+/// Istio's `outboundTrafficPolicy` as the kernel enforces it.
+///
+/// Map `sd_egress_v1` (array, one entry): `0` → [`EgressPolicy`]. With `registry_only` set, a
+/// connect() or sendmsg() to an address that is neither a service VIP nor in the registry LPM
+/// trie `sd_registry_v1` (key: prefix length + [`Addr`], IPv4 as /96+len of the mapped form)
+/// nor loopback fails with EPERM and is counted in `sd_denied_v1` (LRU hash: [`Addr`] → `u64`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressPolicy {
+    pub registry_only: u32,
+    pub _pad: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
+    unsafe impl aya::Pod for super::EgressPolicy {}
+    unsafe impl aya::Pod for super::Addr {}
     unsafe impl aya::Pod for super::StatsKey {}
     unsafe impl aya::Pod for super::BackendStats {}
     unsafe impl aya::Pod for super::ProxyConfig {}

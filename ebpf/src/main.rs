@@ -18,15 +18,16 @@ use aya_ebpf::{
     },
     helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{Array, HashMap, LruHashMap, LruPerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, lpm_trie::Key as LpmKey},
     programs::{SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::debug;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use steerd_common::{
-    Addr, Backend, BackendStats, ClientKey, MAX_L7_PENDING, MAX_REVNAT, MAX_SERVICES, MAX_SLOTS,
-    MAX_STATS, PROTO_TCP, PROTO_UDP, PROXY_SOCKET_MARK, ProxyConfig, RevNatKey, RevNatValue,
-    SVC_F_L7, SVC_F_NO_BACKENDS, ServiceKey, ServiceValue, Slot, SlotKey, StatsKey,
+    Addr, Backend, BackendStats, ClientKey, EgressPolicy, MAX_DENIED, MAX_L7_PENDING, MAX_REGISTRY,
+    MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, MAX_STATS, PROTO_TCP, PROTO_UDP, PROXY_SOCKET_MARK,
+    ProxyConfig, RevNatKey, RevNatValue, SVC_F_L7, SVC_F_NO_BACKENDS, ServiceKey, ServiceValue,
+    Slot, SlotKey, StatsKey,
 };
 
 // Map names must match `steerd_common::map_names` (the attribute takes a literal).
@@ -45,6 +46,15 @@ static PROXY: Array<ProxyConfig> = Array::pinned(1, 0);
 
 #[map(name = "sd_l7conn_v1")]
 static L7CONN: LruHashMap<ClientKey, RevNatValue> = LruHashMap::pinned(MAX_L7_PENDING, 0);
+
+#[map(name = "sd_egress_v1")]
+static EGRESS: Array<EgressPolicy> = Array::pinned(1, 0);
+
+#[map(name = "sd_registry_v1")]
+static REGISTRY: LpmTrie<Addr, u32> = LpmTrie::pinned(MAX_REGISTRY, 0);
+
+#[map(name = "sd_denied_v1")]
+static DENIED: LruHashMap<Addr, u64> = LruHashMap::pinned(MAX_DENIED, 0);
 
 #[map(name = "sd_stats_v1")]
 static STATS: LruPerCpuHashMap<StatsKey, BackendStats> = LruPerCpuHashMap::pinned(MAX_STATS, 0);
@@ -151,6 +161,31 @@ fn proxy_for(vip: &Addr) -> Option<Backend> {
         port: cfg.port,
         _pad: 0,
     })
+}
+
+/// REGISTRY_ONLY: whether a destination that is not a service must be refused. Loopback always
+/// passes; refusals are counted per destination.
+#[inline(always)]
+fn egress_denied(dest: &Addr) -> bool {
+    if !EGRESS.get(0).is_some_and(|p| p.registry_only != 0) {
+        return false;
+    }
+    let loopback4 = dest.is_ipv4_mapped() && (dest.ipv4_be().to_ne_bytes()[0] == 127);
+    let loopback6 = dest.words == [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+    if loopback4 || loopback6 {
+        return false;
+    }
+    if REGISTRY.get(LpmKey::new(128, *dest)).is_some() {
+        return false;
+    }
+    match DENIED.get_ptr_mut(dest) {
+        // Racy increments across CPUs only under-count; the count is diagnostic.
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            let _ = DENIED.insert(dest, &1, 0);
+        }
+    }
+    true
 }
 
 /// Whether the socket belongs to the agent's proxy (see [`PROXY_SOCKET_MARK`]).
@@ -268,6 +303,13 @@ fn forward(ctx: &SockAddrContext, v6: bool, sticky: bool) -> i32 {
         Draw::Random => cookie(ctx),
     };
     match verdict {
+        Verdict::Pass if egress_denied(&key.addr) => {
+            debug!(
+                ctx,
+                "steerd: REGISTRY_ONLY refused an unregistered destination"
+            );
+            REJECT
+        }
         Verdict::Pass => ALLOW,
         Verdict::Reject => {
             debug!(ctx, "steerd: rejected connect to service without backends");

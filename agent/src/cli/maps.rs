@@ -80,9 +80,87 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     out
 }
 
+#[derive(Debug, Serialize)]
+pub struct EgressView {
+    pub outbound_traffic_policy: &'static str,
+    pub registered: Vec<String>,
+    /// (destination, refused connects)
+    pub denied: Vec<(String, u64)>,
+}
+
+/// The egress maps, read from their pins.
+pub fn egress(bpffs: &Path) -> Result<EgressView, aya::maps::MapError> {
+    use aya::maps::{Array, HashMap, LpmTrie, Map, MapData};
+    use steerd_common::{Addr, EgressPolicy, map_names};
+    let dir = Pins::new(bpffs).maps();
+    let open = |name: &str| MapData::from_pin(dir.join(name));
+    let policy: Array<MapData, EgressPolicy> =
+        Array::try_from(Map::Array(open(map_names::EGRESS)?))?;
+    let registry: LpmTrie<MapData, Addr, u32> =
+        LpmTrie::try_from(Map::LpmTrie(open(map_names::REGISTRY)?))?;
+    let denied: HashMap<MapData, Addr, u64> =
+        HashMap::try_from(Map::LruHashMap(open(map_names::DENIED)?))?;
+    let registry_only = policy.get(&0, 0)?.registry_only != 0;
+    let mut registered: Vec<String> = registry
+        .keys()
+        .filter_map(Result::ok)
+        .map(|k| {
+            let ip = kernel::ip_of(&k.data());
+            let len = if ip.is_ipv4() {
+                k.prefix_len().saturating_sub(96)
+            } else {
+                k.prefix_len()
+            };
+            format!("{ip}/{len}")
+        })
+        .collect();
+    registered.sort();
+    Ok(EgressView {
+        outbound_traffic_policy: if registry_only {
+            "REGISTRY_ONLY"
+        } else {
+            "ALLOW_ANY"
+        },
+        registered,
+        denied: crate::dataplane::egress::denied(&denied)
+            .into_iter()
+            .map(|(ip, n)| (ip.to_string(), n))
+            .collect(),
+    })
+}
+
 pub fn render(bpffs: &Path, which: MapsTable, output: Output) -> Result<String, maps::MapsError> {
+    if let MapsTable::Egress = which {
+        let view = egress(bpffs).map_err(|source| maps::MapsError::Map {
+            name: "egress",
+            source,
+        })?;
+        return Ok(match output {
+            Output::Json => serde_json::to_string_pretty(&view).expect("views serialize") + "\n",
+            Output::Table => {
+                let mut out = format!(
+                    "outboundTrafficPolicy: {}\n\n",
+                    view.outbound_traffic_policy
+                );
+                out += &table(
+                    &["REGISTERED"],
+                    view.registered.iter().map(|r| vec![r.clone()]).collect(),
+                );
+                out += "\n";
+                out += &table(
+                    &["REFUSED DESTINATION", "CONNECTS"],
+                    view.denied
+                        .iter()
+                        .map(|(d, n)| vec![d.clone(), n.to_string()])
+                        .collect(),
+                );
+                out
+            }
+        });
+    }
     let (services, backends) = rows(bpffs)?;
     Ok(match (which, output) {
+        (MapsTable::Egress, _) => unreachable!("handled above"),
         (MapsTable::Services, Output::Json) => {
             serde_json::to_string_pretty(&services).expect("rows serialize") + "\n"
         }

@@ -30,6 +30,14 @@ pub enum Output {
     Json,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutboundPolicy {
+    #[value(name = "ALLOW_ANY")]
+    AllowAny,
+    #[value(name = "REGISTRY_ONLY")]
+    RegistryOnly,
+}
+
 #[derive(Debug, Clone, Copy, Default, ValueEnum)]
 pub enum CheckOutput {
     #[default]
@@ -102,6 +110,8 @@ pub enum MapsTable {
     Services,
     /// One row per service backend, with the share of connections the kernel gives it.
     Backends,
+    /// The outbound traffic policy, the registered destinations and REGISTRY_ONLY refusals.
+    Egress,
 }
 
 #[derive(Debug, clap::Args)]
@@ -126,6 +136,10 @@ pub struct RunArgs {
     /// address the L7 proxy is off and HTTP services are balanced per connection.
     #[arg(long = "node-ip")]
     pub node_ips: Vec<std::net::IpAddr>,
+    /// The mesh's default `outboundTrafficPolicy` (meshConfig). A Sidecar without
+    /// workloadSelector in the root namespace (istio-system) overrides it, as in Istio.
+    #[arg(long, value_enum)]
+    pub outbound_traffic_policy: Option<OutboundPolicy>,
     /// Port of the L7 proxy listener on the node addresses.
     #[arg(long, default_value_t = 15001)]
     pub proxy_port: u16,
@@ -134,6 +148,10 @@ pub struct RunArgs {
     pub admin: SocketAddr,
     #[arg(long, value_enum, default_value_t)]
     pub log_format: LogFormat,
+    /// Nameserver (`IP[:PORT]`) for ServiceEntries with `resolution: DNS`/`DNS_ROUND_ROBIN`.
+    /// Default: the system's (/etc/resolv.conf).
+    #[arg(long, value_parser = crate::sources::dns::parse_server)]
+    pub dns_server: Option<SocketAddr>,
 }
 
 /// The cgroup2 mount point, from /proc/self/mounts.

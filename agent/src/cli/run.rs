@@ -37,6 +37,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if let Some(stats) = dataplane.stats.take() {
         state.metrics.attach_stats(stats);
     }
+    if let Some(denied) = dataplane.denied.take() {
+        state.metrics.attach_denied(denied);
+    }
     let admin = admin::bind(args.admin, state.clone())
         .await
         .with_context(|| format!("binding the admin listener {}", args.admin))?;
@@ -113,7 +116,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 for snap in latest.iter().flatten() {
                     config.merge_from(&snap.config);
                 }
-                reconcile(&mut dataplane, proxy.as_deref(), &config, &state);
+                let mesh_registry_only = args.outbound_traffic_policy == Some(super::OutboundPolicy::RegistryOnly);
+                reconcile(&mut dataplane, proxy.as_deref(), &config, &state, mesh_registry_only);
             }
             _ = gc.tick() => {
                 dataplane.writer.collect_garbage(Instant::now());
@@ -196,6 +200,7 @@ fn reconcile(
     proxy: Option<&Proxy>,
     config: &ConfigSet,
     state: &AdminState,
+    mesh_registry_only: bool,
 ) {
     let started = Instant::now();
     let plan = compile::compile(config);
@@ -212,6 +217,16 @@ fn reconcile(
     }
     let tables = kernel::tables(&plan);
     let metrics = &state.metrics;
+    // Registered destinations go in before the services that make them reachable, and before
+    // REGISTRY_ONLY is switched on.
+    let registry_only = plan.egress.registry_only.unwrap_or(mesh_registry_only);
+    if let Err(e) = dataplane
+        .egress
+        .apply(&plan.egress.registered, registry_only)
+    {
+        metrics.map_write_errors.inc();
+        error!(error = %e, "writing the egress registry failed; will retry on the next change");
+    }
     match dataplane.writer.apply(&tables) {
         Ok(stats) => {
             metrics.set_plan(&plan);

@@ -7,6 +7,7 @@
 pub mod alias;
 pub mod analyze;
 pub mod explain;
+pub mod gateway;
 pub mod http;
 mod l7;
 pub mod registry;
@@ -120,6 +121,51 @@ pub struct Plan {
     /// Pods by IP: who a client is, for `sourceLabels` matches and telemetry.
     #[serde(skip)]
     pub sources: HashMap<IpAddr, Source>,
+    /// What REGISTRY_ONLY lets through, and the mesh-wide policy the configuration sets.
+    pub egress: EgressPlan,
+}
+
+/// Istio's `outboundTrafficPolicy`, compiled.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct EgressPlan {
+    /// From a Sidecar without workloadSelector in the root namespace (Istio's mesh-wide
+    /// default); None leaves the mesh config (`--outbound-traffic-policy`) in charge.
+    pub registry_only: Option<bool>,
+    /// Every destination a Service or ServiceEntry registers: VIPs, endpoint addresses and
+    /// ServiceEntry address ranges.
+    pub registered: Vec<ipnet::IpNet>,
+}
+
+/// Istio's default root namespace, whose selector-less Sidecar applies mesh-wide.
+pub const ROOT_NAMESPACE: &str = "istio-system";
+
+fn egress_plan(config: &ConfigSet, registry: &Registry) -> EgressPlan {
+    let mut nets: std::collections::BTreeSet<ipnet::IpNet> = std::collections::BTreeSet::new();
+    for svc in registry.services.values() {
+        nets.extend(svc.vips.iter().map(|ip| ipnet::IpNet::from(*ip)));
+        nets.extend(svc.endpoints.iter().map(|e| ipnet::IpNet::from(e.ip)));
+    }
+    for se in &config.service_entries {
+        nets.extend(se.spec.addresses.iter().filter_map(|a| {
+            a.parse::<ipnet::IpNet>()
+                .ok()
+                .or_else(|| a.parse::<IpAddr>().ok().map(ipnet::IpNet::from))
+        }));
+    }
+    let mut sidecars: Vec<_> = config
+        .sidecars
+        .iter()
+        .filter(|s| s.meta.namespace == ROOT_NAMESPACE && s.spec.workload_selector.is_none())
+        .collect();
+    sidecars.sort_by_key(|s| s.meta.key());
+    let registry_only = sidecars.iter().find_map(|s| {
+        let mode = s.spec.outbound_traffic_policy.as_ref()?.mode?;
+        Some(mode == istio::OutboundTrafficPolicyMode::RegistryOnly)
+    });
+    EgressPlan {
+        registry_only,
+        registered: nets.into_iter().collect(),
+    }
 }
 
 /// A client workload, as the L7 proxy identifies it from the connection's source address.
@@ -219,7 +265,9 @@ pub fn compile(config: &ConfigSet) -> Plan {
                 .map(move |ip| (ip, source.clone()))
         })
         .collect();
+    let egress = egress_plan(config, &registry);
     Plan {
+        egress,
         sources,
         services,
         diagnostics: diags,

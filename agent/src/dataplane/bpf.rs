@@ -132,6 +132,10 @@ pub struct Dataplane {
     /// Original destinations of connections redirected to the proxy, by client address (taken
     /// by the proxy when it starts).
     pub l7_connections: Option<HashMap<MapData, ClientKey, RevNatValue>>,
+    /// REGISTRY_ONLY: policy switch and registered destinations.
+    pub egress: super::egress::EgressWriter,
+    /// Connects refused by REGISTRY_ONLY, per destination (taken by the metrics scraper).
+    pub denied: Option<HashMap<MapData, steerd_common::Addr, u64>>,
     /// Per-(service, backend) traffic counters (taken by the metrics scraper).
     pub stats: Option<PerCpuHashMap<MapData, StatsKey, BackendStats>>,
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -204,6 +208,14 @@ impl Dataplane {
             .map_err(map_err(map_names::L7CONN))?;
         let stats = PerCpuHashMap::try_from(take(&mut ebpf, map_names::STATS)?)
             .map_err(map_err(map_names::STATS))?;
+        let egress = super::egress::EgressWriter::new(
+            Array::try_from(take(&mut ebpf, map_names::EGRESS)?)
+                .map_err(map_err(map_names::EGRESS))?,
+            aya::maps::LpmTrie::try_from(take(&mut ebpf, map_names::REGISTRY)?)
+                .map_err(map_err(map_names::REGISTRY))?,
+        );
+        let denied = HashMap::try_from(take(&mut ebpf, map_names::DENIED)?)
+            .map_err(map_err(map_names::DENIED))?;
         if writer.service_count() > 0 {
             info!(
                 services = writer.service_count(),
@@ -215,6 +227,8 @@ impl Dataplane {
             proxy_config,
             l7_connections: Some(l7_connections),
             stats: Some(stats),
+            egress,
+            denied: Some(denied),
             logger,
             _ebpf: ebpf,
         })

@@ -50,13 +50,14 @@ const EVENT_NOTE_MAX: usize = 1024;
 const ISTIO_GROUP: &str = "networking.istio.io";
 /// Preferred first: v1 is what current Istio stores and documents.
 const ISTIO_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
-/// The Istio kinds the model parses. `Sidecar` is not in the model yet; when it is, add it here.
-const ISTIO_KINDS: [&str; 5] = [
+/// The Istio kinds the model parses.
+const ISTIO_KINDS: [&str; 6] = [
     "VirtualService",
     "DestinationRule",
     "ServiceEntry",
     "Gateway",
     "WorkloadEntry",
+    "Sidecar",
 ];
 const DISCOVERY_GROUP: &str = "discovery.k8s.io";
 
@@ -368,7 +369,16 @@ impl KindState {
             source: SOURCE.to_string(),
             line: None,
         };
-        match parse_value(&origin, &to_model_json(&self.target, obj)) {
+        // What Istio's webhook would refuse is treated like a parse error: the API server on its
+        // own (without istiod) stores it, but it must not reach the dataplane.
+        let parsed = parse_value(&origin, &to_model_json(&self.target, obj)).and_then(|objects| {
+            let objects = objects.unwrap_or_default();
+            match super::rejected(&objects).into_iter().next() {
+                Some(first) => Err(Box::new(first)),
+                None => Ok(Some(objects)),
+            }
+        });
+        match parsed {
             Ok(objects) => Entry {
                 resource_version,
                 objects: objects.unwrap_or_default(),
@@ -682,6 +692,7 @@ mod tests {
                 "networking.istio.io/v1 ServiceEntry Native",
                 "networking.istio.io/v1 Gateway Native",
                 "networking.istio.io/v1 WorkloadEntry Native",
+                "networking.istio.io/v1 Sidecar Native",
             ]
         );
 
@@ -702,7 +713,7 @@ mod tests {
             ),
         ]);
         let (targets, missing) = select_targets(&served);
-        assert_eq!(missing, ["WorkloadEntry"]);
+        assert_eq!(missing, ["WorkloadEntry", "Sidecar"]);
         let described = describe(&targets);
         assert_eq!(
             described[2],
