@@ -605,3 +605,64 @@ fn consistent_hash_on_a_header_is_sticky() {
     }
     assert!(seen.len() >= 2, "all users hashed to one backend: {seen:?}");
 }
+
+#[test]
+fn header_edits_redirect_direct_response_and_http2_upstream() {
+    let http = "  - match: [{uri: {prefix: /old}}]\n    redirect: {uri: /new, authority: reviews.example, redirectCode: 302}\n  - match: [{uri: {exact: /teapot}}]\n    directResponse: {status: 418, body: {string: short and stout}}\n  - route:\n    - destination: {host: reviews, subset: v1}\n      headers:\n        request: {set: {x-destination: v1}}\n    headers:\n      request:\n        set: {x-added: yes}\n        add: {x-multi: two}\n        remove: [x-strip]\n      response:\n        set: {x-served-by: steerd}\n        remove: [content-type]\n";
+    // A second service on the same pods whose port speaks HTTP/2 (Istio: port name http2-*).
+    let h2_service = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews-h2}\nspec: {clusterIP: 10.96.0.51, selector: {app: reviews}, ports: [{name: http2-api, port: 9080}]}\n";
+    let m = Mesh::start(&[
+        ("dr.yaml", REVIEWS_DR),
+        ("vs.yaml", &virtual_service(http)),
+        ("h2.yaml", h2_service),
+    ]);
+
+    let r = m.http(&["--url", &url("/old?x=1"), "--count", "1"]);
+    assert_eq!(r.status(302), 1, "{r:?}\n{}", m.agent.log());
+    assert_eq!(
+        r.sample.as_ref().unwrap().headers["location"],
+        "http://reviews.example/new?x=1"
+    );
+
+    let r = m.http(&["--url", &url("/teapot"), "--count", "1"]);
+    assert_eq!(r.status(418), 1, "{r:?}");
+    assert_eq!(
+        r.sample.as_ref().unwrap().body,
+        serde_json::json!("short and stout")
+    );
+
+    let r = m.http(&[
+        "--url",
+        &url("/reviews"),
+        "--count",
+        "1",
+        "--header",
+        "x-strip:secret",
+        "--header",
+        "x-multi:one",
+    ]);
+    assert_eq!(r.status(200), 1, "{r:?}");
+    let sample = r.sample.unwrap();
+    let seen = &sample.body["headers"];
+    assert_eq!(seen["x-added"], "yes", "{seen:#}");
+    assert_eq!(
+        seen["x-destination"], "v1",
+        "destination-level edits apply too: {seen:#}"
+    );
+    assert_eq!(seen["x-multi"], "one, two", "add appends: {seen:#}");
+    assert!(
+        seen.get("x-strip").is_none(),
+        "removed before reaching the backend: {seen:#}"
+    );
+    assert_eq!(sample.headers["x-served-by"], "steerd");
+    assert!(
+        !sample.headers.contains_key("content-type"),
+        "response header removed: {:?}",
+        sample.headers
+    );
+
+    // HTTP/1.1 from the client, HTTP/2 to the backend: the port's protocol decides upstream.
+    let r = m.http(&["--url", "http://10.96.0.51:9080/", "--count", "5"]);
+    assert_eq!(r.status(200), 5, "{r:?}");
+    assert_eq!(r.sample.unwrap().body["version"], "HTTP/2.0");
+}
