@@ -666,3 +666,44 @@ fn header_edits_redirect_direct_response_and_http2_upstream() {
     assert_eq!(r.status(200), 5, "{r:?}");
     assert_eq!(r.sample.unwrap().body["version"], "HTTP/2.0");
 }
+
+#[test]
+fn destination_rule_connect_timeout_bounds_a_silent_backend() {
+    let dr = format!(
+        "{REVIEWS_DR}  trafficPolicy:\n    connectionPool:\n      tcp: {{connectTimeout: 250ms}}\n"
+    );
+    let http =
+        "  - route: [{destination: {host: reviews, subset: v1}}]\n    retries: {attempts: 0}\n";
+    let m = Mesh::start(&[("dr.yaml", &dr), ("vs.yaml", &virtual_service(http))]);
+    // v1's pod drops SYNs: connects hang until the connect timeout, not the default 10 s.
+    for cmd in [
+        [
+            "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "9080", "-j", "DROP",
+        ],
+        [
+            "ip6tables",
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "9080",
+            "-j",
+            "DROP",
+        ],
+    ] {
+        let status = std::process::Command::new("nsenter")
+            .arg(format!("--net={}", m.backends[0].netns.path().display()))
+            .args(cmd)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{cmd:?}");
+    }
+    let r = m.http(&["--url", &url("/"), "--count", "2", "--timeout-ms", "5000"]);
+    assert_eq!(r.status(503), 2, "{r:?}");
+    assert!(
+        r.latency_ms.max < 2000.0,
+        "connect timeout not applied: {:?}",
+        r.latency_ms
+    );
+}

@@ -8,8 +8,8 @@
 //! carry [`PROXY_SOCKET_MARK`] so the kernel never steers them back here.
 
 use crate::compile::http::{
-    self, Cluster, HashKey, HeaderOps, HttpRoutes, LoadBalancer, Redirect, RequestView,
-    RetryPolicy, RouteAction,
+    self, Cluster, ClusterPolicy, HashKey, HeaderOps, HttpRoutes, LoadBalancer, Redirect,
+    RequestView, RetryPolicy, RouteAction,
 };
 use crate::compile::{Plan, Source, VipKey};
 use crate::dataplane::kernel;
@@ -39,6 +39,17 @@ pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
 /// Upstream TCP connect timeout when no DestinationRule sets one (Envoy's default is 10 s;
 /// Istio's is the same).
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an idle upstream connection is kept when no DestinationRule sets `idleTimeout`
+/// (Envoy's default is 1 h; a node agent keeps fewer sockets open).
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What distinguishes one upstream pool from another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct ClientKind {
+    http2: bool,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -143,8 +154,9 @@ pub struct Proxy {
     table: RwLock<Arc<ProxyTable>>,
     /// The kernel's record of which VIP each redirected client dialled.
     connections: Mutex<BpfHashMap<MapData, ClientKey, RevNatValue>>,
-    http1: Client<MarkedConnector, ProxyBody>,
-    http2: Client<MarkedConnector, ProxyBody>,
+    /// Upstream connection pools, one per (protocol, connect timeout, idle timeout): clusters
+    /// with the same DestinationRule connection settings share one.
+    clients: Mutex<HashMap<ClientKind, Client<MarkedConnector, ProxyBody>>>,
     clusters: Clusters,
     mirrors: Arc<tokio::sync::Semaphore>,
     metrics: Arc<Metrics>,
@@ -174,25 +186,37 @@ impl Proxy {
         connections: BpfHashMap<MapData, ClientKey, RevNatValue>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        let connector = MarkedConnector {
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-        };
-        let http1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector.clone());
-        let http2 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .http2_only(true)
-            .build(connector);
         Arc::new(Self {
             table: RwLock::new(Arc::new(ProxyTable::default())),
             connections: Mutex::new(connections),
-            http1,
-            http2,
+            clients: Mutex::new(HashMap::new()),
             clusters: Clusters::default(),
             mirrors: Arc::new(tokio::sync::Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
             metrics,
         })
+    }
+
+    /// The upstream pool for a cluster's connection settings (`tcp.connectTimeout`,
+    /// `http.idleTimeout`, HTTP/2 or not).
+    fn client_for(&self, policy: &ClusterPolicy) -> Client<MarkedConnector, ProxyBody> {
+        let kind = ClientKind {
+            http2: policy.http2,
+            connect_timeout: policy.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+            idle_timeout: policy.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT),
+        };
+        self.clients
+            .lock()
+            .expect("client pool lock")
+            .entry(kind)
+            .or_insert_with(|| {
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(kind.idle_timeout)
+                    .http2_only(kind.http2)
+                    .build(MarkedConnector {
+                        connect_timeout: kind.connect_timeout,
+                    })
+            })
+            .clone()
     }
 
     /// Swaps in the routing of a new plan; requests in flight finish with the table they
@@ -533,11 +557,7 @@ impl Proxy {
                         header_value(&(attempt + 1).to_string()),
                     );
                 }
-                let client = if cluster.policy.http2 {
-                    &self.http2
-                } else {
-                    &self.http1
-                };
+                let client = self.client_for(&cluster.policy);
                 let sent = client.request(up);
                 let result = match retries.per_try_timeout {
                     Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| ()),
@@ -668,11 +688,7 @@ impl Proxy {
         *req.headers_mut() = headers.clone();
         req.headers_mut()
             .insert(hyper::header::HOST, header_value(&host));
-        let client = if cluster.policy.http2 {
-            self.http2.clone()
-        } else {
-            self.http1.clone()
-        };
+        let client = self.client_for(&cluster.policy);
         tokio::spawn(async move {
             let _permit = permit;
             let _in_flight = in_flight;
