@@ -9,7 +9,9 @@ use crate::dataplane::{
     proxy::{Proxy, ProxyTable},
 };
 use crate::model::ConfigSet;
-use crate::sources::{self, Snapshot, SourceSpec, files::FileSource, kube::KubeSource};
+use crate::sources::{
+    self, Snapshot, SourceSpec, dns::DnsSource, files::FileSource, kube::KubeSource,
+};
 use anyhow::{Context, Result};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -90,10 +92,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
         }
     }
+    // DNS answers for ServiceEntries come in as one more source, after the configured ones.
+    let dns = {
+        let (snap_tx, snap_rx) = mpsc::channel(4);
+        tokio::spawn(forward(args.sources.len(), snap_rx, tx.clone()));
+        DnsSource::spawn(args.dns_server, snap_tx)
+    };
     // Held so the channel stays open after one-shot sources (builtin) have sent.
     let _sources_open = tx;
 
-    let mut latest: Vec<Option<Snapshot>> = vec![None; args.sources.len()];
+    let mut latest: Vec<Option<Snapshot>> = vec![None; args.sources.len() + 1];
     let mut gc = tokio::time::interval(GC_INTERVAL);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -116,6 +124,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 for snap in latest.iter().flatten() {
                     config.merge_from(&snap.config);
                 }
+                dns.want(&config);
                 let mesh_registry_only = args.outbound_traffic_policy == Some(super::OutboundPolicy::RegistryOnly);
                 reconcile(&mut dataplane, proxy.as_deref(), &config, &state, mesh_registry_only);
             }

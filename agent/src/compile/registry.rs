@@ -9,7 +9,7 @@ use crate::model::{
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 /// The Kubernetes cluster DNS domain.
@@ -503,6 +503,8 @@ impl Builder<'_> {
                 .collect()
         };
         let mut endpoints = Vec::new();
+        // DNS entries without endpoints: each host's own endpoints, in `spec.hosts` order.
+        let mut per_host: Vec<Vec<Endpoint>> = Vec::new();
         if spec.resolution == Resolution::Static {
             for (i, we) in spec.endpoints().iter().enumerate() {
                 match we.address.parse::<IpAddr>() {
@@ -585,19 +587,122 @@ impl Builder<'_> {
                     }
                 }
             }
-        } else if matches!(
-            spec.resolution,
-            Resolution::Dns | Resolution::DnsRoundRobin | Resolution::DynamicDns
-        ) {
+        } else if resolves_by_dns(spec.resolution) {
+            // Like Envoy's STRICT_DNS (DNS) and LOGICAL_DNS (DNS_ROUND_ROBIN) clusters: the
+            // endpoints are the addresses the agent's resolver found for each endpoint address,
+            // for the selected WorkloadEntries' addresses, or, with neither, for each host.
+            let round_robin = spec.resolution == Resolution::DnsRoundRobin;
+            let source = format!("ServiceEntry {}", meta.key());
+            if !spec.endpoints().is_empty() {
+                for (i, we) in spec.endpoints().iter().enumerate() {
+                    let template = Endpoint {
+                        ip: IpAddr::from([0, 0, 0, 0]),
+                        labels: we.labels.clone(),
+                        ports: port_map_for(&we.ports),
+                        weight: we.weight.unwrap_or(1).max(1),
+                        source: source.clone(),
+                        workload: Workload::new(
+                            "ServiceEntry",
+                            &meta.namespace,
+                            &meta.name,
+                            &we.labels,
+                        ),
+                    };
+                    let field = format!("spec.endpoints[{i}].address");
+                    endpoints.extend(self.dns_endpoints(
+                        se,
+                        &field,
+                        &we.address,
+                        template,
+                        round_robin,
+                    ));
+                }
+            } else if let Some(sel) = &spec.workload_selector {
+                for we in selected_workload_entries(self.config, se) {
+                    let mut labels = we.meta.labels.clone();
+                    labels.extend(we.spec.labels.clone());
+                    let template = Endpoint {
+                        ip: IpAddr::from([0, 0, 0, 0]),
+                        ports: port_map_for(&we.spec.ports),
+                        weight: we.spec.weight.unwrap_or(1).max(1),
+                        source: format!("WorkloadEntry {}", we.meta.key()),
+                        workload: Workload::new(
+                            "WorkloadEntry",
+                            &we.meta.namespace,
+                            &we.meta.name,
+                            &labels,
+                        ),
+                        labels,
+                    };
+                    endpoints.extend(self.dns_endpoints(
+                        se,
+                        "spec.workloadSelector",
+                        &we.spec.address,
+                        template,
+                        round_robin,
+                    ));
+                }
+                for pod in self
+                    .pods_by_ns
+                    .get(meta.namespace.as_str())
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| labels_match(&sel.labels, &p.meta.labels))
+                {
+                    for ip in pod_ips(&pod.spec) {
+                        endpoints.push(Endpoint {
+                            ip,
+                            labels: pod.meta.labels.clone(),
+                            ports: port_map_for(&BTreeMap::new()),
+                            weight: 1,
+                            source: format!("Pod {}", pod.meta.key()),
+                            workload: Workload::new(
+                                "Pod",
+                                &pod.meta.namespace,
+                                &pod.meta.name,
+                                &pod.meta.labels,
+                            ),
+                        });
+                    }
+                }
+            } else {
+                // Each host is its own service whose one endpoint is the host itself (Istio
+                // converts such an entry into one service per host). Wildcard hosts are
+                // invalid here and resolve to nothing.
+                for (i, host) in spec.hosts.iter().enumerate() {
+                    let template = Endpoint {
+                        ip: IpAddr::from([0, 0, 0, 0]),
+                        labels: BTreeMap::new(),
+                        ports: port_map_for(&BTreeMap::new()),
+                        weight: 1,
+                        source: source.clone(),
+                        workload: Workload::new(
+                            "ServiceEntry",
+                            &meta.namespace,
+                            &meta.name,
+                            &BTreeMap::new(),
+                        ),
+                    };
+                    let resolved = if host.contains('*') {
+                        Vec::new()
+                    } else {
+                        let field = format!("spec.hosts[{i}]");
+                        self.dns_endpoints(se, &field, host, template, round_robin)
+                    };
+                    per_host.push(resolved);
+                }
+            }
+        } else if spec.resolution == Resolution::DynamicDns {
             self.diag(
                 Level::Warning,
                 "ServiceEntry",
                 meta,
                 &se.origin,
                 "spec.resolution",
-                "DNS resolution is not supported yet; the entry is not steered".into(),
+                "DYNAMIC_DNS resolution is not supported yet; the entry is not steered".into(),
             );
         }
+        let mut per_host = per_host.into_iter();
         spec.hosts
             .iter()
             .map(|h| RegistryService {
@@ -609,10 +714,162 @@ impl Builder<'_> {
                 vips: vips.clone(),
                 ports: ports.clone(),
                 resolution: spec.resolution,
-                endpoints: endpoints.clone(),
+                endpoints: per_host.next().unwrap_or_else(|| endpoints.clone()),
             })
             .collect()
     }
+
+    /// The endpoints one address of a DNS ServiceEntry stands for: itself when it is an IP,
+    /// else the addresses the resolver found for it (only the first of each family for
+    /// DNS_ROUND_ROBIN, as Envoy's LOGICAL_DNS connects to the first address it resolved).
+    /// Resolution problems are reported on `field`; a name not resolved yet has no endpoints.
+    fn dns_endpoints(
+        &mut self,
+        se: &Resource<istio::ServiceEntry>,
+        field: &str,
+        address: &str,
+        template: Endpoint,
+        round_robin: bool,
+    ) -> Vec<Endpoint> {
+        if let Ok(ip) = address.parse::<IpAddr>() {
+            return vec![Endpoint { ip, ..template }];
+        }
+        if !is_dns_name(address) {
+            self.diag(
+                Level::Warning,
+                "ServiceEntry",
+                &se.meta,
+                &se.origin,
+                field,
+                format!("address {address:?} is neither an IP nor a DNS name; skipped"),
+            );
+            return Vec::new();
+        }
+        let Some(answer) = self.config.resolved.get(&dns_key(address)) else {
+            return Vec::new();
+        };
+        let listed = || {
+            answer
+                .addresses
+                .iter()
+                .map(IpAddr::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match (&answer.error, answer.addresses.is_empty()) {
+            (Some(e), true) => self.diag(
+                Level::Error,
+                "ServiceEntry",
+                &se.meta,
+                &se.origin,
+                field,
+                format!("{address} does not resolve: {e}; it has no endpoints"),
+            ),
+            (Some(e), false) => self.diag(
+                Level::Warning,
+                "ServiceEntry",
+                &se.meta,
+                &se.origin,
+                field,
+                format!(
+                    "resolving {address} failed: {e}; serving its last answer ({})",
+                    listed()
+                ),
+            ),
+            (None, true) => self.diag(
+                Level::Warning,
+                "ServiceEntry",
+                &se.meta,
+                &se.origin,
+                field,
+                format!("{address} resolves to no addresses; it has no endpoints"),
+            ),
+            (None, false) => {}
+        }
+        let mut ips: Vec<IpAddr> = Vec::new();
+        for ip in &answer.addresses {
+            let take = if round_robin {
+                !ips.iter().any(|i| i.is_ipv4() == ip.is_ipv4())
+            } else {
+                !ips.contains(ip)
+            };
+            if take {
+                ips.push(*ip);
+            }
+        }
+        ips.into_iter()
+            .map(|ip| Endpoint {
+                ip,
+                source: format!("{} ({address})", template.source),
+                ..template.clone()
+            })
+            .collect()
+    }
+}
+
+/// Whether a ServiceEntry's endpoints come from DNS.
+fn resolves_by_dns(resolution: Resolution) -> bool {
+    matches!(resolution, Resolution::Dns | Resolution::DnsRoundRobin)
+}
+
+/// The key of a DNS name in [`ConfigSet::resolved`]: lower case, without a trailing dot.
+pub fn dns_key(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Whether an address of a DNS ServiceEntry is a name to resolve (not an IP, a CIDR, a
+/// `unix://` path or a wildcard).
+fn is_dns_name(address: &str) -> bool {
+    !address.is_empty() && address.parse::<IpAddr>().is_err() && !address.contains(['*', '/', ':'])
+}
+
+/// The WorkloadEntries a ServiceEntry's `workloadSelector` selects (none without one).
+fn selected_workload_entries<'a>(
+    config: &'a ConfigSet,
+    se: &'a Resource<istio::ServiceEntry>,
+) -> impl Iterator<Item = &'a Resource<istio::WorkloadEntry>> {
+    let selector = se.spec.workload_selector.as_ref();
+    config.workload_entries.iter().filter(move |w| {
+        selector.is_some_and(|sel| {
+            w.meta.namespace == se.meta.namespace
+                && sel
+                    .labels
+                    .iter()
+                    .all(|(k, v)| w.spec.labels.get(k).or_else(|| w.meta.labels.get(k)) == Some(v))
+        })
+    })
+}
+
+/// Every name the DNS ServiceEntries of `config` need resolved (keys of
+/// [`ConfigSet::resolved`]): their endpoint addresses that are names, the addresses of the
+/// WorkloadEntries they select, or, with neither, their hosts. Wildcards are never resolved.
+pub fn dns_names(config: &ConfigSet) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for se in &config.service_entries {
+        let spec = &se.spec;
+        if !resolves_by_dns(spec.resolution) {
+            continue;
+        }
+        let addresses: Vec<&str> = if !spec.endpoints().is_empty() {
+            spec.endpoints()
+                .iter()
+                .map(|e| e.address.as_str())
+                .collect()
+        } else if spec.workload_selector.is_some() {
+            selected_workload_entries(config, se)
+                .map(|w| w.spec.address.as_str())
+                .collect()
+        } else {
+            spec.hosts.iter().map(String::as_str).collect()
+        };
+        names.extend(
+            addresses
+                .into_iter()
+                .filter(|a| is_dns_name(a))
+                .map(dns_key),
+        );
+    }
+    names
 }
 
 /// Builds the registry, reporting problems into `diags`.
@@ -736,6 +993,304 @@ mod tests {
         assert_eq!(
             k8s_port_protocol("tcp", Some("http")).as_deref(),
             Some("HTTP")
+        );
+    }
+}
+
+#[cfg(test)]
+mod dns_tests {
+    use super::*;
+    use crate::compile::{Plan, VipKey, compile};
+    use crate::model::{Resolved, parse_documents};
+
+    fn config(text: &str, answers: &[(&str, &[&str], Option<&str>)]) -> ConfigSet {
+        let (objects, errors) = parse_documents("dns.yaml", text);
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut config = ConfigSet::default();
+        config.extend(objects);
+        for (name, ips, error) in answers {
+            config.resolved.insert(
+                name.to_string(),
+                Resolved {
+                    addresses: ips.iter().map(|s| s.parse().unwrap()).collect(),
+                    error: error.map(str::to_string),
+                },
+            );
+        }
+        config
+    }
+
+    fn backends(plan: &Plan, vip: &str) -> Vec<(String, f64)> {
+        let addr: std::net::SocketAddr = vip.parse().unwrap();
+        let key = VipKey {
+            ip: addr.ip(),
+            port: addr.port(),
+            transport: Transport::Tcp,
+        };
+        plan.services
+            .get(&key)
+            .unwrap_or_else(|| panic!("{vip} not in the plan"))
+            .backends
+            .iter()
+            .map(|b| (b.addr.to_string(), (b.weight * 1e6).round() / 1e6))
+            .collect()
+    }
+
+    fn messages(plan: &Plan) -> Vec<String> {
+        plan.diagnostics
+            .iter()
+            .map(|d| format!("{} {}: {}", d.level, d.field, d.message))
+            .collect()
+    }
+
+    const DB: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: data}
+spec:
+  hosts: [db.example.test]
+  addresses: [10.96.7.7, "fd00:96::7"]
+  ports: [{number: 5432, name: pg, protocol: TCP, targetPort: 15432}]
+  location: MESH_EXTERNAL
+  resolution: DNS
+  endpoints:
+  - address: db-1.example.test
+    labels: {zone: a}
+    weight: 3
+  - address: DB-2.Example.Test.
+    ports: {pg: 25432}
+  - address: 10.244.9.9
+"#;
+
+    #[test]
+    fn dns_endpoints_are_the_resolved_addresses() {
+        let config = config(
+            DB,
+            &[
+                (
+                    "db-1.example.test",
+                    &["10.244.1.2", "10.244.1.3", "fd00:244:1::2"],
+                    None,
+                ),
+                ("db-2.example.test", &["10.244.2.2"], None),
+            ],
+        );
+        assert_eq!(
+            dns_names(&config).into_iter().collect::<Vec<_>>(),
+            ["db-1.example.test", "db-2.example.test"]
+        );
+        let plan = compile(&config);
+        assert!(plan.diagnostics.is_empty(), "{:?}", messages(&plan));
+        // Every address of an endpoint carries its weight and ports.
+        assert_eq!(
+            backends(&plan, "10.96.7.7:5432"),
+            vec![
+                ("10.244.1.2:15432".into(), 0.375),
+                ("10.244.1.3:15432".into(), 0.375),
+                ("10.244.2.2:25432".into(), 0.125),
+                ("10.244.9.9:15432".into(), 0.125),
+            ]
+        );
+        assert_eq!(
+            backends(&plan, "[fd00:96::7]:5432"),
+            vec![("[fd00:244:1::2]:15432".into(), 1.0)]
+        );
+        let registry = build(&config, &mut Vec::new());
+        let svc = &registry.services["db.example.test"];
+        assert_eq!(svc.endpoints[0].labels["zone"], "a");
+        assert_eq!(
+            svc.endpoints[0].source,
+            "ServiceEntry data/db (db-1.example.test)"
+        );
+    }
+
+    #[test]
+    fn names_not_resolved_yet_have_no_endpoints_and_no_findings() {
+        let config = config(DB, &[]);
+        let plan = compile(&config);
+        assert!(plan.diagnostics.is_empty(), "{:?}", messages(&plan));
+        assert_eq!(
+            backends(&plan, "10.96.7.7:5432"),
+            vec![("10.244.9.9:15432".into(), 1.0)]
+        );
+        assert_eq!(
+            backends(&plan, "[fd00:96::7]:5432"),
+            vec![],
+            "no backends: connects are refused"
+        );
+    }
+
+    #[test]
+    fn failures_serve_the_last_answer_and_unresolvable_names_are_errors() {
+        let config = config(
+            DB,
+            &[
+                (
+                    "db-1.example.test",
+                    &["10.244.1.2"],
+                    Some("request timed out"),
+                ),
+                ("db-2.example.test", &[], Some("no such name (NXDOMAIN)")),
+            ],
+        );
+        let plan = compile(&config);
+        assert_eq!(
+            backends(&plan, "10.96.7.7:5432"),
+            vec![
+                ("10.244.1.2:15432".into(), 0.75),
+                ("10.244.9.9:15432".into(), 0.25),
+            ]
+        );
+        assert_eq!(
+            messages(&plan),
+            [
+                "Warning spec.endpoints[0].address: resolving db-1.example.test failed: request timed out; serving its last answer (10.244.1.2)",
+                "Error spec.endpoints[1].address: DB-2.Example.Test. does not resolve: no such name (NXDOMAIN); it has no endpoints",
+            ]
+        );
+        assert!(plan.diagnostics.iter().all(|d| d.object == "data/db"
+            && d.kind == "ServiceEntry"
+            && d.origin.source == "dns.yaml"));
+    }
+
+    #[test]
+    fn round_robin_uses_the_first_address_of_each_family() {
+        let text = DB
+            .replace("resolution: DNS", "resolution: DNS_ROUND_ROBIN")
+            .replace(
+                "  - address: DB-2.Example.Test.\n    ports: {pg: 25432}\n  - address: 10.244.9.9\n",
+                "",
+            );
+        let config = config(
+            &text,
+            &[(
+                "db-1.example.test",
+                &["fd00:244:1::2", "10.244.1.3", "10.244.1.2", "fd00:244:1::3"],
+                None,
+            )],
+        );
+        let plan = compile(&config);
+        assert!(plan.diagnostics.is_empty(), "{:?}", messages(&plan));
+        assert_eq!(
+            backends(&plan, "10.96.7.7:5432"),
+            vec![("10.244.1.3:15432".into(), 1.0)]
+        );
+        assert_eq!(
+            backends(&plan, "[fd00:96::7]:5432"),
+            vec![("[fd00:244:1::2]:15432".into(), 1.0)]
+        );
+    }
+
+    #[test]
+    fn without_endpoints_each_host_resolves_itself() {
+        let text = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: apis, namespace: web}
+spec:
+  hosts: [a.example.test, b.example.test]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: wild, namespace: web}
+spec:
+  hosts: ["*.wild.test"]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: passthrough, namespace: web}
+spec:
+  hosts: [pass.example.test]
+  addresses: [10.96.8.8]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: NONE
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: static, namespace: web}
+spec:
+  hosts: [static.example.test]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 10.244.3.3}]
+"#;
+        let config = config(
+            text,
+            &[
+                ("a.example.test", &["10.244.1.2"], None),
+                ("b.example.test", &["10.244.2.2"], None),
+            ],
+        );
+        // Wildcards, NONE and STATIC entries need no DNS.
+        assert_eq!(
+            dns_names(&config).into_iter().collect::<Vec<_>>(),
+            ["a.example.test", "b.example.test"]
+        );
+        let registry = build(&config, &mut Vec::new());
+        let ips = |host: &str| -> Vec<String> {
+            registry.services[host]
+                .endpoints
+                .iter()
+                .map(|e| format!("{}:{}", e.ip, e.ports[&80]))
+                .collect()
+        };
+        assert_eq!(ips("a.example.test"), ["10.244.1.2:80"]);
+        assert_eq!(ips("b.example.test"), ["10.244.2.2:80"]);
+        assert!(ips("*.wild.test").is_empty());
+        let plan = compile(&config);
+        assert!(
+            !plan
+                .services
+                .keys()
+                .any(|k| k.ip.to_string() == "10.96.8.8"),
+            "resolution NONE passes through"
+        );
+    }
+
+    #[test]
+    fn workload_selector_entries_resolve_their_addresses() {
+        let text = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: vms, namespace: data}
+spec:
+  hosts: [vms.example.test]
+  addresses: [10.96.9.9]
+  ports: [{number: 8080, name: tcp, protocol: TCP}]
+  resolution: DNS
+  workloadSelector: {labels: {app: vm}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm-1, namespace: data}
+spec: {address: vm-1.example.test, labels: {app: vm}, ports: {tcp: 18080}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm-2, namespace: data}
+spec: {address: 10.244.6.6, labels: {app: vm}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: other, namespace: data}
+spec: {address: other.example.test, labels: {app: other}}
+"#;
+        let config = config(text, &[("vm-1.example.test", &["10.244.5.5"], None)]);
+        assert_eq!(
+            dns_names(&config).into_iter().collect::<Vec<_>>(),
+            ["vm-1.example.test"]
+        );
+        let plan = compile(&config);
+        assert_eq!(
+            backends(&plan, "10.96.9.9:8080"),
+            vec![
+                ("10.244.5.5:18080".into(), 0.5),
+                ("10.244.6.6:8080".into(), 0.5),
+            ]
         );
     }
 }

@@ -103,6 +103,22 @@ pub struct ConfigSet {
     pub workload_entries: Vec<Resource<istio::WorkloadEntry>>,
     pub gateways: Vec<Resource<istio::Gateway>>,
     pub sidecars: Vec<Resource<istio::Sidecar>>,
+    /// What DNS said about the names `resolution: DNS`/`DNS_ROUND_ROBIN` ServiceEntries need,
+    /// by name (lower case, no trailing dot; see [`crate::compile::registry::dns_names`]).
+    /// Filled by the agent's resolver (`sources::dns`), not by manifests; a name missing here
+    /// has not been resolved yet.
+    pub resolved: BTreeMap<String, Resolved>,
+}
+
+/// The addresses of one DNS name, as the agent's resolver last saw them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Resolved {
+    /// A records, then AAAA records, each in the order the server answered.
+    pub addresses: Vec<std::net::IpAddr>,
+    /// Set when the last lookup did not give a usable answer: `addresses` are then the last
+    /// good answer (kept while DNS fails), or empty when there never was one or the name does
+    /// not exist (NXDOMAIN) or has no A/AAAA records.
+    pub error: Option<String>,
 }
 
 /// One parsed object of any supported kind. Objects are moved straight into a [`ConfigSet`]'s
@@ -154,6 +170,7 @@ impl ConfigSet {
             workload_entries,
             gateways,
             sidecars,
+            resolved,
         } = other;
         self.services.extend(services.iter().cloned());
         self.endpoint_slices.extend(endpoint_slices.iter().cloned());
@@ -167,9 +184,11 @@ impl ConfigSet {
             .extend(workload_entries.iter().cloned());
         self.gateways.extend(gateways.iter().cloned());
         self.sidecars.extend(sidecars.iter().cloned());
+        self.resolved
+            .extend(resolved.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
 
-    /// Number of objects of all kinds.
+    /// Number of objects of all kinds (DNS answers in `resolved` are not objects).
     pub fn len(&self) -> usize {
         self.services.len()
             + self.endpoint_slices.len()

@@ -1,6 +1,7 @@
 //! Configuration sources. Each produces complete [`ConfigSet`] snapshots; the agent compiles
 //! whichever snapshot arrived last.
 
+pub mod dns;
 pub mod files;
 pub mod kube;
 
