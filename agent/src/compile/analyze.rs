@@ -238,10 +238,12 @@ fn service_entry_addresses(config: &ConfigSet, out: &mut Vec<Diagnostic>) {
     }
 }
 
+/// A server host and the Gateway that exposes it.
+type HostClaim<'a> = (String, &'a Resource<istio::Gateway>);
+
 /// IST0145: two Gateways on the same workload selector and port claim the same host.
 fn conflicting_gateways(config: &ConfigSet, out: &mut Vec<Diagnostic>) {
-    let mut claims: BTreeMap<(String, u32), Vec<(String, &Resource<istio::Gateway>)>> =
-        BTreeMap::new();
+    let mut claims: BTreeMap<(String, u32), Vec<HostClaim>> = BTreeMap::new();
     for gw in &config.gateways {
         let selector = gw
             .spec
