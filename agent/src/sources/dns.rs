@@ -328,10 +328,11 @@ pub async fn run<L, F>(
             .map(|(name, e)| (name.clone(), e.resolved()))
             .collect();
         if view != sent {
-            let mut config = ConfigSet::default();
-            config.resolved = view.clone();
             let snapshot = Snapshot {
-                config,
+                config: ConfigSet {
+                    resolved: view.clone(),
+                    ..ConfigSet::default()
+                },
                 errors: Vec::new(),
             };
             if out.send(snapshot).await.is_err() {
