@@ -143,6 +143,12 @@ pub struct RunArgs {
     /// Port of the L7 proxy listener on the node addresses.
     #[arg(long, default_value_t = 15001)]
     pub proxy_port: u16,
+    /// Serve an Istio Gateway (`ns/name`, or `name` in namespace `default`): the ports of its
+    /// servers are bound on the node addresses (or `server.bind`) and routed with the
+    /// VirtualServices bound to it (HTTP, HTTPS/TLS with SIMPLE or PASSTHROUGH, TCP). Repeat to
+    /// serve several Gateways; needs a node address.
+    #[arg(long = "gateway", value_name = "NS/NAME")]
+    pub gateways: Vec<String>,
     /// Admin listener (probes, debug views).
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,

@@ -36,6 +36,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if let Some(p) = &proxy {
         let _ = state.proxy.set(p.clone());
     }
+    let gateways = start_gateways(&args, proxy.as_ref())?;
     if let Some(stats) = dataplane.stats.take() {
         state.metrics.attach_stats(stats);
     }
@@ -126,6 +127,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 }
                 dns.want(&config);
                 let mesh_registry_only = args.outbound_traffic_policy == Some(super::OutboundPolicy::RegistryOnly);
+                // Gateway listeners first: readiness (in reconcile) then covers them too.
+                if let Some(g) = &gateways {
+                    g.apply(&config);
+                }
                 reconcile(&mut dataplane, proxy.as_deref(), &config, &state, mesh_registry_only);
             }
             _ = gc.tick() => {
@@ -263,4 +268,33 @@ fn reconcile(
             error!(error = %e, "writing the plan to the maps failed; will retry on the next change");
         }
     }
+}
+
+/// The `--gateway` listeners; they bind when the first configuration arrives.
+fn start_gateways(
+    args: &RunArgs,
+    proxy: Option<&Arc<Proxy>>,
+) -> Result<Option<Arc<crate::dataplane::gateway::Gateways>>> {
+    if args.gateways.is_empty() {
+        return Ok(None);
+    }
+    let Some(proxy) = proxy else {
+        anyhow::bail!("--gateway needs a node address to listen on (--node-ip)");
+    };
+    let node_ips = if args.node_ips.is_empty() {
+        super::default_node_ip().into_iter().collect()
+    } else {
+        args.node_ips.clone()
+    };
+    let names: Vec<String> = args
+        .gateways
+        .iter()
+        .map(|g| compile::gateway_ref(g, compile::gateway::DEFAULT_NAMESPACE))
+        .collect();
+    info!(gateways = ?names, "serving gateways");
+    Ok(Some(crate::dataplane::gateway::Gateways::new(
+        proxy.clone(),
+        node_ips,
+        names,
+    )))
 }

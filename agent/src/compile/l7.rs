@@ -250,7 +250,7 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    fn http_rule(
+    pub(super) fn http_rule(
         &mut self,
         vs: &Resource<istio::VirtualService>,
         index: usize,

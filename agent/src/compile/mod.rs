@@ -7,6 +7,7 @@
 pub mod alias;
 pub mod analyze;
 pub mod explain;
+pub mod gateway;
 pub mod http;
 mod l7;
 pub mod registry;

@@ -1,6 +1,7 @@
 //! The kernel side: BPF programs and maps (and, later, the L7 proxy).
 
 pub mod bpf;
+pub mod gateway;
 pub mod egress;
 pub mod kernel;
 pub mod maps;

@@ -302,13 +302,31 @@ impl Proxy {
         peer: SocketAddr,
         req: Request<Incoming>,
     ) -> Response<ProxyBody> {
-        let started = Instant::now();
         let table = self.table();
         let source = table.sources.get(&peer.ip().to_canonical());
         let Some(service) = table.services.get(&vip).cloned() else {
             return local_reply(StatusCode::NOT_FOUND, "");
         };
-        let served = self.route(&service, source, peer, req).await;
+        self.serve_request(&service, source, peer, req, MESH_GATEWAY, "http")
+            .await
+    }
+
+    /// Routes one request with `service`'s routes as `gateway` sees them (`mesh`, or a Gateway's
+    /// `ns/name` for the gateway listeners), forwards it, and records its telemetry. `scheme`
+    /// is what the client spoke (`http`, or `https` behind a terminating gateway).
+    pub async fn serve_request(
+        &self,
+        service: &ProxyService,
+        source: Option<&Source>,
+        peer: SocketAddr,
+        req: Request<Incoming>,
+        gateway: &str,
+        scheme: &'static str,
+    ) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let served = self
+            .route(service, source, peer, req, gateway, scheme)
+            .await;
         let status = served.response.status().as_u16();
         let labels_service = ServiceLabels::from_host(&service.host);
         let index = self.metrics.label_index();
@@ -335,6 +353,8 @@ impl Proxy {
         source: Option<&Source>,
         peer: SocketAddr,
         req: Request<Incoming>,
+        gateway: &str,
+        scheme: &'static str,
     ) -> Served {
         let (parts, body) = req.into_parts();
         let authority = parts
@@ -351,7 +371,7 @@ impl Proxy {
             .collect();
         let view = RequestView {
             method: parts.method.as_str(),
-            scheme: "http",
+            scheme,
             authority: &authority,
             path: parts.uri.path(),
             query: parts.uri.query().unwrap_or(""),
@@ -359,7 +379,7 @@ impl Proxy {
             port: service.port,
             source_labels: source.map(|s| &s.labels),
             source_namespace: source.map(|s| s.workload.namespace.as_str()),
-            gateway: MESH_GATEWAY,
+            gateway,
         };
         let Some(rule) = service.routes.select(&view) else {
             return Served::local(StatusCode::NOT_FOUND, "", "NR");
@@ -451,7 +471,7 @@ impl Proxy {
         if !upstream_headers.contains_key("x-forwarded-proto") {
             upstream_headers.insert(
                 "x-forwarded-proto",
-                hyper::header::HeaderValue::from_static("http"),
+                hyper::header::HeaderValue::from_static(scheme),
             );
         }
 

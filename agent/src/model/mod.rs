@@ -4,6 +4,7 @@
 
 pub mod duration;
 pub mod istio;
+pub mod secret;
 pub mod validate;
 
 use serde::Serialize;
@@ -67,6 +68,7 @@ pub enum Kind {
     WorkloadEntry,
     Gateway,
     Sidecar,
+    Secret,
 }
 
 impl Kind {
@@ -81,6 +83,7 @@ impl Kind {
             Kind::WorkloadEntry => "WorkloadEntry",
             Kind::Gateway => "Gateway",
             Kind::Sidecar => "Sidecar",
+            Kind::Secret => "Secret",
         }
     }
 }
@@ -103,6 +106,8 @@ pub struct ConfigSet {
     pub workload_entries: Vec<Resource<istio::WorkloadEntry>>,
     pub gateways: Vec<Resource<istio::Gateway>>,
     pub sidecars: Vec<Resource<istio::Sidecar>>,
+    /// Only what Gateway credentials need (see [`secret`]).
+    pub secrets: Vec<Resource<secret::Secret>>,
     /// What DNS said about the names `resolution: DNS`/`DNS_ROUND_ROBIN` ServiceEntries need,
     /// by name (lower case, no trailing dot; see [`crate::compile::registry::dns_names`]).
     /// Filled by the agent's resolver (`sources::dns`), not by manifests; a name missing here
@@ -135,6 +140,7 @@ pub enum Object {
     WorkloadEntry(Resource<istio::WorkloadEntry>),
     Gateway(Resource<istio::Gateway>),
     Sidecar(Resource<istio::Sidecar>),
+    Secret(Resource<secret::Secret>),
 }
 
 impl ConfigSet {
@@ -149,6 +155,7 @@ impl ConfigSet {
             Object::WorkloadEntry(r) => self.workload_entries.push(r),
             Object::Gateway(r) => self.gateways.push(r),
             Object::Sidecar(r) => self.sidecars.push(r),
+            Object::Secret(r) => self.secrets.push(r),
         }
     }
 
@@ -170,6 +177,7 @@ impl ConfigSet {
             workload_entries,
             gateways,
             sidecars,
+            secrets,
             resolved,
         } = other;
         self.services.extend(services.iter().cloned());
@@ -184,6 +192,7 @@ impl ConfigSet {
             .extend(workload_entries.iter().cloned());
         self.gateways.extend(gateways.iter().cloned());
         self.sidecars.extend(sidecars.iter().cloned());
+        self.secrets.extend(secrets.iter().cloned());
         self.resolved
             .extend(resolved.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
@@ -199,6 +208,7 @@ impl ConfigSet {
             + self.workload_entries.len()
             + self.gateways.len()
             + self.sidecars.len()
+            + self.secrets.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -327,6 +337,9 @@ pub fn parse_value(
         }
         ("", "Pod") if version == "v1" => {
             typed(value, "").map(|s| Object::Pod(resource(&meta, origin, s)))
+        }
+        ("", "Secret") if version == "v1" => {
+            secret::parse(map).map(|s| Object::Secret(resource(&meta, origin, s)))
         }
         ("discovery.k8s.io", "EndpointSlice") if version == "v1" => {
             typed(value, "").map(|s| Object::EndpointSlice(resource(&meta, origin, s)))
