@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use steerd_e2e::{
     Agent, BpffsDir, Node, Pod, ProbeResult, TcpIdentityServer, TempDir, TestCgroup, admin_addr,
-    run_probe, wait_until,
+    run_probe, spawn_probe, wait_until,
 };
 
 /// TTL of every answer the test server gives.
@@ -158,6 +158,8 @@ fn reply(query: &[u8], zone: &HashMap<String, Vec<IpAddr>>) -> Option<Vec<u8>> {
 struct Fixture {
     // Field order is drop order: the agent goes before the pins, netns and cgroup it uses.
     agent: Agent,
+    /// The agent's command line.
+    args: Vec<String>,
     _manifests: TempDir,
     client: TestCgroup,
     bpffs: BpffsDir,
@@ -194,25 +196,25 @@ impl Fixture {
         let source = format!("files:{}", dir.as_str());
         let admin = admin_addr().to_string();
         let server = dns.addr.to_string();
-        let mut agent = Agent::spawn(
-            &node,
-            &[
-                "run",
-                "--source",
-                &source,
-                "--bpffs",
-                bpffs.as_str(),
-                "--cgroup",
-                client.path().to_str().unwrap(),
-                "--admin",
-                &admin,
-                "--dns-server",
-                &server,
-            ],
-        );
-        agent.wait_ready(admin_addr(), Duration::from_secs(20));
+        let args: Vec<String> = [
+            "run",
+            "--source",
+            &source,
+            "--bpffs",
+            bpffs.as_str(),
+            "--cgroup",
+            client.path().to_str().unwrap(),
+            "--admin",
+            &admin,
+            "--dns-server",
+            &server,
+        ]
+        .map(String::from)
+        .into();
+        let agent = spawn_agent(&node, &args);
         Fixture {
             agent,
+            args,
             _manifests: dir,
             client,
             bpffs,
@@ -222,6 +224,12 @@ impl Fixture {
             db2,
             node,
         }
+    }
+
+    /// `kill -9` and a new agent on the same pins.
+    fn restart(&mut self) {
+        self.agent.kill9();
+        self.agent = spawn_agent(&self.node, &self.args);
     }
 
     fn tcp(&self, to: &str, count: u64) -> ProbeResult {
@@ -331,6 +339,13 @@ impl Fixture {
     }
 }
 
+fn spawn_agent(node: &Node, args: &[String]) -> Agent {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Agent::spawn(node, &args);
+    agent.wait_ready(admin_addr(), Duration::from_secs(20));
+    agent
+}
+
 fn db_entry() -> String {
     format!(
         "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: db, namespace: data}}\nspec:\n  hosts: [db.example.test]\n  addresses: [{DB_VIP}]\n  ports: [{{number: 5432, name: tcp-pg, protocol: TCP}}]\n  location: MESH_EXTERNAL\n  resolution: DNS\n  endpoints:\n  - address: db-1.example.test\n"
@@ -419,4 +434,38 @@ fn unresolvable_names_are_reported_while_the_rest_serves() {
         "the resolver logs it too:\n{}",
         t.agent.log()
     );
+}
+
+#[test]
+fn a_restarted_agent_keeps_dns_endpoints_serving() {
+    let mut t = Fixture::start(&[("db-1.example.test", "db1")], &db_entry());
+    t.wait_for_only(DB_VIP, &t.db1, Duration::from_secs(10));
+    let to = format!("{DB_VIP}:5432");
+    let probe = spawn_probe(
+        Some(&t.node.netns),
+        Some(&t.client),
+        &[
+            "loop",
+            "--to",
+            &to,
+            "--duration-ms",
+            "4000",
+            "--interval-ms",
+            "2",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    // The new agent's first plan waits for its first DNS answers instead of writing the entry
+    // without endpoints: the pinned maps keep serving meanwhile.
+    t.restart();
+    std::thread::sleep(Duration::from_millis(500));
+    t.restart();
+    let r = probe.wait();
+    assert!(
+        r.attempts > 200,
+        "too few attempts to prove anything: {r:?}"
+    );
+    assert_eq!(r.failures, 0, "connects failed across restarts: {r:?}");
+    assert_eq!(r.counts.get("db1").copied(), Some(r.attempts), "{r:?}");
+    assert!(t.only_to(DB_VIP, &t.db1), "{:?}", t.backends(DB_VIP));
 }

@@ -10,7 +10,10 @@ use crate::dataplane::{
 };
 use crate::model::ConfigSet;
 use crate::sources::{
-    self, Snapshot, SourceSpec, dns::DnsSource, files::FileSource, kube::KubeSource,
+    self, Snapshot, SourceSpec,
+    dns::{self, DnsSource},
+    files::FileSource,
+    kube::KubeSource,
 };
 use anyhow::{Context, Result};
 use std::sync::Arc;
@@ -104,6 +107,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let mut latest: Vec<Option<Snapshot>> = vec![None; args.sources.len() + 1];
     let mut gc = tokio::time::interval(GC_INTERVAL);
+    let (started, mut planned) = (Instant::now(), false);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
@@ -126,6 +130,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     config.merge_from(&snap.config);
                 }
                 dns.want(&config);
+                // The first plan waits (briefly) for a first answer for every DNS name: until
+                // then the previous agent's pinned maps keep serving, where writing now would
+                // leave DNS ServiceEntries without endpoints until the resolver answers.
+                if !planned && dns.waiting(&config) && started.elapsed() < dns::STARTUP_GRACE {
+                    continue;
+                }
+                planned = true;
                 let mesh_registry_only = args.outbound_traffic_policy == Some(super::OutboundPolicy::RegistryOnly);
                 // Gateway listeners first: readiness (in reconcile) then covers them too.
                 if let Some(g) = &gateways {

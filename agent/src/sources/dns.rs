@@ -50,6 +50,8 @@ pub const NEGATIVE_TTL: Duration = Duration::from_secs(30);
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// ...up to this.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long the agent's first plan waits for a first answer (or failure) for every DNS name.
+pub const STARTUP_GRACE: Duration = Duration::from_secs(10);
 /// Per-query timeout with `--dns-server` (resolv.conf's own `timeout:` applies otherwise).
 const SERVER_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -194,6 +196,13 @@ impl DnsSource {
             run(lookup_fn, wanted, out).await;
         });
         DnsSource { names }
+    }
+
+    /// Whether a name `config` needs has no answer yet (not even a failed lookup).
+    pub fn waiting(&self, config: &ConfigSet) -> bool {
+        dns_names(config)
+            .iter()
+            .any(|name| !config.resolved.contains_key(name))
     }
 
     /// Tells the resolver which names `config` needs (no-op when they did not change).
