@@ -187,6 +187,10 @@ impl Ca {
         self.issuer.der().clone()
     }
 
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
     fn leaf(&self, name: &str) -> Leaf {
         let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
         params
@@ -234,21 +238,32 @@ impl HttpsReply {
     }
 }
 
-/// `GET path` over TLS to `addr` with `sni`, from inside `pod`, trusting only `ca`.
+/// `GET path` over TLS to `addr` with `sni`, from inside `pod`, trusting only `ca`, presenting
+/// `client` as the client certificate if given.
 fn https_get(
     pod: &Pod,
     addr: SocketAddr,
     sni: &str,
     path: &str,
     ca: &rustls::pki_types::CertificateDer<'static>,
+    client: Option<&Leaf>,
 ) -> Result<HttpsReply, String> {
+    use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.clone()).map_err(|e| e.to_string())?;
-    let config = rustls::ClientConfig::builder_with_provider(provider())
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some(leaf) => builder
+            .with_client_auth_cert(
+                vec![leaf.der.clone().into()],
+                rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    };
     let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n");
     pod.netns.run_in(move || {
@@ -550,11 +565,19 @@ spec:
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn https_simple_passthrough_redirect_and_a_missing_certificate() {
+fn https_simple_mutual_passthrough_redirect_and_a_missing_certificate() {
     let ca = Ca::new();
     let a_cert = ca.leaf("a.example.com");
     let b_cert = ca.leaf("b.example.com");
     let secure_cert = ca.leaf("secure.example.com");
+    let m_cert = ca.leaf("m.example.com");
+    let client_cert = ca.leaf("client.example.com");
+    // MUTUAL: the credential Secret carries the CA that client certificates must chain to.
+    let m_secret = format!(
+        "{}  ca.crt: {}\n",
+        tls_secret("m-cert", &m_cert),
+        base64::engine::general_purpose::STANDARD.encode(ca.pem())
+    );
     let certs = TempDir::new("steerd-gw-certs");
     let b_crt = certs.write("b.crt", &b_cert.cert_pem);
     let b_key = certs.write("b.key", &b_cert.key_pem);
@@ -579,6 +602,9 @@ spec:
   - port: {{number: 443, name: https-c, protocol: HTTPS}}
     hosts: [c.example.com]
     tls: {{mode: SIMPLE, credentialName: missing-cert}}
+  - port: {{number: 443, name: https-mutual, protocol: HTTPS}}
+    hosts: [m.example.com]
+    tls: {{mode: MUTUAL, credentialName: m-cert}}
   - port: {{number: 443, name: tls-secure, protocol: TLS}}
     hosts: [secure.example.com]
     tls: {{mode: PASSTHROUGH}}
@@ -601,6 +627,15 @@ kind: VirtualService
 metadata: {name: b}
 spec:
   hosts: [b.example.com]
+  gateways: [edge]
+  http:
+  - route: [{destination: {host: web-b}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: m}
+spec:
+  hosts: [m.example.com]
   gateways: [edge]
   http:
   - route: [{destination: {host: web-b}}]
@@ -637,6 +672,7 @@ spec:
             ("gateway.yaml", gateway),
             ("routes.yaml", routes.to_string()),
             ("a-cert.yaml", tls_secret("a-cert", &a_cert)),
+            ("m-cert.yaml", m_secret),
         ],
         &["edge"],
         &["secure"],
@@ -644,7 +680,7 @@ spec:
     let _secure = TlsBackend::start(&extras[0], 8443, "secure-backend", &secure_cert);
     let node443: SocketAddr = format!("{NODE_IP4}:443").parse().unwrap();
     let ca_der = ca.der();
-    let get = |sni: &str, path: &str| https_get(&edge.client, node443, sni, path, &ca_der);
+    let get = |sni: &str, path: &str| https_get(&edge.client, node443, sni, path, &ca_der, None);
 
     // httpsRedirect: plain HTTP for a.example.com gets a 301 to https, path and query kept.
     let r = edge.http(&[
@@ -693,6 +729,21 @@ spec:
         edge.agent.log()
     );
     assert_eq!(get("a.example.com", "/").unwrap().status, 200);
+
+    // MUTUAL: a client certificate from the CA gets through; no certificate, no request.
+    let m = https_get(
+        &edge.client,
+        node443,
+        "m.example.com",
+        "/",
+        &ca_der,
+        Some(&client_cert),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", edge.agent.log()));
+    assert_eq!(m.header("x-backend-id"), Some("web-b"), "{m:?}");
+    assert_eq!(m.peer_cert, m_cert.der);
+    let anonymous = get("m.example.com", "/");
+    assert!(anonymous.is_err(), "{anonymous:?}");
 
     // An SNI no server has.
     assert!(get("nope.example.com", "/").is_err());

@@ -7,7 +7,8 @@
 //! Istio's semantics, as pilot builds an ingress gateway's listeners:
 //! - Servers are grouped by (bind, port). A port carries either plain-text HTTP servers (merged
 //!   into one route table, chosen by the Host header), or HTTPS/TLS servers (chosen by SNI, then
-//!   terminated — SIMPLE — or passed through by SNI), or one opaque TCP server.
+//!   terminated — SIMPLE, MUTUAL, OPTIONAL_MUTUAL — or passed through by SNI), or one opaque TCP
+//!   server. ISTIO_MUTUAL and AUTO_PASSTHROUGH servers are reported and not served.
 //! - A VirtualService applies to a server when it lists the gateway in `gateways` and one of its
 //!   hosts intersects one of the server's hosts. Server hosts are `[namespace/]dnsName`: `*/` or
 //!   no prefix admits VirtualServices of every namespace, `./` those of the Gateway's namespace,
@@ -130,6 +131,8 @@ impl ServerPlan {
 pub struct TlsPlan {
     pub mode: ServerTlsMode,
     pub credential: Credential,
+    /// MUTUAL and OPTIONAL_MUTUAL: the CA client certificates must chain to.
+    pub client_ca: Option<ClientCa>,
     pub min_version: Option<TlsProtocolVersion>,
     pub max_version: Option<TlsProtocolVersion>,
 }
@@ -162,6 +165,23 @@ pub enum Credential {
     /// `serverCertificate`/`privateKey` files, read by the dataplane.
     Files { cert: PathBuf, key: PathBuf },
     /// No usable credential: handshakes for this server are refused, with this reason.
+    Missing(String),
+}
+
+/// Where the CA bundle for verifying client certificates comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientCa {
+    /// A Secret's `ca.crt` (or `cacert`).
+    Secret {
+        /// `ns/name`.
+        name: String,
+        #[serde(skip)]
+        pem: Pem,
+    },
+    /// `caCertificates`, read by the dataplane.
+    File(PathBuf),
+    /// No CA: handshakes for this server are refused, with this reason.
     Missing(String),
 }
 
@@ -521,7 +541,9 @@ impl<'a> Ctx<'a> {
                 let mode = t.mode();
                 let credential = match mode {
                     ServerTlsMode::Passthrough => Credential::None,
-                    ServerTlsMode::Simple => self.credential(gw, &field, t),
+                    ServerTlsMode::Simple
+                    | ServerTlsMode::Mutual
+                    | ServerTlsMode::OptionalMutual => self.credential(gw, &field, t),
                     other => {
                         self.gateway_diag(
                             Level::Warning,
@@ -535,9 +557,21 @@ impl<'a> Ctx<'a> {
                         return None;
                     }
                 };
+                let client_ca =
+                    matches!(mode, ServerTlsMode::Mutual | ServerTlsMode::OptionalMutual)
+                        .then(|| self.client_ca(gw, &field, t));
+                if client_ca.is_some() && !t.subject_alt_names.is_empty() {
+                    self.gateway_diag(
+                        Level::Warning,
+                        gw,
+                        format!("{field}.tls.subjectAltNames"),
+                        "subjectAltNames are not checked yet: any client certificate the CA signed is accepted".into(),
+                    );
+                }
                 Some(TlsPlan {
                     mode,
                     credential,
+                    client_ca,
                     min_version: t.min_protocol_version,
                     max_version: t.max_protocol_version,
                 })
@@ -699,6 +733,69 @@ impl<'a> Ctx<'a> {
                 Credential::Missing(reason)
             }
         }
+    }
+
+    /// The client CA of a MUTUAL server, as Istio looks for it: `caCertCredentialName`, the
+    /// credential Secret's own `ca.crt`/`cacert`, a `<credentialName>-cacert` Secret, then the
+    /// `caCertificates` file.
+    fn client_ca(
+        &mut self,
+        gw: &Resource<istio::Gateway>,
+        field: &str,
+        tls: &istio::ServerTlsSettings,
+    ) -> ClientCa {
+        let secret_key = |name: &str| {
+            let bare = name.strip_prefix("kubernetes://").unwrap_or(name);
+            match bare.split_once('/') {
+                Some((ns, n)) => format!("{ns}/{n}"),
+                None => format!("{}/{bare}", gw.meta.namespace),
+            }
+        };
+        let credential = tls
+            .credential_name
+            .clone()
+            .or_else(|| tls.credential_names.first().cloned());
+        let mut candidates: Vec<String> = Vec::new();
+        if let Some(n) = &tls.ca_cert_credential_name {
+            candidates.push(secret_key(n));
+        }
+        if let Some(n) = &credential {
+            candidates.push(secret_key(n));
+            candidates.push(format!("{}-cacert", secret_key(n)));
+        }
+        for key in &candidates {
+            let mut found: Vec<_> = self
+                .config
+                .secrets
+                .iter()
+                .filter(|s| s.meta.key() == *key)
+                .collect();
+            found.sort_by(|a, b| a.origin.cmp(&b.origin));
+            if let Some(pem) = found.first().and_then(|s| s.spec.ca_certificates()) {
+                return ClientCa::Secret {
+                    name: key.clone(),
+                    pem: Pem(pem.into()),
+                };
+            }
+        }
+        if let Some(path) = &tls.ca_certificates {
+            return ClientCa::File(path.into());
+        }
+        let reason = if candidates.is_empty() {
+            "no caCertificates and no credentialName to take a CA from".to_string()
+        } else {
+            format!("no ca.crt (or cacert) in secret {}", candidates.join(", "))
+        };
+        self.gateway_diag(
+            Level::Error,
+            gw,
+            format!("{field}.tls"),
+            format!(
+                "{} needs a client CA: {reason}; TLS handshakes for this server are refused",
+                tls.mode().as_str()
+            ),
+        );
+        ClientCa::Missing(reason)
     }
 
     /// A copy of `vs` as seen at `gateway`: match-level gateway names as `ns/name`, and
@@ -1140,6 +1237,84 @@ spec:
         assert_eq!(
             p.tls_routes[0].backends[0].addr,
             "10.244.1.2:9080".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn mutual_tls_finds_the_client_ca_where_istio_does() {
+        let text = r#"
+apiVersion: v1
+kind: Secret
+metadata: {name: own}
+data: {tls.crt: Q0VSVA==, tls.key: S0VZ, ca.crt: Q0E=}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: split}
+data: {tls.crt: Q0VSVA==, tls.key: S0VZ}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: split-cacert}
+data: {cacert: Q0Ey}
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  servers:
+  - port: {number: 443, name: a, protocol: HTTPS}
+    hosts: [a.example.com]
+    tls: {mode: MUTUAL, credentialName: own}
+  - port: {number: 443, name: b, protocol: HTTPS}
+    hosts: [b.example.com]
+    tls: {mode: OPTIONAL_MUTUAL, credentialName: split}
+  - port: {number: 443, name: c, protocol: HTTPS}
+    hosts: [c.example.com]
+    tls: {mode: MUTUAL, serverCertificate: /c.crt, privateKey: /c.key, caCertificates: /ca.pem}
+  - port: {number: 443, name: d, protocol: HTTPS}
+    hosts: [d.example.com]
+    tls: {mode: MUTUAL, serverCertificate: /d.crt, privateKey: /d.key}
+  - port: {number: 443, name: e, protocol: HTTPS}
+    hosts: [e.example.com]
+    tls: {mode: ISTIO_MUTUAL}
+"#;
+        let plan = compile(&config(&[text]), &["gw".into()]);
+        let servers = &plan.listeners[0].servers;
+        assert_eq!(servers.len(), 4, "ISTIO_MUTUAL is not served");
+        let ca = |i: usize| servers[i].tls.as_ref().unwrap().client_ca.clone();
+        assert_eq!(
+            ca(0),
+            Some(ClientCa::Secret {
+                name: "default/own".into(),
+                pem: Pem(b"CA".as_slice().into())
+            })
+        );
+        assert_eq!(
+            ca(1),
+            Some(ClientCa::Secret {
+                name: "default/split-cacert".into(),
+                pem: Pem(b"CA2".as_slice().into())
+            })
+        );
+        assert_eq!(ca(2), Some(ClientCa::File("/ca.pem".into())));
+        assert!(matches!(ca(3), Some(ClientCa::Missing(_))));
+        let messages: Vec<&str> = plan
+            .diagnostics
+            .iter()
+            .map(|d| d.message.as_str())
+            .collect();
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.starts_with("MUTUAL needs a client CA")),
+            "{messages:?}"
+        );
+        assert!(
+            messages
+                .iter()
+                .any(|m| m.contains("ISTIO_MUTUAL is not supported")),
+            "{messages:?}"
         );
     }
 

@@ -7,7 +7,8 @@
 //!   mirrors, load balancing, outlier detection) with the request's gateway set to `ns/name`.
 //!   Virtual hosts of servers with `httpsRedirect` answer 301 to `https://`.
 //! - HTTPS/TLS ports: the ClientHello's SNI picks the server. SIMPLE servers terminate TLS with
-//!   rustls (HTTPS is then routed like HTTP, TLS forwarded by the `tcp` route); PASSTHROUGH
+//!   rustls, MUTUAL (and OPTIONAL_MUTUAL) ones also verify client certificates against their CA
+//!   (HTTPS is then routed like HTTP, TLS forwarded by the `tcp` route); PASSTHROUGH
 //!   servers forward the untouched byte stream to the backend of the VirtualService `tls` route
 //!   whose `sniHosts` match.
 //! - TCP ports: forwarded by the `tcp` route.
@@ -18,7 +19,8 @@
 //! other servers keep serving. Certificate files are re-read when they change.
 
 use crate::compile::gateway::{
-    self as plan, Credential, GatewayPlan, ListenerKind, ListenerPlan, ServerPlan, VirtualHost,
+    self as plan, ClientCa, Credential, GatewayPlan, ListenerKind, ListenerPlan, ServerPlan,
+    VirtualHost,
 };
 use crate::compile::{Level, WeightedBackend};
 use crate::dataplane::proxy::{Proxy, ProxyBody, ProxyService, local_reply};
@@ -187,6 +189,9 @@ impl Gateways {
                         files.push((cert.clone(), modified(cert)));
                         files.push((key.clone(), modified(key)));
                     }
+                    if let Some(ClientCa::File(ca)) = &tls.client_ca {
+                        files.push((ca.clone(), modified(ca)));
+                    }
                     let config = server_config(server);
                     let line = match &config {
                         Ok(_) => format!("ok {}", server.describe()),
@@ -332,10 +337,42 @@ fn server_config(server: &ServerPlan) -> Result<Arc<ServerConfig>, String> {
         return Err("minProtocolVersion is above maxProtocolVersion".into());
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&versions)
-        .map_err(|e| format!("{what}: {e}"))?
-        .with_no_client_auth()
+        .map_err(|e| format!("{what}: {e}"))?;
+    let builder = match &tls.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let (pem, source) = match ca {
+                ClientCa::Secret { name, pem } => (pem.0.to_vec(), format!("secret {name}")),
+                ClientCa::File(path) => (
+                    std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?,
+                    path.display().to_string(),
+                ),
+                ClientCa::Missing(reason) => return Err(reason.clone()),
+            };
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| format!("{source}: client CA: {e}"))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("{source}: client CA: {e}"))?;
+            }
+            if roots.is_empty() {
+                return Err(format!("{source}: no CERTIFICATE in the client CA PEM"));
+            }
+            let mut verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider);
+            if tls.mode == crate::model::istio::ServerTlsMode::OptionalMutual {
+                verifier = verifier.allow_unauthenticated();
+            }
+            let verifier = verifier
+                .build()
+                .map_err(|e| format!("{source}: client CA: {e}"))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
         .with_single_cert(chain, key)
         .map_err(|e| format!("{what}: {e}"))?;
     if server.protocol == "HTTPS" {
@@ -808,6 +845,7 @@ mod tests {
             tls: Some(TlsPlan {
                 mode: ServerTlsMode::Simple,
                 credential,
+                client_ca: None,
                 min_version: None,
                 max_version: None,
             }),
@@ -888,6 +926,35 @@ mod tests {
             server_config(&missing).unwrap_err(),
             "secret default/x not found"
         );
+    }
+
+    #[test]
+    fn mutual_servers_verify_clients_with_their_ca() {
+        let (c, k) = cert("a.example.com");
+        let (ca, _) = cert("client-ca");
+        let mut mutual = server(Credential::Secret {
+            name: "default/a".into(),
+            cert: pem(&c),
+            key: pem(&k),
+        });
+        let tls = mutual.tls.as_mut().unwrap();
+        tls.mode = ServerTlsMode::Mutual;
+        tls.client_ca = Some(ClientCa::Secret {
+            name: "default/a".into(),
+            pem: pem(&ca),
+        });
+        assert!(server_config(&mutual).is_ok());
+        mutual.tls.as_mut().unwrap().client_ca = Some(ClientCa::Secret {
+            name: "default/a".into(),
+            pem: pem("no pem here"),
+        });
+        assert!(
+            server_config(&mutual)
+                .unwrap_err()
+                .contains("no CERTIFICATE in the client CA")
+        );
+        mutual.tls.as_mut().unwrap().client_ca = Some(ClientCa::Missing("no ca.crt".into()));
+        assert_eq!(server_config(&mutual).unwrap_err(), "no ca.crt");
     }
 
     /// A real ClientHello, as rustls writes it.
