@@ -1,8 +1,8 @@
 //! The kernel side: BPF programs and maps (and, later, the L7 proxy).
 
 pub mod bpf;
-pub mod gateway;
 pub mod egress;
+pub mod gateway;
 pub mod kernel;
 pub mod maps;
 pub mod proxy;
