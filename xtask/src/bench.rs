@@ -5,6 +5,7 @@
 //! section, so benchmarks written later (L7, control plane, ...) add sections of their own.
 
 mod l4;
+mod l7;
 mod plot;
 
 use anyhow::{Context, Result, bail};
@@ -19,11 +20,15 @@ use crate::workspace_root;
 pub enum Which {
     /// Connect + first byte through a VIP vs. direct, and vs. iptables DNAT, at 1/1k/10k services.
     L4(l4::Options),
+    /// HTTP requests/s and latency through steerd's L7 proxy vs. nginx and Envoy with the same
+    /// routes (header match + 90/10, and with mirroring), each on one proxy core.
+    L7(l7::Options),
 }
 
 pub fn run(which: Which) -> Result<()> {
     match which {
         Which::L4(options) => l4::run(&options),
+        Which::L7(options) => l7::run(&options),
     }
 }
 
