@@ -4,6 +4,7 @@
 //! `<!-- bench:NAME:start -->` and `<!-- bench:NAME:end -->`; a run replaces only its own
 //! section, so benchmarks written later (L7, control plane, ...) add sections of their own.
 
+mod control;
 mod l4;
 mod l7;
 mod plot;
@@ -23,12 +24,16 @@ pub enum Which {
     /// HTTP requests/s and latency through steerd's L7 proxy vs. nginx and Envoy with the same
     /// routes (header match + 90/10, and with mirroring), each on one proxy core.
     L7(l7::Options),
+    /// The control plane at 10,000 Services / 50,000 endpoints + VirtualServices: time to ready,
+    /// one object's change to the map update, agent RSS and BPF map memory.
+    Control(control::Options),
 }
 
 pub fn run(which: Which) -> Result<()> {
     match which {
         Which::L4(options) => l4::run(&options),
         Which::L7(options) => l7::run(&options),
+        Which::Control(options) => control::run(&options),
     }
 }
 
