@@ -223,6 +223,9 @@ struct Builder<'a> {
     diags: &'a mut Vec<Diagnostic>,
     pods_by_ns: HashMap<&'a str, Vec<&'a Resource<Pod>>>,
     pod_by_name: HashMap<(&'a str, &'a str), &'a Resource<Pod>>,
+    /// EndpointSlices by (namespace, `kubernetes.io/service-name`), built once: looking them up
+    /// per Service by scanning made the registry quadratic in cluster size.
+    slices_by_service: HashMap<(&'a str, &'a str), Vec<&'a Resource<crate::model::EndpointSlice>>>,
 }
 
 impl Builder<'_> {
@@ -315,14 +318,10 @@ impl Builder<'_> {
         }
 
         let slices: Vec<_> = self
-            .config
-            .endpoint_slices
-            .iter()
-            .filter(|s| {
-                s.meta.namespace == meta.namespace
-                    && s.meta.labels.get("kubernetes.io/service-name") == Some(&meta.name)
-            })
-            .collect();
+            .slices_by_service
+            .get(&(meta.namespace.as_str(), meta.name.as_str()))
+            .cloned()
+            .unwrap_or_default();
         let endpoints = if !slices.is_empty() {
             self.endpoints_from_slices(&slices, &ports)
         } else if let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) {
@@ -883,11 +882,21 @@ pub fn build(config: &ConfigSet, diags: &mut Vec<Diagnostic>) -> Registry {
             .push(p);
         pod_by_name.insert((p.meta.namespace.as_str(), p.meta.name.as_str()), p);
     }
+    let mut slices_by_service: HashMap<(&str, &str), Vec<_>> = HashMap::new();
+    for s in &config.endpoint_slices {
+        if let Some(service) = s.meta.labels.get("kubernetes.io/service-name") {
+            slices_by_service
+                .entry((s.meta.namespace.as_str(), service.as_str()))
+                .or_default()
+                .push(s);
+        }
+    }
     let mut b = Builder {
         config,
         diags,
         pods_by_ns,
         pod_by_name,
+        slices_by_service,
     };
     let mut registry = Registry::default();
     let mut services: Vec<_> = config.services.iter().collect();
