@@ -63,6 +63,20 @@ fn target_dir() -> PathBuf {
 fn build_steerd() -> anyhow::Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(&cargo);
+    // `cargo test` gives this process the test crate's CARGO_PKG_*/CARGO_MANIFEST_* variables.
+    // Build scripts (ring's, aya-build's) watch some of them, so passing them on would rebuild
+    // every dependency next to the fresh build `cargo xtask test` already made.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if (key.starts_with("CARGO_PKG_") || key.starts_with("CARGO_MANIFEST_"))
+            || matches!(
+                &*key,
+                "CARGO_CRATE_NAME" | "CARGO_PRIMARY_PACKAGE" | "OUT_DIR"
+            )
+        {
+            cmd.env_remove(&*key);
+        }
+    }
     cmd.args([
         "build",
         "-p",

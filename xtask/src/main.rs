@@ -224,9 +224,15 @@ fn test(args: &[String]) -> Result<()> {
     run(Command::new("cargo")
         .args(["build", "-p", "steerd"])
         .current_dir(&root))?;
+    // Hand the tests that binary: a test process building it again would do so with the
+    // test crate's CARGO_* environment, which some build scripts treat as a change.
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(|dir| root.join(dir))
+        .unwrap_or_else(|| root.join("target"));
     run(Command::new("cargo")
         .args(["test", "--workspace", "--exclude", "steerd-ebpf"])
         .args(args)
+        .env("STEERD_BIN", target.join("debug/steerd"))
         .current_dir(&root))?;
     Ok(())
 }
