@@ -3,14 +3,16 @@
 
 use super::RunArgs;
 use crate::admin::{self, AdminState};
-use crate::compile::{self, Level};
+use crate::compile::{
+    self, Diagnostic, Level,
+    incremental::{Dirty, IncrementalCompiler},
+};
 use crate::dataplane::{
     Dataplane, Pins, kernel,
     proxy::{Proxy, ProxyTable},
 };
-use crate::model::ConfigSet;
 use crate::sources::{
-    self, Snapshot, SourceSpec,
+    self, Snapshot, SourceSpec, Update,
     dns::{self, DnsSource},
     files::FileSource,
     kube::KubeSource,
@@ -70,12 +72,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         });
     }
 
-    let (tx, mut rx) = mpsc::channel::<(usize, Snapshot)>(16);
+    let (tx, mut rx) = mpsc::channel::<(usize, Update)>(16);
     for (index, spec) in args.sources.iter().enumerate() {
         let tx = tx.clone();
         match spec.clone() {
             SourceSpec::Builtin => {
-                let _ = tx.send((index, sources::builtin())).await;
+                let _ = tx
+                    .send((index, Update::Full(Box::new(sources::builtin()))))
+                    .await;
             }
             SourceSpec::Files(dir) => {
                 let (snap_tx, snap_rx) = mpsc::channel(4);
@@ -99,52 +103,60 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // DNS answers for ServiceEntries come in as one more source, after the configured ones.
     let dns = {
         let (snap_tx, snap_rx) = mpsc::channel(4);
-        tokio::spawn(forward(args.sources.len(), snap_rx, tx.clone()));
+        tokio::spawn(forward_snapshots(args.sources.len(), snap_rx, tx.clone()));
         DnsSource::spawn(args.dns_server, snap_tx)
     };
     // Held so the channel stays open after one-shot sources (builtin) have sent.
     let _sources_open = tx;
 
-    let mut latest: Vec<Option<Snapshot>> = vec![None; args.sources.len() + 1];
+    let mut errors: Vec<Vec<crate::model::ParseError>> = vec![Vec::new(); args.sources.len() + 1];
+    let mut compiler = IncrementalCompiler::default();
+    let mut writer = PlanWriter::default();
     let mut gc = tokio::time::interval(GC_INTERVAL);
     let (started, mut planned) = (Instant::now(), false);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             update = rx.recv() => {
-                let Some((index, snap)) = update else { break };
-                // Sources repeat their errors in every snapshot until fixed; log each once, or a
+                let Some((index, update)) = update else { break };
+                // Sources repeat their errors in every update until fixed; log each once, or a
                 // cluster's steady Pod churn would repeat every warning on every update.
-                let previous = latest[index]
-                    .as_ref()
-                    .map(|s| s.errors.as_slice())
-                    .unwrap_or_default();
-                for e in snap.errors.iter().filter(|e| !previous.contains(e)) {
+                for e in update.errors().iter().filter(|e| !errors[index].contains(e)) {
                     warn!(error = %e, "invalid configuration; serving its last good version");
                 }
-                latest[index] = Some(snap);
-                let rejected: usize = latest.iter().flatten().map(|s| s.errors.len()).sum();
+                errors[index] = update.errors().to_vec();
+                let rejected: usize = errors.iter().map(Vec::len).sum();
                 state.metrics.config_errors.set(rejected as i64);
-                let mut config = ConfigSet::default();
-                for snap in latest.iter().flatten() {
-                    config.merge_from(&snap.config);
+                let compile_started = Instant::now();
+                match update {
+                    Update::Full(snap) => compiler.replace_source(index, snap.config),
+                    Update::Changes { changes, .. } => compiler.apply(index, changes),
                 }
-                dns.want(&config);
+                let dns_config = compiler.store().dns_config();
+                dns.want(&dns_config);
                 // The first plan waits (briefly) for a first answer for every DNS name: until
                 // then the previous agent's pinned maps keep serving, where writing now would
                 // leave DNS ServiceEntries without endpoints until the resolver answers.
-                if !planned && dns.waiting(&config) && started.elapsed() < dns::STARTUP_GRACE {
+                if !planned && dns.waiting(&dns_config) && started.elapsed() < dns::STARTUP_GRACE {
                     continue;
                 }
                 planned = true;
                 let mesh_registry_only = args.outbound_traffic_policy == Some(super::OutboundPolicy::RegistryOnly);
-                // Gateway listeners first: readiness (in reconcile) then covers them too.
+                // Gateway listeners first: readiness (in reconcile) then covers them too. They
+                // compile from the whole configuration.
                 if let Some(g) = &gateways {
-                    g.apply(&config);
+                    g.apply(&compiler.store().to_config());
                 }
-                reconcile(&mut dataplane, proxy.as_deref(), &config, &state, mesh_registry_only);
+                writer.reconcile(&mut dataplane, proxy.as_deref(), &mut compiler, &state, mesh_registry_only, compile_started);
+                // Publishing copies the plan: done once the burst of updates is over.
+                if rx.is_empty() || writer.published_at.elapsed() > PUBLISH_INTERVAL {
+                    writer.publish(&compiler, &state);
+                }
             }
             _ = gc.tick() => {
+                if writer.unpublished {
+                    writer.publish(&compiler, &state);
+                }
                 dataplane.writer.collect_garbage(Instant::now());
             }
             _ = tokio::signal::ctrl_c() => break,
@@ -162,14 +174,31 @@ pub async fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// Tags one source's snapshots with its index for the agent loop.
+/// Tags one source's updates with its index for the agent loop.
 async fn forward(
     index: usize,
+    mut updates: mpsc::Receiver<Update>,
+    tx: mpsc::Sender<(usize, Update)>,
+) {
+    while let Some(update) = updates.recv().await {
+        if tx.send((index, update)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Tags the snapshots of a source that always sends everything (the DNS resolver).
+async fn forward_snapshots(
+    index: usize,
     mut snapshots: mpsc::Receiver<Snapshot>,
-    tx: mpsc::Sender<(usize, Snapshot)>,
+    tx: mpsc::Sender<(usize, Update)>,
 ) {
     while let Some(snap) = snapshots.recv().await {
-        if tx.send((index, snap)).await.is_err() {
+        if tx
+            .send((index, Update::Full(Box::new(snap))))
+            .await
+            .is_err()
+        {
             return;
         }
     }
@@ -220,64 +249,170 @@ async fn start_proxy(
     Ok(Some(proxy))
 }
 
-fn reconcile(
-    dataplane: &mut Dataplane,
-    proxy: Option<&Proxy>,
-    config: &ConfigSet,
-    state: &AdminState,
-    mesh_registry_only: bool,
-) {
-    let started = Instant::now();
-    let plan = compile::compile(config);
-    // The proxy learns new L7 services before the kernel starts sending it their connections.
-    if let Some(proxy) = proxy {
-        proxy.update(ProxyTable::from_plan(&plan));
-    }
-    for d in &plan.diagnostics {
-        match d.level {
-            Level::Error => warn!(diagnostic = %d, "configuration error"),
-            Level::Warning => warn!(diagnostic = %d, "configuration warning"),
-            Level::Info => info!(diagnostic = %d, "configuration note"),
+/// Writes what the compiler changed to the kernel and the proxy.
+struct PlanWriter {
+    /// Nothing written yet by this agent: the first write makes the maps hold exactly the plan
+    /// (removing what a previous agent left); later ones write only what changed.
+    first: bool,
+    /// The registered-destination trie needs a complete rewrite (first write, failed write).
+    egress_full: bool,
+    /// Diagnostics already logged.
+    logged: std::collections::BTreeSet<Diagnostic>,
+    published_at: Instant,
+    /// A plan is in the maps that admin and metrics have not seen yet.
+    unpublished: bool,
+}
+
+impl Default for PlanWriter {
+    fn default() -> Self {
+        Self {
+            first: true,
+            egress_full: true,
+            logged: Default::default(),
+            published_at: Instant::now(),
+            unpublished: false,
         }
     }
-    let tables = kernel::tables(&plan);
-    let metrics = &state.metrics;
-    // Registered destinations go in before the services that make them reachable, and before
-    // REGISTRY_ONLY is switched on.
-    let registry_only = plan.egress.registry_only.unwrap_or(mesh_registry_only);
-    if let Err(e) = dataplane
-        .egress
-        .apply(&plan.egress.registered, registry_only)
-    {
-        metrics.map_write_errors.inc();
-        error!(error = %e, "writing the egress registry failed; will retry on the next change");
+}
+
+/// Admin views and metric labels follow the maps at least this often during a burst.
+const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
+
+impl PlanWriter {
+    fn reconcile(
+        &mut self,
+        dataplane: &mut Dataplane,
+        proxy: Option<&Proxy>,
+        compiler: &mut IncrementalCompiler,
+        state: &AdminState,
+        mesh_registry_only: bool,
+        // When the compiler started on the changes being written (for `elapsed_us`).
+        started: Instant,
+    ) {
+        let dirty: Dirty = compiler.take_dirty();
+        if dirty.is_empty() && !self.first {
+            return;
+        }
+        let plan = compiler.plan();
+        // The proxy learns new L7 services before the kernel starts sending it their connections.
+        if let Some(proxy) = proxy
+            && (self.first || dirty.l7 || dirty.sources)
+        {
+            proxy.update(ProxyTable::from_plan(plan));
+        }
+        for d in plan
+            .diagnostics
+            .iter()
+            .filter(|d| !self.logged.contains(*d))
+        {
+            match d.level {
+                Level::Error => warn!(diagnostic = %d, "configuration error"),
+                Level::Warning => warn!(diagnostic = %d, "configuration warning"),
+                Level::Info => info!(diagnostic = %d, "configuration note"),
+            }
+        }
+        self.logged = plan.diagnostics.iter().cloned().collect();
+        let metrics = &state.metrics;
+        // Registered destinations go in before the services that make them reachable, and
+        // before REGISTRY_ONLY is switched on.
+        let registry_only = plan.egress.registry_only.unwrap_or(mesh_registry_only);
+        let egress = if self.egress_full {
+            dataplane
+                .egress
+                .apply(&plan.egress.registered, registry_only)
+        } else {
+            dataplane.egress.apply_changes(
+                &dirty.registered_added,
+                &dirty.registered_removed,
+                registry_only,
+            )
+        };
+        match egress {
+            Ok(()) => self.egress_full = false,
+            Err(e) => {
+                self.egress_full = true;
+                metrics.map_write_errors.inc();
+                error!(error = %e, "writing the egress registry failed; will retry on the next change");
+            }
+        }
+        if dirty.services.is_empty() && !self.first {
+            // Nothing for the maps (diagnostics, sources, policy): still a new plan to publish.
+            self.unpublished = true;
+            return;
+        }
+        let result = if self.first {
+            dataplane
+                .writer
+                .apply(&kernel::tables(plan))
+                .map_err(|e| e.to_string())
+        } else {
+            let changes: Vec<_> = dirty
+                .services
+                .iter()
+                .map(|(vip, svc)| {
+                    (
+                        kernel::service_key(vip),
+                        svc.as_ref().map(kernel::kernel_service),
+                    )
+                })
+                .collect();
+            let (stats, failures) = dataplane.writer.apply_changes(&changes);
+            if failures.is_empty() {
+                Ok(stats)
+            } else {
+                let first = failures[0].1.clone();
+                let failed: Vec<_> = failures
+                    .iter()
+                    .filter_map(|(k, _)| kernel::vip_of(k))
+                    .collect();
+                compiler.mark_dirty(failed);
+                Err(format!(
+                    "{} of {} services: {first}",
+                    failures.len(),
+                    changes.len()
+                ))
+            }
+        };
+        match result {
+            Ok(stats) => {
+                self.first = false;
+                self.unpublished = true;
+                metrics.plan_generation.inc();
+                metrics
+                    .plan_apply_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                metrics
+                    .map_services
+                    .set(dataplane.writer.service_count() as i64);
+                metrics.map_slots.set(dataplane.writer.slot_count() as i64);
+                info!(
+                    services = dataplane.writer.service_count(),
+                    hosts = dirty.hosts,
+                    added = stats.added,
+                    updated = stats.updated,
+                    removed = stats.removed,
+                    unchanged = stats.unchanged,
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "plan applied"
+                );
+            }
+            Err(e) => {
+                metrics.map_write_errors.inc();
+                error!(error = %e, "writing the plan to the maps failed; will retry on the next change");
+            }
+        }
     }
-    match dataplane.writer.apply(&tables) {
-        Ok(stats) => {
-            metrics.set_plan(&plan);
-            metrics.plan_generation.inc();
-            metrics
-                .plan_apply_seconds
-                .observe(started.elapsed().as_secs_f64());
-            metrics
-                .map_services
-                .set(dataplane.writer.service_count() as i64);
-            metrics.map_slots.set(dataplane.writer.slot_count() as i64);
-            info!(
-                services = tables.len(),
-                added = stats.added,
-                updated = stats.updated,
-                removed = stats.removed,
-                unchanged = stats.unchanged,
-                elapsed_us = started.elapsed().as_micros() as u64,
-                "plan applied"
-            );
-            state.publish(Arc::new(plan));
+
+    /// Hands the plan in the maps to the admin views and metric labels (a copy).
+    fn publish(&mut self, compiler: &IncrementalCompiler, state: &AdminState) {
+        if !self.unpublished {
+            return;
         }
-        Err(e) => {
-            metrics.map_write_errors.inc();
-            error!(error = %e, "writing the plan to the maps failed; will retry on the next change");
-        }
+        let plan = compiler.plan();
+        state.metrics.set_plan(plan);
+        state.publish(Arc::new(plan.clone()));
+        self.unpublished = false;
+        self.published_at = Instant::now();
     }
 }
 

@@ -499,6 +499,8 @@ impl<'a> Ctx<'a> {
         for e in &mut endpoints {
             e.clusters = vec![name.clone()];
         }
+        // Input order (files, watch events) must not change the plan.
+        endpoints.sort_by(super::backend_order);
         let http2_port = svc
             .and_then(|s| s.ports.iter().find(|p| p.port == port))
             .is_some_and(|p| {

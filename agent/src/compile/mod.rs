@@ -12,8 +12,10 @@ pub mod http;
 mod l7;
 pub mod registry;
 
+pub mod incremental;
+
 use crate::model::{
-    ConfigSet, Origin, Resource,
+    ConfigSet, Origin, Pod, Resource,
     istio::{self, MESH_GATEWAY, RouteDestination},
 };
 use registry::{Endpoint, Registry, RegistryService, Transport, host_matches, resolve_host};
@@ -139,35 +141,6 @@ pub struct EgressPlan {
 /// Istio's default root namespace, whose selector-less Sidecar applies mesh-wide.
 pub const ROOT_NAMESPACE: &str = "istio-system";
 
-fn egress_plan(config: &ConfigSet, registry: &Registry) -> EgressPlan {
-    let mut nets: std::collections::BTreeSet<ipnet::IpNet> = std::collections::BTreeSet::new();
-    for svc in registry.services.values() {
-        nets.extend(svc.vips.iter().map(|ip| ipnet::IpNet::from(*ip)));
-        nets.extend(svc.endpoints.iter().map(|e| ipnet::IpNet::from(e.ip)));
-    }
-    for se in &config.service_entries {
-        nets.extend(se.spec.addresses.iter().filter_map(|a| {
-            a.parse::<ipnet::IpNet>()
-                .ok()
-                .or_else(|| a.parse::<IpAddr>().ok().map(ipnet::IpNet::from))
-        }));
-    }
-    let mut sidecars: Vec<_> = config
-        .sidecars
-        .iter()
-        .filter(|s| s.meta.namespace == ROOT_NAMESPACE && s.spec.workload_selector.is_none())
-        .collect();
-    sidecars.sort_by_key(|s| s.meta.key());
-    let registry_only = sidecars.iter().find_map(|s| {
-        let mode = s.spec.outbound_traffic_policy.as_ref()?.mode?;
-        Some(mode == istio::OutboundTrafficPolicyMode::RegistryOnly)
-    });
-    EgressPlan {
-        registry_only,
-        registered: nets.into_iter().collect(),
-    }
-}
-
 /// A client workload, as the L7 proxy identifies it from the connection's source address.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Source {
@@ -198,8 +171,93 @@ pub fn cluster_name(port: u16, subset: Option<&str>, host: &str) -> String {
 
 /// Compiles the configuration into a routing plan.
 pub fn compile(config: &ConfigSet) -> Plan {
+    let hosts = compile_hosts(config, None);
+    let mut services = BTreeMap::new();
+    let mut diagnostics = Vec::new();
+    let mut registered = std::collections::BTreeSet::new();
+    // Hosts in name order: when two hosts claim one VIP:port the last one wins, as the
+    // incremental compiler decides it too.
+    for output in hosts.into_values() {
+        services.extend(output.services);
+        diagnostics.extend(output.diagnostics);
+        registered.extend(output.registered);
+    }
+    diagnostics.sort();
+    diagnostics.dedup();
+    Plan {
+        egress: EgressPlan {
+            registry_only: mesh_registry_only(config),
+            registered: registered.into_iter().collect(),
+        },
+        sources: sources(config.pods.iter()),
+        services,
+        diagnostics,
+    }
+}
+
+/// What one service host contributes to a plan. The compiler works host by host so that
+/// [`incremental`] can recompile just the hosts a change affects: everything here depends only
+/// on the objects that define the host, its endpoints, the VirtualServices that match it, its
+/// DestinationRule, and the same for the hosts its routes send to ([`Self::references`]).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct HostOutput {
+    pub services: Vec<(VipKey, ServicePlan)>,
+    /// Findings about the objects that define the host and about the routes that serve it.
+    pub diagnostics: Vec<Diagnostic>,
+    /// Destinations REGISTRY_ONLY lets through because of this host: its VIPs, its endpoint
+    /// addresses, and the address ranges of the ServiceEntries that name it.
+    pub registered: Vec<ipnet::IpNet>,
+    /// Other hosts whose endpoints or DestinationRule this host's routes use.
+    pub references: std::collections::BTreeSet<String>,
+}
+
+impl HostOutput {
+    /// Whether two outputs are the same. Compiled HTTP routes hold regexes, which have no
+    /// equality; their debug form (which shows the patterns) stands in for it.
+    pub fn same_as(&self, other: &HostOutput) -> bool {
+        self.diagnostics == other.diagnostics
+            && self.registered == other.registered
+            && self.references == other.references
+            && format!("{:?}", self.services) == format!("{:?}", other.services)
+    }
+}
+
+/// Compiles every service host of `config`, or only those in `only`, into per-host outputs.
+pub fn compile_hosts(
+    config: &ConfigSet,
+    only: Option<&std::collections::HashSet<String>>,
+) -> BTreeMap<String, HostOutput> {
+    let wanted = |host: &str| only.is_none_or(|o| o.contains(host));
+    let mut outputs: BTreeMap<String, HostOutput> = BTreeMap::new();
+    let mut tagged = Vec::new();
+    let registry = registry::build_tagged(config, &mut tagged);
+    for (host, diag) in tagged {
+        if wanted(&host) {
+            outputs.entry(host).or_default().diagnostics.push(diag);
+        }
+    }
+    for se in &config.service_entries {
+        let nets: Vec<ipnet::IpNet> = se
+            .spec
+            .addresses
+            .iter()
+            .filter_map(|a| {
+                a.parse::<ipnet::IpNet>()
+                    .ok()
+                    .or_else(|| a.parse::<IpAddr>().ok().map(ipnet::IpNet::from))
+            })
+            .collect();
+        if nets.is_empty() {
+            continue;
+        }
+        for host in &se.spec.hosts {
+            if wanted(host) {
+                let out = outputs.entry(host.clone()).or_default();
+                out.registered.extend(nets.iter().copied());
+            }
+        }
+    }
     let mut diags = Vec::new();
-    let registry = registry::build(config, &mut diags);
     let mut ctx = Ctx {
         config,
         registry: &registry,
@@ -207,77 +265,149 @@ pub fn compile(config: &ConfigSet) -> Plan {
         subsets: subset_index(config),
         destination_rules: destination_rule_index(config),
     };
-    let mut services = BTreeMap::new();
     for svc in registry.services.values() {
-        if svc.resolution == istio::Resolution::None
-            && svc.kind == registry::ServiceKind::ServiceEntry
-        {
-            // Istio passes such traffic through to the address the application dialled.
+        if !wanted(&svc.hostname) {
             continue;
         }
-        let vs = ctx.virtual_service_for(&svc.hostname);
-        for port in &svc.ports {
-            let (route, backends, needs_l7) = ctx.route_port(svc, port, vs);
-            let http = needs_l7.then(|| Arc::new(ctx.http_routes(svc, port, vs)));
-            for vip in &svc.vips {
-                let backends: Vec<WeightedBackend> = backends
-                    .iter()
-                    .filter(|b| b.addr.is_ipv4() == vip.is_ipv4())
-                    .cloned()
-                    .collect();
-                let backends = normalise(backends);
-                let key = VipKey {
-                    ip: *vip,
-                    port: port.port,
-                    transport: port.transport,
-                };
-                services.insert(
-                    key,
-                    ServicePlan {
-                        host: svc.hostname.clone(),
-                        port_name: port.name.clone(),
-                        route: route.clone(),
-                        backends,
-                        needs_l7,
-                        http: http.clone(),
-                    },
-                );
+        let mut services = Vec::new();
+        let mut references = std::collections::BTreeSet::new();
+        let skip = svc.resolution == istio::Resolution::None
+            && svc.kind == registry::ServiceKind::ServiceEntry;
+        // Istio passes traffic of NONE ServiceEntries through to the address the application
+        // dialled: no service entry, but the addresses are still registered.
+        if !skip {
+            let vs = ctx.virtual_service_for(&svc.hostname);
+            if let Some(vs) = vs {
+                references = destination_hosts(vs);
+            }
+            for port in &svc.ports {
+                let (route, backends, needs_l7) = ctx.route_port(svc, port, vs);
+                let http = needs_l7.then(|| Arc::new(ctx.http_routes(svc, port, vs)));
+                for vip in &svc.vips {
+                    let backends: Vec<WeightedBackend> = backends
+                        .iter()
+                        .filter(|b| b.addr.is_ipv4() == vip.is_ipv4())
+                        .cloned()
+                        .collect();
+                    let key = VipKey {
+                        ip: *vip,
+                        port: port.port,
+                        transport: port.transport,
+                    };
+                    services.push((
+                        key,
+                        ServicePlan {
+                            host: svc.hostname.clone(),
+                            port_name: port.name.clone(),
+                            route: route.clone(),
+                            backends: normalise(backends),
+                            needs_l7,
+                            http: http.clone(),
+                        },
+                    ));
+                }
+            }
+        }
+        let out = outputs.entry(svc.hostname.clone()).or_default();
+        out.services = services;
+        out.references = references;
+        out.diagnostics.append(ctx.diags);
+        out.registered
+            .extend(svc.vips.iter().map(|ip| ipnet::IpNet::from(*ip)));
+        out.registered
+            .extend(svc.endpoints.iter().map(|e| ipnet::IpNet::from(e.ip)));
+    }
+    for out in outputs.values_mut() {
+        out.diagnostics.sort();
+        out.diagnostics.dedup();
+        out.registered.sort();
+        out.registered.dedup();
+    }
+    outputs
+}
+
+/// Every host a VirtualService's routes and mirrors send to, resolved as the compiler does.
+pub fn destination_hosts(
+    vs: &Resource<istio::VirtualService>,
+) -> std::collections::BTreeSet<String> {
+    let ns = &vs.meta.namespace;
+    let spec = &vs.spec;
+    let mut hosts = std::collections::BTreeSet::new();
+    let mut add = |d: &istio::Destination| {
+        hosts.insert(resolve_host(&d.host, ns));
+    };
+    for r in &spec.tcp {
+        r.route.iter().for_each(|d| add(&d.destination));
+    }
+    for r in &spec.tls {
+        r.route.iter().for_each(|d| add(&d.destination));
+    }
+    for r in &spec.http {
+        r.route.iter().for_each(|d| add(&d.destination));
+        r.mirror.iter().for_each(&mut add);
+        r.mirrors.iter().for_each(|m| add(&m.destination));
+    }
+    hosts
+}
+
+/// The mesh-wide `outboundTrafficPolicy` a configuration sets: a Sidecar without
+/// workloadSelector in the root namespace (the first by name); None leaves the mesh config
+/// (`--outbound-traffic-policy`) in charge.
+pub fn mesh_registry_only(config: &ConfigSet) -> Option<bool> {
+    let mut sidecars: Vec<_> = config
+        .sidecars
+        .iter()
+        .filter(|s| s.meta.namespace == ROOT_NAMESPACE && s.spec.workload_selector.is_none())
+        .collect();
+    sidecars.sort_by_key(|s| s.meta.key());
+    sidecars.iter().find_map(|s| {
+        let mode = s.spec.outbound_traffic_policy.as_ref()?.mode?;
+        Some(mode == istio::OutboundTrafficPolicyMode::RegistryOnly)
+    })
+}
+
+/// Pods by IP. Two pods claiming one IP (a stale object next to its replacement) resolve to
+/// the first by namespace/name, whatever order they come in.
+pub fn sources<'p>(pods: impl Iterator<Item = &'p Resource<Pod>>) -> HashMap<IpAddr, Source> {
+    let mut by_ip: HashMap<IpAddr, (String, &Resource<Pod>)> = HashMap::new();
+    for p in pods {
+        let key = p.meta.key();
+        for ip in registry::pod_ips(&p.spec) {
+            match by_ip.get(&ip) {
+                Some((k, _)) if *k <= key => {}
+                _ => {
+                    by_ip.insert(ip, (key.clone(), p));
+                }
             }
         }
     }
-    diags.sort();
-    diags.dedup();
-    let sources = config
-        .pods
-        .iter()
-        .flat_map(|p| {
-            let source = Source {
-                workload: registry::Workload::new(
-                    "Pod",
-                    &p.meta.namespace,
-                    &p.meta.name,
-                    &p.meta.labels,
-                ),
-                labels: p.meta.labels.clone(),
-            };
-            registry::pod_ips(&p.spec)
-                .into_iter()
-                .map(move |ip| (ip, source.clone()))
-        })
-        .collect();
-    let egress = egress_plan(config, &registry);
-    Plan {
-        egress,
-        sources,
-        services,
-        diagnostics: diags,
+    by_ip
+        .into_iter()
+        .map(|(ip, (_, p))| (ip, source_of(p)))
+        .collect()
+}
+
+/// How the L7 proxy and telemetry see a client pod.
+pub fn source_of(p: &Resource<Pod>) -> Source {
+    Source {
+        workload: registry::Workload::new("Pod", &p.meta.namespace, &p.meta.name, &p.meta.labels),
+        labels: p.meta.labels.clone(),
     }
+}
+
+/// The order backends are listed in: by address, then by who serves it.
+fn backend_order(a: &WeightedBackend, b: &WeightedBackend) -> std::cmp::Ordering {
+    (a.addr, &a.workload.namespace, &a.workload.name).cmp(&(
+        b.addr,
+        &b.workload.namespace,
+        &b.workload.name,
+    ))
 }
 
 fn normalise(mut backends: Vec<WeightedBackend>) -> Vec<WeightedBackend> {
     backends.retain(|b| b.weight > 0.0);
     // Input order (files, watch events) must not change the plan.
-    backends.sort_by_key(|b| b.addr);
+    backends.sort_by(backend_order);
     let total: f64 = backends.iter().map(|b| b.weight).sum();
     for b in &mut backends {
         b.weight /= total;

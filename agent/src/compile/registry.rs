@@ -873,6 +873,28 @@ pub fn dns_names(config: &ConfigSet) -> BTreeSet<String> {
 
 /// Builds the registry, reporting problems into `diags`.
 pub fn build(config: &ConfigSet, diags: &mut Vec<Diagnostic>) -> Registry {
+    let mut tagged = Vec::new();
+    let registry = build_tagged(config, &mut tagged);
+    diags.extend(tagged.into_iter().map(|(_, d)| d));
+    registry
+}
+
+/// The host name a Kubernetes Service defines.
+pub fn kubernetes_service_host(namespace: &str, name: &str) -> String {
+    format!("{name}.{namespace}.svc.{CLUSTER_DOMAIN}")
+}
+
+/// The Service (namespace, name) behind a Kubernetes service host name, if it is one.
+pub fn kubernetes_service_of(host: &str) -> Option<(&str, &str)> {
+    let rest = host.strip_suffix(CLUSTER_DOMAIN)?.strip_suffix(".svc.")?;
+    let (name, namespace) = rest.split_once('.')?;
+    (!namespace.contains('.')).then_some((namespace, name))
+}
+
+/// Builds the registry; each problem comes with the host it concerns (every host of the object
+/// it is about), so that a compiler working host by host can keep them apart.
+pub fn build_tagged(config: &ConfigSet, diags: &mut Vec<(String, Diagnostic)>) -> Registry {
+    let mut untagged = Vec::new();
     let mut pods_by_ns: HashMap<&str, Vec<&Resource<Pod>>> = HashMap::new();
     let mut pod_by_name = HashMap::new();
     for p in &config.pods {
@@ -893,7 +915,7 @@ pub fn build(config: &ConfigSet, diags: &mut Vec<Diagnostic>) -> Registry {
     }
     let mut b = Builder {
         config,
-        diags,
+        diags: &mut untagged,
         pods_by_ns,
         pod_by_name,
         slices_by_service,
@@ -907,28 +929,37 @@ pub fn build(config: &ConfigSet, diags: &mut Vec<Diagnostic>) -> Registry {
     let mut defined: Vec<RegistryService> = Vec::new();
     for s in services {
         defined.extend(b.kubernetes_service(s));
+        let host = kubernetes_service_host(&s.meta.namespace, &s.meta.name);
+        diags.extend(b.diags.drain(..).map(|d| (host.clone(), d)));
     }
     for se in entries {
         defined.extend(b.service_entry(se));
+        for d in b.diags.drain(..) {
+            diags.extend(se.spec.hosts.iter().map(|h| (h.clone(), d.clone())));
+        }
     }
     for svc in defined {
         if let Some(first) = registry.services.get(&svc.hostname) {
-            b.diags.push(Diagnostic {
-                level: Level::Warning,
-                code: None,
-                kind: match svc.kind {
-                    ServiceKind::Kubernetes => "Service",
-                    ServiceKind::ServiceEntry => "ServiceEntry",
-                }
-                .into(),
-                object: svc.object.clone(),
-                origin: svc.origin.clone(),
-                field: "hosts".into(),
-                message: format!(
-                    "host {} is already defined by {}; ignored",
-                    svc.hostname, first.object
-                ),
-            });
+            let host = svc.hostname.clone();
+            diags.push((
+                host,
+                Diagnostic {
+                    level: Level::Warning,
+                    code: None,
+                    kind: match svc.kind {
+                        ServiceKind::Kubernetes => "Service",
+                        ServiceKind::ServiceEntry => "ServiceEntry",
+                    }
+                    .into(),
+                    object: svc.object.clone(),
+                    origin: svc.origin.clone(),
+                    field: "hosts".into(),
+                    message: format!(
+                        "host {} is already defined by {}; ignored",
+                        svc.hostname, first.object
+                    ),
+                },
+            ));
             continue;
         }
         registry.services.insert(svc.hostname.clone(), svc);

@@ -78,6 +78,38 @@ impl EgressWriter {
     }
 }
 
+impl EgressWriter {
+    /// Adds and removes registered destinations (inserting first, so that one moving between
+    /// hosts is never briefly refused), then sets the policy.
+    pub fn apply_changes(
+        &mut self,
+        added: &BTreeSet<IpNet>,
+        removed: &BTreeSet<IpNet>,
+        registry_only: bool,
+    ) -> Result<(), MapError> {
+        for net in added {
+            let net = net.trunc();
+            if self.installed.insert(net) {
+                self.registry.insert(&key(&net), 1, 0)?;
+            }
+        }
+        for net in removed {
+            let net = net.trunc();
+            if !added.iter().any(|a| a.trunc() == net) && self.installed.remove(&net) {
+                let _ = self.registry.remove(&key(&net));
+            }
+        }
+        self.policy.set(
+            0,
+            EgressPolicy {
+                registry_only: registry_only as u32,
+                _pad: 0,
+            },
+            0,
+        )
+    }
+}
+
 /// Connects refused per destination, summed from the kernel's counters.
 pub fn denied(map: &HashMap<MapData, Addr, u64>) -> Vec<(std::net::IpAddr, u64)> {
     let mut out: Vec<_> = map

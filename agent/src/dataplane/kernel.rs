@@ -1,6 +1,6 @@
 //! Conversion between the compiler's [`Plan`] and the kernel's map entries (pure).
 
-use crate::compile::{Plan, VipKey, alias, registry::Transport};
+use crate::compile::{Plan, ServicePlan, VipKey, alias, registry::Transport};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use steerd_common::{
@@ -79,29 +79,32 @@ pub fn socket_of(b: &Backend) -> SocketAddr {
 pub fn tables(plan: &Plan) -> BTreeMap<ServiceKey, KernelService> {
     plan.services
         .iter()
-        .map(|(vip, svc)| {
-            let weights: Vec<f64> = svc.backends.iter().map(|b| b.weight).collect();
-            let columns = alias::build(&weights);
-            let slots: Vec<Slot> = columns
-                .iter()
-                .map(|c| Slot {
-                    primary: backend_of(svc.backends[c.primary].addr),
-                    alias: backend_of(svc.backends[c.alias].addr),
-                    threshold: c.threshold,
-                    _pad: 0,
-                })
-                .collect();
-            let mut flags = if slots.is_empty() {
-                SVC_F_NO_BACKENDS
-            } else {
-                0
-            };
-            if svc.needs_l7 {
-                flags |= SVC_F_L7;
-            }
-            (service_key(vip), KernelService { flags, slots })
-        })
+        .map(|(vip, svc)| (service_key(vip), kernel_service(svc)))
         .collect()
+}
+
+/// The kernel entry of one service: its alias table and flags.
+pub fn kernel_service(svc: &ServicePlan) -> KernelService {
+    let weights: Vec<f64> = svc.backends.iter().map(|b| b.weight).collect();
+    let columns = alias::build(&weights);
+    let slots: Vec<Slot> = columns
+        .iter()
+        .map(|c| Slot {
+            primary: backend_of(svc.backends[c.primary].addr),
+            alias: backend_of(svc.backends[c.alias].addr),
+            threshold: c.threshold,
+            _pad: 0,
+        })
+        .collect();
+    let mut flags = if slots.is_empty() {
+        SVC_F_NO_BACKENDS
+    } else {
+        0
+    };
+    if svc.needs_l7 {
+        flags |= SVC_F_L7;
+    }
+    KernelService { flags, slots }
 }
 
 /// The probability the kernel gives each backend of a table (inverse of [`tables`]).

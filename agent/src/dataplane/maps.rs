@@ -187,6 +187,48 @@ impl MapWriter {
         }
     }
 
+    /// Writes only `changes` (a service's new entry, or None to remove it), in the same way as
+    /// [`Self::apply`]. Returns, with the stats, the keys whose write failed.
+    pub fn apply_changes(
+        &mut self,
+        changes: &[(ServiceKey, Option<KernelService>)],
+    ) -> (ApplyStats, Vec<(ServiceKey, String)>) {
+        let mut stats = ApplyStats::default();
+        let mut failures = Vec::new();
+        let now = Instant::now();
+        for (key, want) in changes {
+            let current = self.installed.get(key);
+            match want {
+                Some(want) => {
+                    if let Some(cur) = current
+                        && cur.value.flags == want.flags
+                        && cur.slots == want.slots
+                    {
+                        stats.unchanged += 1;
+                        continue;
+                    }
+                    let existed = current.is_some();
+                    match self.install(key, want) {
+                        Ok(()) if existed => stats.updated += 1,
+                        Ok(()) => stats.added += 1,
+                        Err(e) => failures.push((*key, e.to_string())),
+                    }
+                }
+                None if current.is_none() => stats.unchanged += 1,
+                None => match self.services.remove(key) {
+                    Ok(()) | Err(MapError::KeyNotFound) => {
+                        let old = self.installed.remove(key).expect("key is installed");
+                        self.retired
+                            .push((now, old.value.table_id, old.value.slot_count));
+                        stats.removed += 1;
+                    }
+                    Err(e) => failures.push((*key, format!("remove service: {e}"))),
+                },
+            }
+        }
+        (stats, failures)
+    }
+
     fn install(&mut self, key: &ServiceKey, want: &KernelService) -> Result<(), MapsError> {
         let table_id = self.next_table;
         self.next_table = self.next_table.wrapping_add(1).max(1);

@@ -5,7 +5,8 @@
 //! the API server keeps the old object when an update is rejected; its errors are reported with
 //! every snapshot until it is fixed.
 
-use super::Snapshot;
+use super::{Snapshot, Update};
+use crate::compile::incremental::Change;
 use crate::model::{Object, ParseError, parse_documents};
 use notify::event::{AccessKind, AccessMode, EventKind};
 use notify::{RecursiveMode, Watcher};
@@ -37,7 +38,10 @@ pub enum FilesError {
 
 pub struct FileSource {
     dir: PathBuf,
+    /// Each file's objects as last read without error.
     last_good: BTreeMap<PathBuf, Vec<Object>>,
+    /// Each file's current problems (reading, parsing, or what Istio's webhook would refuse).
+    errors: BTreeMap<PathBuf, Vec<ParseError>>,
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -99,58 +103,130 @@ impl FileSource {
         Self {
             dir: dir.into(),
             last_good: BTreeMap::new(),
+            errors: BTreeMap::new(),
         }
     }
 
-    /// Reads the directory and returns the current snapshot.
+    /// Reads every manifest again: what the directory serves now.
     pub fn load(&mut self) -> Result<Snapshot, FilesError> {
         let mut files = Vec::new();
         manifests_under(&self.dir, &mut files)?;
-        files.sort();
-        let mut snapshot = Snapshot::default();
-        let mut next_good = BTreeMap::new();
-        for path in files {
-            let text = match std::fs::read_to_string(&path) {
-                Ok(t) => t,
-                // Deleted between listing and reading: treat as gone.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    snapshot.errors.push(ParseError {
-                        origin: crate::model::Origin {
-                            source: path.display().to_string(),
-                            line: None,
-                        },
-                        kind: "file".into(),
-                        object: "-".into(),
-                        field: "-".into(),
-                        message: e.to_string(),
-                    });
-                    if let Some(prev) = self.last_good.remove(&path) {
-                        next_good.insert(path, prev);
-                    }
-                    continue;
-                }
-            };
-            let (objects, mut errors) = parse_documents(&path.display().to_string(), &text);
-            errors.extend(super::rejected(&objects));
-            if errors.is_empty() {
-                next_good.insert(path, objects);
-            } else {
-                snapshot.errors.extend(errors);
-                if let Some(prev) = self.last_good.remove(&path) {
-                    next_good.insert(path, prev);
-                }
-            }
+        let mut known: std::collections::BTreeSet<PathBuf> =
+            self.last_good.keys().cloned().collect();
+        known.extend(self.errors.keys().cloned());
+        known.extend(files);
+        for path in known {
+            self.reload_file(&path);
         }
-        self.last_good = next_good;
+        Ok(self.snapshot())
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let mut snapshot = Snapshot::default();
         for objects in self.last_good.values() {
             snapshot.config.extend(objects.iter().cloned());
         }
-        Ok(snapshot)
+        snapshot.errors = self.errors.values().flatten().cloned().collect();
+        snapshot
+    }
+
+    /// Reads the files `paths` names (and, when an event was about something else than a
+    /// manifest, e.g. a directory, every file under the directory), returning what changed.
+    pub fn reload(
+        &mut self,
+        paths: &std::collections::BTreeSet<PathBuf>,
+    ) -> Result<Vec<Change>, FilesError> {
+        let mut files: std::collections::BTreeSet<PathBuf> = paths
+            .iter()
+            .filter(|p| is_manifest(p) && !p.is_dir())
+            .cloned()
+            .collect();
+        if paths.is_empty() || files.len() != paths.len() {
+            // Directories moved or removed, an overflowed event queue: look at everything.
+            let mut listed = Vec::new();
+            manifests_under(&self.dir, &mut listed)?;
+            files.extend(
+                listed
+                    .into_iter()
+                    .filter(|p| !self.last_good.contains_key(p) && !self.errors.contains_key(p)),
+            );
+            files.extend(
+                self.last_good
+                    .keys()
+                    .chain(self.errors.keys())
+                    .filter(|p| !p.exists())
+                    .cloned(),
+            );
+        }
+        let mut changes = Vec::new();
+        for path in files {
+            changes.extend(self.reload_file(&path));
+        }
+        Ok(changes)
+    }
+
+    /// Reads one file; returns how its objects changed. A file that does not parse or
+    /// validate keeps serving its last good objects.
+    fn reload_file(&mut self, path: &Path) -> Vec<Change> {
+        let origin = |message: String| ParseError {
+            origin: crate::model::Origin {
+                source: path.display().to_string(),
+                line: None,
+            },
+            kind: "file".into(),
+            object: "-".into(),
+            field: "-".into(),
+            message,
+        };
+        let new = match std::fs::read_to_string(path) {
+            // Deleted: its objects go.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                self.errors
+                    .insert(path.to_owned(), vec![origin(e.to_string())]);
+                return Vec::new();
+            }
+            Ok(text) => {
+                let (objects, mut errors) = parse_documents(&path.display().to_string(), &text);
+                errors.extend(super::rejected(&objects));
+                if !errors.is_empty() {
+                    self.errors.insert(path.to_owned(), errors);
+                    return Vec::new();
+                }
+                objects
+            }
+        };
+        self.errors.remove(path);
+        let old = if new.is_empty() {
+            self.last_good.remove(path).unwrap_or_default()
+        } else {
+            self.last_good
+                .insert(path.to_owned(), new.clone())
+                .unwrap_or_default()
+        };
+        // Unchanged objects of a changed file are not changes.
+        let mut changes: Vec<Change> = old
+            .iter()
+            .enumerate()
+            .filter(|(i, o)| new.get(*i) != Some(o) && !new.contains(o))
+            .map(|(_, o)| Change::Removed(o.clone()))
+            .collect();
+        changes.extend(
+            new.iter()
+                .enumerate()
+                .filter(|(i, o)| old.get(*i) != Some(o) && !old.contains(o))
+                .map(|(_, o)| Change::Added(o.clone())),
+        );
+        changes
+    }
+
+    /// Every problem the files have now.
+    pub fn errors(&self) -> Vec<ParseError> {
+        self.errors.values().flatten().cloned().collect()
     }
 
     /// Loads now and after every change, sending each snapshot to `tx`, until `tx` closes.
-    pub async fn watch(mut self, tx: mpsc::Sender<Snapshot>) -> Result<(), FilesError> {
+    pub async fn watch(mut self, tx: mpsc::Sender<Update>) -> Result<(), FilesError> {
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
         let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
             // Reading the manifests makes inotify report opens and closes of them; were those a
@@ -170,27 +246,48 @@ impl FileSource {
                 path: self.dir.clone(),
                 source,
             })?;
+        let first = self.load()?;
+        if tx.send(Update::Full(Box::new(first))).await.is_err() {
+            return Ok(());
+        }
         loop {
-            match self.load() {
-                Ok(snap) => {
-                    if tx.send(snap).await.is_err() {
+            // Wait for a change, then for the burst to settle, noting every path it names.
+            let mut paths = std::collections::BTreeSet::new();
+            let mut note = |ev: Option<notify::Result<notify::Event>>| match ev {
+                None => false,
+                Some(Err(e)) => {
+                    warn!(error = %e, "watch error; reading every file again");
+                    paths.insert(self.dir.clone());
+                    true
+                }
+                Some(Ok(ev)) => {
+                    debug!(?ev.kind, paths = ?ev.paths, "manifest change");
+                    if ev.paths.is_empty() || ev.need_rescan() {
+                        paths.insert(self.dir.clone());
+                    }
+                    paths.extend(ev.paths);
+                    true
+                }
+            };
+            if !note(ev_rx.recv().await) {
+                return Ok(());
+            }
+            while let Ok(ev) = tokio::time::timeout(DEBOUNCE, ev_rx.recv()).await {
+                if !note(ev) {
+                    return Ok(());
+                }
+            }
+            match self.reload(&paths) {
+                Ok(changes) => {
+                    let update = Update::Changes {
+                        changes,
+                        errors: self.errors(),
+                    };
+                    if tx.send(update).await.is_err() {
                         return Ok(());
                     }
                 }
                 Err(e) => warn!(error = %e, "reading manifests failed; keeping the current plan"),
-            }
-            // Wait for a change, then for the burst to settle.
-            match ev_rx.recv().await {
-                None => return Ok(()),
-                Some(Err(e)) => warn!(error = %e, "watch error"),
-                Some(Ok(ev)) => debug!(?ev.kind, paths = ?ev.paths, "manifest change"),
-            }
-            loop {
-                match tokio::time::timeout(DEBOUNCE, ev_rx.recv()).await {
-                    Ok(Some(_)) => continue,
-                    Ok(None) => return Ok(()),
-                    Err(_) => break,
-                }
             }
         }
     }
@@ -290,14 +387,23 @@ mod tests {
         std::fs::write(dir.path().join("a.yaml"), SVC).unwrap();
         let (tx, mut rx) = mpsc::channel(4);
         let task = tokio::spawn(FileSource::new(dir.path()).watch(tx));
-        let first = rx.recv().await.unwrap();
+        let Update::Full(first) = rx.recv().await.unwrap() else {
+            panic!("the first update is complete")
+        };
         assert_eq!(first.config.services.len(), 1);
         std::fs::write(dir.path().join("b.yaml"), SVC.replace("name: a", "name: b")).unwrap();
         let next = tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(next.config.services.len(), 2);
+        let Update::Changes { changes, errors } = next else {
+            panic!("later updates are changes")
+        };
+        assert!(errors.is_empty());
+        assert!(
+            matches!(&changes[..], [Change::Added(Object::Service(s))] if s.meta.name == "b"),
+            "{changes:?}"
+        );
         drop(rx);
         task.abort();
     }

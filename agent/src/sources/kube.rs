@@ -14,8 +14,9 @@
 //! - An object that does not parse is left out (or keeps its last good version, like a file
 //!   does), is reported in the snapshot's errors, and gets a Warning Event `InvalidConfig`.
 
-use super::Snapshot;
-use crate::model::{ConfigSet, Object, Origin, ParseError, parse_value};
+use super::Update;
+use crate::compile::incremental::Change;
+use crate::model::{Object, Origin, ParseError, parse_value};
 use futures::stream::{BoxStream, SelectAll};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -322,9 +323,15 @@ impl KindState {
         }
     }
 
-    /// Applies one watcher event; returns whether the visible objects (may) have changed.
-    /// Objects whose new version fails to parse are appended to `invalid`.
-    fn handle(&mut self, event: watcher::Event<DynamicObject>, invalid: &mut Vec<Invalid>) -> bool {
+    /// Applies one watcher event, appending what changed in the served objects to `changes`;
+    /// returns whether the visible objects (may) have changed. Objects whose new version fails
+    /// to parse are appended to `invalid`.
+    fn handle(
+        &mut self,
+        event: watcher::Event<DynamicObject>,
+        invalid: &mut Vec<Invalid>,
+        changes: &mut Vec<Change>,
+    ) -> bool {
         match event {
             watcher::Event::Init => {
                 self.relist = Some(BTreeMap::new());
@@ -337,17 +344,48 @@ impl KindState {
                 false
             }
             watcher::Event::InitDone => {
-                self.live = self.relist.take().unwrap_or_default();
+                let relisted = self.relist.take().unwrap_or_default();
+                let old = std::mem::replace(&mut self.live, relisted);
+                for (key, entry) in &old {
+                    let now = self
+                        .live
+                        .get(key)
+                        .map(|e| e.objects.as_slice())
+                        .unwrap_or_default();
+                    if now != entry.objects.as_slice() {
+                        changes.extend(entry.objects.iter().cloned().map(Change::Removed));
+                    }
+                }
+                for (key, entry) in &self.live {
+                    let before = old
+                        .get(key)
+                        .map(|e| e.objects.as_slice())
+                        .unwrap_or_default();
+                    if before != entry.objects.as_slice() {
+                        changes.extend(entry.objects.iter().cloned().map(Change::Added));
+                    }
+                }
                 self.listed = true;
                 true
             }
             watcher::Event::Apply(obj) => {
                 let key = key_of(&obj);
                 let entry = self.ingest(&obj, self.live.get(&key), invalid);
-                self.live.insert(key, entry);
+                let old = self.live.insert(key, entry.clone());
+                let old = old.map(|e| e.objects).unwrap_or_default();
+                if old != entry.objects {
+                    changes.extend(old.into_iter().map(Change::Removed));
+                    changes.extend(entry.objects.into_iter().map(Change::Added));
+                }
                 true
             }
-            watcher::Event::Delete(obj) => self.live.remove(&key_of(&obj)).is_some(),
+            watcher::Event::Delete(obj) => match self.live.remove(&key_of(&obj)) {
+                Some(old) => {
+                    changes.extend(old.objects.into_iter().map(Change::Removed));
+                    true
+                }
+                None => false,
+            },
         }
     }
 
@@ -419,14 +457,13 @@ fn key_of(obj: &DynamicObject) -> Key {
     )
 }
 
-/// The complete configuration of all watched kinds, in a stable order.
-fn snapshot(states: &[KindState]) -> Snapshot {
-    let mut snap = Snapshot::default();
-    for entry in states.iter().flat_map(|s| s.live.values()) {
-        snap.config.extend(entry.objects.iter().cloned());
-        snap.errors.extend(entry.error.iter().cloned());
-    }
-    snap
+/// Every object of the watched kinds whose current version does not parse.
+fn errors(states: &[KindState]) -> Vec<ParseError> {
+    states
+        .iter()
+        .flat_map(|s| s.live.values())
+        .filter_map(|e| e.error.clone())
+        .collect()
 }
 
 type EventStream =
@@ -468,7 +505,7 @@ impl KubeSource {
 
     /// Watches until `tx` closes, sending a complete snapshot after the initial lists and after
     /// every (debounced) change.
-    pub async fn watch(self, tx: mpsc::Sender<Snapshot>) {
+    pub async fn watch(self, tx: mpsc::Sender<Update>) {
         let served = tokio::select! {
             served = self.discover_until_served() => served,
             _ = tx.closed() => return,
@@ -486,7 +523,8 @@ impl KubeSource {
         let mut rediscovery = tokio::time::interval_at(Instant::now() + REDISCOVERY, REDISCOVERY);
         let mut pending_since: Option<Instant> = None;
         let mut last_change = Instant::now();
-        let mut last_sent: Option<(ConfigSet, Vec<ParseError>)> = None;
+        let mut pending: Vec<Change> = Vec::new();
+        let mut last_errors: Option<Vec<ParseError>> = None;
         loop {
             let all_listed = states.iter().all(|s| s.listed);
             let deadline = pending_since
@@ -498,7 +536,7 @@ impl KubeSource {
                     match event {
                         Ok(event) => {
                             let mut invalid = Vec::new();
-                            if state.handle(event, &mut invalid) {
+                            if state.handle(event, &mut invalid, &mut pending) {
                                 last_change = Instant::now();
                                 pending_since.get_or_insert(last_change);
                             }
@@ -512,18 +550,18 @@ impl KubeSource {
                 }
                 () = sleep_until_opt(deadline) => {
                     pending_since = None;
-                    let snap = snapshot(&states);
-                    let current = (snap.config.clone(), snap.errors.clone());
-                    if last_sent.as_ref() == Some(&current) {
+                    let errors = errors(&states);
+                    if pending.is_empty() && last_errors.as_ref() == Some(&errors) {
                         continue;
                     }
-                    if last_sent.is_none() {
-                        info!(objects = snap.config.len(), invalid = snap.errors.len(), "initial lists complete");
+                    if last_errors.is_none() {
+                        info!(objects = pending.len(), invalid = errors.len(), "initial lists complete");
                     } else {
-                        debug!(objects = snap.config.len(), invalid = snap.errors.len(), "cluster changed");
+                        debug!(changes = pending.len(), invalid = errors.len(), "cluster changed");
                     }
-                    last_sent = Some(current);
-                    if tx.send(snap).await.is_err() {
+                    last_errors = Some(errors.clone());
+                    let update = Update::Changes { changes: std::mem::take(&mut pending), errors };
+                    if tx.send(update).await.is_err() {
                         return;
                     }
                 }
@@ -851,18 +889,33 @@ mod tests {
         )
     }
 
-    fn weights(state: &KindState) -> Vec<(String, Option<i64>)> {
-        let snap = snapshot(std::slice::from_ref(state));
-        snap.config
-            .virtual_services
+    /// Replays `changes` onto `served` (what the agent holds from this source) and returns
+    /// the VirtualServices' weights there: the changes must describe the state exactly.
+    fn weights(served: &mut Vec<Object>, changes: &mut Vec<Change>) -> Vec<(String, Option<i64>)> {
+        for change in changes.drain(..) {
+            match change {
+                Change::Removed(o) => {
+                    let at = served
+                        .iter()
+                        .position(|s| *s == o)
+                        .unwrap_or_else(|| panic!("removed an object never added: {o:?}"));
+                    served.remove(at);
+                }
+                Change::Added(o) => served.push(o),
+            }
+        }
+        let mut out: Vec<_> = served
             .iter()
-            .map(|v| {
-                (
+            .filter_map(|o| match o {
+                Object::VirtualService(v) => Some((
                     v.meta.name.clone(),
                     v.spec.tcp[0].route[0].weight.map(i64::from),
-                )
+                )),
+                _ => None,
             })
-            .collect()
+            .collect();
+        out.sort();
+        out
     }
 
     #[test]
@@ -870,14 +923,29 @@ mod tests {
         use watcher::Event::*;
         let mut state = KindState::new(vs_target());
         let mut invalid = Vec::new();
-        assert!(!state.handle(Init, &mut invalid));
-        assert!(!state.handle(InitApply(vs("a", "1", json!(80))), &mut invalid));
-        assert!(!state.handle(InitApply(vs("bad", "2", json!("heavy"))), &mut invalid));
+        let (mut served, mut changes) = (Vec::new(), Vec::new());
+        assert!(!state.handle(Init, &mut invalid, &mut changes));
+        assert!(!state.handle(
+            InitApply(vs("a", "1", json!(80))),
+            &mut invalid,
+            &mut changes
+        ));
+        assert!(!state.handle(
+            InitApply(vs("bad", "2", json!("heavy"))),
+            &mut invalid,
+            &mut changes
+        ));
         assert!(!state.listed, "not listed before InitDone");
-        assert!(weights(&state).is_empty(), "nothing visible mid-list");
-        assert!(state.handle(InitDone, &mut invalid));
+        assert!(
+            weights(&mut served, &mut changes).is_empty(),
+            "nothing visible mid-list"
+        );
+        assert!(state.handle(InitDone, &mut invalid, &mut changes));
         assert!(state.listed);
-        assert_eq!(weights(&state), [("a".to_string(), Some(80))]);
+        assert_eq!(
+            weights(&mut served, &mut changes),
+            [("a".to_string(), Some(80))]
+        );
 
         // The bad one is reported with kind, object, field and message, and an Event reference.
         assert_eq!(invalid.len(), 1);
@@ -891,37 +959,60 @@ mod tests {
             inv.reference.api_version.as_deref(),
             Some("networking.istio.io/v1")
         );
-        let snap = snapshot(std::slice::from_ref(&state));
-        assert_eq!(snap.errors.len(), 1);
+        assert_eq!(errors(std::slice::from_ref(&state)).len(), 1);
 
         // A broken update keeps the last good version (and is reported once).
         invalid.clear();
-        assert!(state.handle(Apply(vs("a", "3", json!("all"))), &mut invalid));
+        assert!(state.handle(
+            Apply(vs("a", "3", json!("all"))),
+            &mut invalid,
+            &mut changes
+        ));
         assert_eq!(invalid.len(), 1);
-        assert_eq!(weights(&state), [("a".to_string(), Some(80))]);
-        assert_eq!(snapshot(std::slice::from_ref(&state)).errors.len(), 2);
+        assert_eq!(
+            weights(&mut served, &mut changes),
+            [("a".to_string(), Some(80))]
+        );
+        assert_eq!(errors(std::slice::from_ref(&state)).len(), 2);
 
         // A relist after a watch error (same versions) neither re-parses nor re-reports, and
         // what is seen during it stays as it was until the list is complete.
         invalid.clear();
-        state.handle(Init, &mut invalid);
-        state.handle(InitApply(vs("a", "3", json!("all"))), &mut invalid);
-        assert_eq!(weights(&state), [("a".to_string(), Some(80))]);
-        state.handle(InitApply(vs("c", "4", json!(5))), &mut invalid);
-        state.handle(InitDone, &mut invalid);
+        state.handle(Init, &mut invalid, &mut changes);
+        state.handle(
+            InitApply(vs("a", "3", json!("all"))),
+            &mut invalid,
+            &mut changes,
+        );
+        assert_eq!(
+            weights(&mut served, &mut changes),
+            [("a".to_string(), Some(80))]
+        );
+        state.handle(
+            InitApply(vs("c", "4", json!(5))),
+            &mut invalid,
+            &mut changes,
+        );
+        state.handle(InitDone, &mut invalid, &mut changes);
         assert!(invalid.is_empty(), "{invalid:?}");
         // `bad` was not listed again: deleted while the watch was down.
         assert_eq!(
-            weights(&state),
+            weights(&mut served, &mut changes),
             [("a".to_string(), Some(80)), ("c".to_string(), Some(5))]
         );
 
         // Fixed, then deleted.
-        state.handle(Apply(vs("a", "5", json!(20))), &mut invalid);
-        assert_eq!(weights(&state)[0], ("a".to_string(), Some(20)));
-        assert!(snapshot(std::slice::from_ref(&state)).errors.is_empty());
-        assert!(state.handle(Delete(vs("a", "6", json!(20))), &mut invalid));
-        assert_eq!(weights(&state), [("c".to_string(), Some(5))]);
+        state.handle(Apply(vs("a", "5", json!(20))), &mut invalid, &mut changes);
+        assert_eq!(
+            weights(&mut served, &mut changes)[0],
+            ("a".to_string(), Some(20))
+        );
+        assert!(errors(std::slice::from_ref(&state)).is_empty());
+        assert!(state.handle(Delete(vs("a", "6", json!(20))), &mut invalid, &mut changes));
+        assert_eq!(
+            weights(&mut served, &mut changes),
+            [("c".to_string(), Some(5))]
+        );
         assert!(invalid.is_empty());
     }
 

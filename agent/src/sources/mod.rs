@@ -1,5 +1,5 @@
-//! Configuration sources. Each produces complete [`ConfigSet`] snapshots; the agent compiles
-//! whichever snapshot arrived last.
+//! Configuration sources. Each sends a complete [`Snapshot`] first, then (files, Kubernetes)
+//! the changes since; the agent's incremental compiler recompiles what they affect.
 
 pub mod dns;
 pub mod files;
@@ -14,6 +14,28 @@ pub struct Snapshot {
     /// Problems found while reading. Objects that failed are served from their last good
     /// version (when there was one).
     pub errors: Vec<ParseError>,
+}
+
+/// What a source sends the agent.
+#[derive(Debug, Clone)]
+pub enum Update {
+    /// Everything the source serves now; replaces all it sent before.
+    Full(Box<Snapshot>),
+    /// What changed since the previous update, in order, and every problem the source has now
+    /// (objects that failed are served from their last good version).
+    Changes {
+        changes: Vec<crate::compile::incremental::Change>,
+        errors: Vec<ParseError>,
+    },
+}
+
+impl Update {
+    pub fn errors(&self) -> &[ParseError] {
+        match self {
+            Update::Full(s) => &s.errors,
+            Update::Changes { errors, .. } => errors,
+        }
+    }
 }
 
 /// Where configuration comes from (`--source`).

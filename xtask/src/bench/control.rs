@@ -1507,8 +1507,8 @@ impl Report<'_> {
         let _ = writeln!(w, "|---|---:|---:|---|");
         let _ = writeln!(
             w,
-            "| one change, event → map after the {} ms debounce (re-read and parse all files, \
-             compile, write), p50 / p99 | {} / {} | < {TARGET_CHANGE_P99_MS} ms p99 | {} |",
+            "| one change, event → map after the {} ms debounce (re-read and parse the changed \
+             file, recompile the affected hosts, write), p50 / p99 | {} / {} | < {TARGET_CHANGE_P99_MS} ms p99 | {} |",
             DEBOUNCE.as_millis(),
             ms(s.after_debounce.p50),
             ms(s.after_debounce.p99),
@@ -1587,11 +1587,11 @@ impl Report<'_> {
             ),
             ("the same less the 100 ms debounce", &s.after_debounce),
             (
-                "… of which re-reading, parsing and validating all files, merging",
+                "… of which re-reading, parsing and validating the changed file, diffing it against its last version",
                 &s.reload,
             ),
             (
-                "… of which the apply (`elapsed_us`: compile + map diff + write)",
+                "… of which the apply (`elapsed_us`: recompiling the affected hosts, patching the plan, writing the changed entries)",
                 &s.apply,
             ),
             ("agent CPU time (all threads)", &s.cpu),
@@ -1746,10 +1746,11 @@ impl Report<'_> {
              table, then swaps the entry): **file write → map entry**. The agent's log gives, \
              for the same change, the timestamps of the file source's `manifest change` event \
              and of `plan applied` (logged right after the map update), and `elapsed_us` \
-             (compiling the whole config, diffing it against the installed maps, writing); \
+             (recompiling the hosts the change affects, patching the plan, writing the changed map \
+             entries); \
              **event → map after the debounce** is the difference of the two timestamps less \
-             the file source's fixed {} ms debounce: re-reading, parsing and validating every \
-             file, merging the sources, compiling and writing. Each change must update exactly \
+             the file source's fixed {} ms debounce: re-reading, parsing and validating the \
+             changed file, diffing it against its last version, recompiling and writing. Each change must update exactly \
              one service in the map, and after the last one `steerd maps backends` must show \
              the new split. {} ms pause after each change.",
             if n < o.changes as usize {
@@ -1782,9 +1783,9 @@ impl Report<'_> {
         let share = |part: f64| part / s.after_debounce.p50.max(1.0) * 100.0;
         let mut text = format!(
             "A single change takes {} (p50) from the event reaching the agent to the map once the \
-             {} ms debounce has passed: {} ({:.0}%) re-reading, parsing and validating all {} \
-             files and merging the sources, and {} ({:.0}%) in the apply, which compiles the \
-             whole config again and diffs the result against the installed maps to write the \
+             {} ms debounce has passed: {} ({:.0}%) re-reading, parsing and validating the \
+             changed file (one of {}) and diffing it against its last version, and {} ({:.0}%) \
+             in the apply, which recompiles only the hosts the change affects and writes the \
              one changed service. The agent spent {} of CPU on each change (p50).",
             ms(s.after_debounce.p50),
             DEBOUNCE.as_millis(),

@@ -1,0 +1,1135 @@
+//! Incremental compilation for the agent: the configuration of every source kept indexed, and
+//! the plan patched host by host.
+//!
+//! A change recompiles only the service hosts it can affect, from a sub-configuration holding
+//! just what those hosts depend on (see [`HostOutput`]): the objects that define them, their
+//! endpoints, the VirtualServices that match them, their DestinationRules, and the same for the
+//! hosts their routes send to. The plan is then always the one [`compile`] gives for the whole
+//! configuration; the property test at the end of this file checks exactly that over random
+//! configurations and random sequences of changes.
+//!
+//! Still pure: no I/O, no clock.
+
+use super::registry::{
+    host_matches, kubernetes_service_host, kubernetes_service_of, pod_ips, resolve_host,
+};
+use super::{
+    HostOutput, Plan, ServicePlan, VipKey, compile_hosts, destination_hosts, mesh_registry_only,
+    source_of,
+};
+use crate::model::{
+    ConfigSet, EndpointSlice, Object, Pod, Resolved, Resource, Service, istio, secret,
+};
+use ipnet::IpNet;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::IpAddr;
+
+/// The label that ties an EndpointSlice to its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// `(namespace, name)`.
+type Key = (String, String);
+
+/// Which source (the agent's `--source` index) an object came from.
+pub type SourceId = usize;
+
+/// One change a source reports, applied in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// An object the source no longer serves in this version (the old version of an update).
+    Removed(Object),
+    /// An object the source now serves.
+    Added(Object),
+}
+
+/// Objects of one kind by key; several sources (or files) may each hold a copy.
+type ByKey<T> = BTreeMap<Key, Vec<(SourceId, Resource<T>)>>;
+
+fn key_of(meta: &crate::model::Meta) -> Key {
+    (meta.namespace.clone(), meta.name.clone())
+}
+
+/// Copies of one key are kept in source order, the order the agent merges sources in (and so
+/// the order in which "first definition wins" rules see them).
+fn add_copy<T>(map: &mut ByKey<T>, source: SourceId, r: Resource<T>) {
+    let copies = map.entry(key_of(&r.meta)).or_default();
+    let at = copies.partition_point(|(s, _)| *s <= source);
+    copies.insert(at, (source, r));
+}
+
+/// Removes the copy `source` holds of `r` (the equal one if it holds several). Returns whether
+/// there was one.
+fn remove_copy<T: PartialEq>(map: &mut ByKey<T>, source: SourceId, r: &Resource<T>) -> bool {
+    let key = key_of(&r.meta);
+    let Some(copies) = map.get_mut(&key) else {
+        return false;
+    };
+    let at = copies
+        .iter()
+        .position(|(s, c)| *s == source && c == r)
+        .or_else(|| copies.iter().position(|(s, _)| *s == source));
+    let Some(at) = at else { return false };
+    copies.remove(at);
+    if copies.is_empty() {
+        map.remove(&key);
+    }
+    true
+}
+
+fn in_namespace<'m, T>(
+    map: &'m ByKey<T>,
+    namespace: &str,
+) -> impl Iterator<Item = &'m Resource<T>> + 'm {
+    let start = (namespace.to_string(), String::new());
+    let namespace = namespace.to_string();
+    map.range(start..)
+        .take_while(move |((ns, _), _)| *ns == namespace)
+        .flat_map(|(_, copies)| copies.iter().map(|(_, r)| r))
+}
+
+fn copies<'m, T>(map: &'m ByKey<T>, key: &Key) -> impl Iterator<Item = &'m Resource<T>> + 'm {
+    map.get(key)
+        .into_iter()
+        .flat_map(|c| c.iter().map(|(_, r)| r))
+}
+
+/// Points `key` at exactly the index entries `now` (it was at `before`).
+fn reindex<I: std::hash::Hash + Eq + Ord + Clone>(
+    index: &mut HashMap<I, BTreeSet<Key>>,
+    key: &Key,
+    before: BTreeSet<I>,
+    now: BTreeSet<I>,
+) {
+    for gone in before.difference(&now) {
+        if let Some(keys) = index.get_mut(gone) {
+            keys.remove(key);
+            if keys.is_empty() {
+                index.remove(gone);
+            }
+        }
+    }
+    for new in now.difference(&before) {
+        index.entry(new.clone()).or_default().insert(key.clone());
+    }
+}
+
+fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Every source's objects, indexed for finding what a host depends on and what an object
+/// affects.
+#[derive(Debug, Default)]
+pub struct Store {
+    services: ByKey<Service>,
+    endpoint_slices: ByKey<EndpointSlice>,
+    pods: ByKey<Pod>,
+    virtual_services: ByKey<istio::VirtualService>,
+    destination_rules: ByKey<istio::DestinationRule>,
+    service_entries: ByKey<istio::ServiceEntry>,
+    workload_entries: ByKey<istio::WorkloadEntry>,
+    gateways: ByKey<istio::Gateway>,
+    sidecars: ByKey<istio::Sidecar>,
+    secrets: ByKey<secret::Secret>,
+    /// DNS answers, per source (only the resolver sends them).
+    resolved: BTreeMap<SourceId, BTreeMap<String, Resolved>>,
+
+    /// EndpointSlices by their Service (namespace, `kubernetes.io/service-name`).
+    slices_by_service: HashMap<Key, BTreeSet<Key>>,
+    /// EndpointSlices by the Pods their endpoints name (`targetRef`).
+    slices_by_pod: HashMap<Key, BTreeSet<Key>>,
+    /// VirtualServices by each exact host they name (resolved, lower case: hosts match
+    /// case-insensitively).
+    vs_by_host: HashMap<String, BTreeSet<Key>>,
+    /// VirtualServices with at least one wildcard host.
+    vs_wildcard: BTreeSet<Key>,
+    /// DestinationRules by resolved host.
+    dr_by_host: HashMap<String, BTreeSet<Key>>,
+    /// ServiceEntries by host.
+    se_by_host: HashMap<String, BTreeSet<Key>>,
+    /// Pods by IP, for the plan's sources.
+    pods_by_ip: HashMap<IpAddr, BTreeSet<Key>>,
+}
+
+fn slice_service(s: &Resource<EndpointSlice>) -> Option<Key> {
+    s.meta
+        .labels
+        .get(SERVICE_NAME_LABEL)
+        .map(|svc| (s.meta.namespace.clone(), svc.clone()))
+}
+
+fn slice_pods(s: &Resource<EndpointSlice>) -> impl Iterator<Item = Key> + '_ {
+    s.spec.endpoints.iter().filter_map(|ep| {
+        let r = ep
+            .target_ref
+            .as_ref()
+            .filter(|r| r.kind.as_deref() == Some("Pod"))?;
+        let ns = r
+            .namespace
+            .clone()
+            .unwrap_or_else(|| s.meta.namespace.clone());
+        Some((ns, r.name.clone().unwrap_or_default()))
+    })
+}
+
+fn vs_patterns(vs: &Resource<istio::VirtualService>) -> impl Iterator<Item = String> + '_ {
+    vs.spec
+        .hosts
+        .iter()
+        .map(|h| resolve_host(h, &vs.meta.namespace).to_ascii_lowercase())
+}
+
+impl Store {
+    fn add(&mut self, source: SourceId, object: Object) {
+        match object {
+            Object::Service(r) => add_copy(&mut self.services, source, r),
+            Object::EndpointSlice(r) => {
+                let key = key_of(&r.meta);
+                let (services, pods) = self.slice_refs(&key);
+                add_copy(&mut self.endpoint_slices, source, r);
+                self.reindex_slice(&key, services, pods);
+            }
+            Object::Pod(r) => {
+                let key = key_of(&r.meta);
+                let before = self.pod_ips(&key);
+                add_copy(&mut self.pods, source, r);
+                let now = self.pod_ips(&key);
+                reindex(&mut self.pods_by_ip, &key, before, now);
+            }
+            Object::VirtualService(r) => {
+                let key = key_of(&r.meta);
+                let before = self.vs_hosts(&key);
+                add_copy(&mut self.virtual_services, source, r);
+                self.reindex_vs(&key, before);
+            }
+            Object::DestinationRule(r) => {
+                let key = key_of(&r.meta);
+                let before = self.dr_hosts(&key);
+                add_copy(&mut self.destination_rules, source, r);
+                let now = self.dr_hosts(&key);
+                reindex(&mut self.dr_by_host, &key, before, now);
+            }
+            Object::ServiceEntry(r) => {
+                let key = key_of(&r.meta);
+                let before = self.se_hosts(&key);
+                add_copy(&mut self.service_entries, source, r);
+                let now = self.se_hosts(&key);
+                reindex(&mut self.se_by_host, &key, before, now);
+            }
+            Object::WorkloadEntry(r) => add_copy(&mut self.workload_entries, source, r),
+            Object::Gateway(r) => add_copy(&mut self.gateways, source, r),
+            Object::Sidecar(r) => add_copy(&mut self.sidecars, source, r),
+            Object::Secret(r) => add_copy(&mut self.secrets, source, r),
+        }
+    }
+
+    fn remove(&mut self, source: SourceId, object: &Object) -> bool {
+        match object {
+            Object::Service(r) => remove_copy(&mut self.services, source, r),
+            Object::EndpointSlice(r) => {
+                let key = key_of(&r.meta);
+                let (services, pods) = self.slice_refs(&key);
+                let removed = remove_copy(&mut self.endpoint_slices, source, r);
+                self.reindex_slice(&key, services, pods);
+                removed
+            }
+            Object::Pod(r) => {
+                let key = key_of(&r.meta);
+                let before = self.pod_ips(&key);
+                let removed = remove_copy(&mut self.pods, source, r);
+                let now = self.pod_ips(&key);
+                reindex(&mut self.pods_by_ip, &key, before, now);
+                removed
+            }
+            Object::VirtualService(r) => {
+                let key = key_of(&r.meta);
+                let before = self.vs_hosts(&key);
+                let removed = remove_copy(&mut self.virtual_services, source, r);
+                self.reindex_vs(&key, before);
+                removed
+            }
+            Object::DestinationRule(r) => {
+                let key = key_of(&r.meta);
+                let before = self.dr_hosts(&key);
+                let removed = remove_copy(&mut self.destination_rules, source, r);
+                let now = self.dr_hosts(&key);
+                reindex(&mut self.dr_by_host, &key, before, now);
+                removed
+            }
+            Object::ServiceEntry(r) => {
+                let key = key_of(&r.meta);
+                let before = self.se_hosts(&key);
+                let removed = remove_copy(&mut self.service_entries, source, r);
+                let now = self.se_hosts(&key);
+                reindex(&mut self.se_by_host, &key, before, now);
+                removed
+            }
+            Object::WorkloadEntry(r) => remove_copy(&mut self.workload_entries, source, r),
+            Object::Gateway(r) => remove_copy(&mut self.gateways, source, r),
+            Object::Sidecar(r) => remove_copy(&mut self.sidecars, source, r),
+            Object::Secret(r) => remove_copy(&mut self.secrets, source, r),
+        }
+    }
+
+    fn slice_refs(&self, key: &Key) -> (BTreeSet<Key>, BTreeSet<Key>) {
+        let services = copies(&self.endpoint_slices, key)
+            .filter_map(slice_service)
+            .collect();
+        let pods = copies(&self.endpoint_slices, key)
+            .flat_map(slice_pods)
+            .collect();
+        (services, pods)
+    }
+
+    fn reindex_slice(&mut self, key: &Key, services: BTreeSet<Key>, pods: BTreeSet<Key>) {
+        let (services_now, pods_now) = self.slice_refs(key);
+        reindex(&mut self.slices_by_service, key, services, services_now);
+        reindex(&mut self.slices_by_pod, key, pods, pods_now);
+    }
+
+    fn pod_ips(&self, key: &Key) -> BTreeSet<IpAddr> {
+        copies(&self.pods, key)
+            .flat_map(|p| pod_ips(&p.spec))
+            .collect()
+    }
+
+    /// The exact hosts and whether any wildcard, over every copy at `key`.
+    fn vs_hosts(&self, key: &Key) -> (BTreeSet<String>, bool) {
+        let mut exact = BTreeSet::new();
+        let mut wildcard = false;
+        for vs in copies(&self.virtual_services, key) {
+            for p in vs_patterns(vs) {
+                if p.starts_with('*') {
+                    wildcard = true;
+                } else {
+                    exact.insert(p);
+                }
+            }
+        }
+        (exact, wildcard)
+    }
+
+    fn reindex_vs(&mut self, key: &Key, (before, _): (BTreeSet<String>, bool)) {
+        let (now, wildcard) = self.vs_hosts(key);
+        reindex(&mut self.vs_by_host, key, before, now);
+        if wildcard {
+            self.vs_wildcard.insert(key.clone());
+        } else {
+            self.vs_wildcard.remove(key);
+        }
+    }
+
+    fn dr_hosts(&self, key: &Key) -> BTreeSet<String> {
+        copies(&self.destination_rules, key)
+            .map(|dr| resolve_host(&dr.spec.host, &dr.meta.namespace))
+            .collect()
+    }
+
+    fn se_hosts(&self, key: &Key) -> BTreeSet<String> {
+        copies(&self.service_entries, key)
+            .flat_map(|se| se.spec.hosts.iter().cloned())
+            .collect()
+    }
+
+    fn resolved(&self) -> BTreeMap<String, Resolved> {
+        let mut all = BTreeMap::new();
+        for answers in self.resolved.values() {
+            all.extend(answers.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        all
+    }
+
+    /// The VirtualServices that may claim `host` (any gateway binding; the compiler decides).
+    fn virtual_services_for(&self, host: &str) -> BTreeSet<Key> {
+        let mut keys: BTreeSet<Key> = self
+            .vs_by_host
+            .get(&host.to_ascii_lowercase())
+            .cloned()
+            .unwrap_or_default();
+        for key in &self.vs_wildcard {
+            if copies(&self.virtual_services, key)
+                .flat_map(vs_patterns)
+                .any(|p| p.starts_with('*') && host_matches(&p, host))
+            {
+                keys.insert(key.clone());
+            }
+        }
+        keys
+    }
+
+    /// The whole configuration, every kind in key order.
+    pub fn to_config(&self) -> ConfigSet {
+        fn all<T: Clone>(map: &ByKey<T>) -> Vec<Resource<T>> {
+            map.values()
+                .flat_map(|c| c.iter().map(|(_, r)| r.clone()))
+                .collect()
+        }
+        ConfigSet {
+            services: all(&self.services),
+            endpoint_slices: all(&self.endpoint_slices),
+            pods: all(&self.pods),
+            virtual_services: all(&self.virtual_services),
+            destination_rules: all(&self.destination_rules),
+            service_entries: all(&self.service_entries),
+            workload_entries: all(&self.workload_entries),
+            gateways: all(&self.gateways),
+            sidecars: all(&self.sidecars),
+            secrets: all(&self.secrets),
+            resolved: self.resolved(),
+        }
+    }
+
+    /// What the DNS resolver needs to know which names to resolve: the ServiceEntries and
+    /// WorkloadEntries.
+    pub fn dns_config(&self) -> ConfigSet {
+        ConfigSet {
+            service_entries: self
+                .service_entries
+                .values()
+                .flat_map(|c| c.iter().map(|(_, r)| r.clone()))
+                .collect(),
+            workload_entries: self
+                .workload_entries
+                .values()
+                .flat_map(|c| c.iter().map(|(_, r)| r.clone()))
+                .collect(),
+            resolved: self.resolved(),
+            ..Default::default()
+        }
+    }
+
+    /// Everything compiling `hosts` reads, in the order [`Self::to_config`] would give it.
+    fn sub_config(&self, hosts: &BTreeSet<String>) -> ConfigSet {
+        let mut vs_keys = BTreeSet::new();
+        for h in hosts {
+            vs_keys.extend(self.virtual_services_for(h));
+        }
+        // Hosts whose definitions, endpoints and DestinationRules are read: the compiled ones
+        // and every host their VirtualServices send to.
+        let mut defined: BTreeSet<String> = hosts.clone();
+        for key in &vs_keys {
+            for vs in copies(&self.virtual_services, key) {
+                defined.extend(destination_hosts(vs));
+            }
+        }
+        let (mut svc_keys, mut slice_keys, mut pod_keys) =
+            (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+        let (mut se_keys, mut we_namespaces, mut dr_keys) =
+            (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+        let select_pods =
+            |pod_keys: &mut BTreeSet<Key>, namespace: &str, selector: &BTreeMap<String, String>| {
+                for p in in_namespace(&self.pods, namespace) {
+                    if labels_match(selector, &p.meta.labels) {
+                        pod_keys.insert(key_of(&p.meta));
+                    }
+                }
+            };
+        for host in &defined {
+            if let Some((ns, name)) = kubernetes_service_of(host) {
+                let key = (ns.to_string(), name.to_string());
+                if self.services.contains_key(&key) {
+                    match self.slices_by_service.get(&key) {
+                        Some(slices) => {
+                            for s in slices {
+                                for slice in copies(&self.endpoint_slices, s) {
+                                    pod_keys.extend(slice_pods(slice));
+                                }
+                            }
+                            slice_keys.extend(slices.iter().cloned());
+                        }
+                        None => {
+                            for svc in copies(&self.services, &key) {
+                                if let Some(selector) = svc
+                                    .spec
+                                    .spec
+                                    .as_ref()
+                                    .and_then(|s| s.selector.as_ref())
+                                    .filter(|s| !s.is_empty())
+                                {
+                                    select_pods(&mut pod_keys, ns, selector);
+                                }
+                            }
+                        }
+                    }
+                    svc_keys.insert(key);
+                }
+            }
+            for key in self.se_by_host.get(host).into_iter().flatten() {
+                for se in copies(&self.service_entries, key) {
+                    if let Some(selector) = &se.spec.workload_selector {
+                        select_pods(&mut pod_keys, &key.0, &selector.labels);
+                        we_namespaces.insert(key.0.clone());
+                    }
+                }
+                se_keys.insert(key.clone());
+            }
+            dr_keys.extend(self.dr_by_host.get(host).into_iter().flatten().cloned());
+        }
+        fn pick<T: Clone>(map: &ByKey<T>, keys: &BTreeSet<Key>) -> Vec<Resource<T>> {
+            keys.iter().flat_map(|k| copies(map, k).cloned()).collect()
+        }
+        ConfigSet {
+            services: pick(&self.services, &svc_keys),
+            endpoint_slices: pick(&self.endpoint_slices, &slice_keys),
+            pods: pick(&self.pods, &pod_keys),
+            virtual_services: pick(&self.virtual_services, &vs_keys),
+            destination_rules: pick(&self.destination_rules, &dr_keys),
+            service_entries: pick(&self.service_entries, &se_keys),
+            workload_entries: we_namespaces
+                .iter()
+                .flat_map(|ns| in_namespace(&self.workload_entries, ns).cloned())
+                .collect(),
+            resolved: self.resolved(),
+            ..Default::default()
+        }
+    }
+}
+
+/// What the agent has to write after some changes.
+#[derive(Debug, Default)]
+pub struct Dirty {
+    /// VIPs whose entry may have changed, with the entry now (None: removed).
+    pub services: BTreeMap<VipKey, Option<ServicePlan>>,
+    /// Registered destinations that appeared / disappeared.
+    pub registered_added: BTreeSet<IpNet>,
+    pub registered_removed: BTreeSet<IpNet>,
+    /// The mesh-wide outbound policy may have changed.
+    pub egress_policy: bool,
+    /// Pods by IP changed.
+    pub sources: bool,
+    /// An HTTP (L7) service was added, changed or removed.
+    pub l7: bool,
+    /// The diagnostics changed.
+    pub diagnostics: bool,
+    /// Service hosts recompiled.
+    pub hosts: usize,
+}
+
+impl Dirty {
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+            && self.registered_added.is_empty()
+            && self.registered_removed.is_empty()
+            && !self.egress_policy
+            && !self.sources
+            && !self.diagnostics
+    }
+}
+
+/// The agent's compiler: the store, the plan, and per host what it contributed.
+#[derive(Debug, Default)]
+pub struct IncrementalCompiler {
+    store: Store,
+    hosts: BTreeMap<String, HostOutput>,
+    /// Hosts by lower-cased name (VirtualService hosts match case-insensitively).
+    hosts_lower: HashMap<String, BTreeSet<String>>,
+    /// For each host, the hosts whose routes send to it.
+    dependents: HashMap<String, BTreeSet<String>>,
+    /// The hosts claiming each VIP:port; the last by name wins, as in [`compile`].
+    vip_owners: BTreeMap<VipKey, BTreeSet<String>>,
+    /// How many hosts register each destination.
+    registered: BTreeMap<IpNet, u32>,
+    plan: Plan,
+    dirty: Dirty,
+}
+
+impl IncrementalCompiler {
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Takes what changed since the last call.
+    pub fn take_dirty(&mut self) -> Dirty {
+        std::mem::take(&mut self.dirty)
+    }
+
+    /// Marks VIPs to be written again (after a failed write).
+    pub fn mark_dirty(&mut self, keys: impl IntoIterator<Item = VipKey>) {
+        for key in keys {
+            let entry = self.plan.services.get(&key).cloned();
+            self.dirty.services.insert(key, entry);
+        }
+    }
+
+    /// Replaces everything `source` served with `config` (a source's first or complete view).
+    pub fn replace_source(&mut self, source: SourceId, config: ConfigSet) {
+        let mut changes = Vec::new();
+        macro_rules! old {
+            ($field:ident, $variant:ident) => {
+                for copies in self.store.$field.values() {
+                    for (s, r) in copies {
+                        if *s == source {
+                            changes.push(Change::Removed(Object::$variant(r.clone())));
+                        }
+                    }
+                }
+            };
+        }
+        old!(services, Service);
+        old!(endpoint_slices, EndpointSlice);
+        old!(pods, Pod);
+        old!(virtual_services, VirtualService);
+        old!(destination_rules, DestinationRule);
+        old!(service_entries, ServiceEntry);
+        old!(workload_entries, WorkloadEntry);
+        old!(gateways, Gateway);
+        old!(sidecars, Sidecar);
+        old!(secrets, Secret);
+        let ConfigSet {
+            services,
+            endpoint_slices,
+            pods,
+            virtual_services,
+            destination_rules,
+            service_entries,
+            workload_entries,
+            gateways,
+            sidecars,
+            secrets,
+            resolved,
+        } = config;
+        let added = services
+            .into_iter()
+            .map(Object::Service)
+            .chain(endpoint_slices.into_iter().map(Object::EndpointSlice))
+            .chain(pods.into_iter().map(Object::Pod))
+            .chain(virtual_services.into_iter().map(Object::VirtualService))
+            .chain(destination_rules.into_iter().map(Object::DestinationRule))
+            .chain(service_entries.into_iter().map(Object::ServiceEntry))
+            .chain(workload_entries.into_iter().map(Object::WorkloadEntry))
+            .chain(gateways.into_iter().map(Object::Gateway))
+            .chain(sidecars.into_iter().map(Object::Sidecar))
+            .chain(secrets.into_iter().map(Object::Secret));
+        changes.extend(added.map(Change::Added));
+        self.apply_with_resolved(source, changes, Some(resolved));
+    }
+
+    /// Applies one source's changes, in order, and recompiles what they affect.
+    pub fn apply(&mut self, source: SourceId, changes: Vec<Change>) {
+        self.apply_with_resolved(source, changes, None);
+    }
+
+    fn apply_with_resolved(
+        &mut self,
+        source: SourceId,
+        changes: Vec<Change>,
+        resolved: Option<BTreeMap<String, Resolved>>,
+    ) {
+        let mut effects = Effects::default();
+        for change in changes {
+            match change {
+                Change::Removed(object) => {
+                    self.affected_by(&object, &mut effects);
+                    if !self.store.remove(source, &object) {
+                        tracing::debug!(?source, "removal of an object the store does not hold");
+                    }
+                }
+                Change::Added(object) => {
+                    self.affected_by(&object, &mut effects);
+                    self.store.add(source, object);
+                }
+            }
+        }
+        if let Some(resolved) = resolved {
+            let before = self.store.resolved.get(&source);
+            if before != Some(&resolved) && !(before.is_none() && resolved.is_empty()) {
+                // Only DNS ServiceEntries read answers.
+                for copies in self.store.service_entries.values() {
+                    for (_, se) in copies {
+                        if matches!(
+                            se.spec.resolution,
+                            istio::Resolution::Dns | istio::Resolution::DnsRoundRobin
+                        ) {
+                            effects.hosts.extend(se.spec.hosts.iter().cloned());
+                        }
+                    }
+                }
+                if resolved.is_empty() {
+                    self.store.resolved.remove(&source);
+                } else {
+                    self.store.resolved.insert(source, resolved);
+                }
+            }
+        }
+        if effects.sidecars {
+            let policy = mesh_registry_only(&ConfigSet {
+                sidecars: self
+                    .store
+                    .sidecars
+                    .values()
+                    .flat_map(|c| c.iter().map(|(_, r)| r.clone()))
+                    .collect(),
+                ..Default::default()
+            });
+            if policy != self.plan.egress.registry_only {
+                self.plan.egress.registry_only = policy;
+                self.dirty.egress_policy = true;
+            }
+        }
+        self.update_sources(&effects.ips);
+        self.recompile(effects.hosts);
+    }
+
+    /// Points each of `ips` at the first pod (by namespace/name) that has it.
+    fn update_sources(&mut self, ips: &BTreeSet<IpAddr>) {
+        for ip in ips {
+            let source = self
+                .store
+                .pods_by_ip
+                .get(ip)
+                .and_then(|keys| keys.first())
+                .and_then(|key| {
+                    copies(&self.store.pods, key).find(|p| pod_ips(&p.spec).contains(ip))
+                })
+                .map(source_of);
+            let before = match source {
+                Some(s) => self
+                    .plan
+                    .sources
+                    .insert(*ip, s.clone())
+                    .filter(|b| *b == s)
+                    .is_none(),
+                None => self.plan.sources.remove(ip).is_some(),
+            };
+            self.dirty.sources |= before;
+        }
+    }
+
+    /// Recompiles `affected` hosts (and the hosts whose routes send to them) and patches the
+    /// plan.
+    fn recompile(&mut self, mut affected: BTreeSet<String>) {
+        let dependents: Vec<String> = affected
+            .iter()
+            .flat_map(|h| self.dependents.get(h).into_iter().flatten().cloned())
+            .collect();
+        affected.extend(dependents);
+        if affected.is_empty() {
+            return;
+        }
+        self.dirty.hosts += affected.len();
+        let only: HashSet<String> = affected.iter().cloned().collect();
+        // A large share of all hosts (the first configuration, a relist) is compiled from the
+        // whole configuration at once rather than a sub-configuration per host.
+        let config = if affected.len() * 2 > self.hosts.len().max(1) {
+            self.store.to_config()
+        } else {
+            self.store.sub_config(&affected)
+        };
+        let mut outputs = compile_hosts(&config, Some(&only));
+        let mut touched: BTreeSet<VipKey> = BTreeSet::new();
+        let (mut diagnostics_changed, mut registered_changed) = (false, false);
+        for host in affected {
+            let new = outputs.remove(&host);
+            let old = self.hosts.remove(&host);
+            let unchanged = match (&old, &new) {
+                (Some(o), Some(n)) => o.same_as(n),
+                (None, None) => true,
+                _ => false,
+            };
+            if unchanged {
+                if let Some(old) = old {
+                    self.hosts.insert(host, old);
+                }
+                continue;
+            }
+            if let Some(old) = &old {
+                diagnostics_changed |= new
+                    .as_ref()
+                    .is_none_or(|n| n.diagnostics != old.diagnostics);
+                for r in &old.references {
+                    if let Some(d) = self.dependents.get_mut(r) {
+                        d.remove(&host);
+                        if d.is_empty() {
+                            self.dependents.remove(r);
+                        }
+                    }
+                }
+                for (key, _) in &old.services {
+                    touched.insert(*key);
+                    if let Some(owners) = self.vip_owners.get_mut(key) {
+                        owners.remove(&host);
+                        if owners.is_empty() {
+                            self.vip_owners.remove(key);
+                        }
+                    }
+                }
+                for net in &old.registered {
+                    if let Some(n) = self.registered.get_mut(net) {
+                        *n -= 1;
+                        if *n == 0 {
+                            registered_changed = true;
+                            self.registered.remove(net);
+                            if !self.dirty.registered_added.remove(net) {
+                                self.dirty.registered_removed.insert(*net);
+                            }
+                        }
+                    }
+                }
+                self.dirty.l7 |= old.services.iter().any(|(_, s)| s.http.is_some());
+                let lower = host.to_ascii_lowercase();
+                if let Some(set) = self.hosts_lower.get_mut(&lower) {
+                    set.remove(&host);
+                    if set.is_empty() {
+                        self.hosts_lower.remove(&lower);
+                    }
+                }
+            }
+            if let Some(new) = new {
+                diagnostics_changed |= old.is_none() && !new.diagnostics.is_empty();
+                for r in &new.references {
+                    self.dependents
+                        .entry(r.clone())
+                        .or_default()
+                        .insert(host.clone());
+                }
+                for (key, _) in &new.services {
+                    touched.insert(*key);
+                    self.vip_owners
+                        .entry(*key)
+                        .or_default()
+                        .insert(host.clone());
+                }
+                for net in &new.registered {
+                    let n = self.registered.entry(*net).or_default();
+                    *n += 1;
+                    if *n == 1 {
+                        registered_changed = true;
+                        if !self.dirty.registered_removed.remove(net) {
+                            self.dirty.registered_added.insert(*net);
+                        }
+                    }
+                }
+                self.dirty.l7 |= new.services.iter().any(|(_, s)| s.http.is_some());
+                self.hosts_lower
+                    .entry(host.to_ascii_lowercase())
+                    .or_default()
+                    .insert(host.clone());
+                self.hosts.insert(host, new);
+            }
+        }
+        for key in touched {
+            let entry = self
+                .vip_owners
+                .get(&key)
+                .and_then(|owners| owners.last())
+                .and_then(|owner| self.hosts.get(owner))
+                .and_then(|out| out.services.iter().rev().find(|(k, _)| *k == key))
+                .map(|(_, s)| s.clone());
+            let previous = match &entry {
+                Some(s) => self.plan.services.insert(key, s.clone()),
+                None => self.plan.services.remove(&key),
+            };
+            let same = match (&previous, &entry) {
+                (Some(p), Some(e)) => format!("{p:?}") == format!("{e:?}"),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                self.dirty.services.insert(key, entry);
+            }
+        }
+        if diagnostics_changed {
+            let mut all: Vec<_> = self
+                .hosts
+                .values()
+                .flat_map(|o| o.diagnostics.iter().cloned())
+                .collect();
+            all.sort();
+            all.dedup();
+            self.dirty.diagnostics |= all != self.plan.diagnostics;
+            self.plan.diagnostics = all;
+        }
+        if registered_changed {
+            self.plan.egress.registered = self.registered.keys().copied().collect();
+        }
+    }
+
+    /// Records what `object` (as it is, or was) can affect.
+    fn affected_by(&self, object: &Object, effects: &mut Effects) {
+        let Effects { hosts, ips, .. } = effects;
+        match object {
+            Object::Service(r) => {
+                hosts.insert(kubernetes_service_host(&r.meta.namespace, &r.meta.name));
+            }
+            Object::EndpointSlice(r) => {
+                if let Some((ns, svc)) = slice_service(r) {
+                    hosts.insert(kubernetes_service_host(&ns, &svc));
+                }
+            }
+            Object::Pod(r) => {
+                ips.extend(pod_ips(&r.spec));
+                let key = key_of(&r.meta);
+                for slice in self.store.slices_by_pod.get(&key).into_iter().flatten() {
+                    for s in copies(&self.store.endpoint_slices, slice) {
+                        if let Some((ns, svc)) = slice_service(s) {
+                            hosts.insert(kubernetes_service_host(&ns, &svc));
+                        }
+                    }
+                }
+                for svc in in_namespace(&self.store.services, &r.meta.namespace) {
+                    let selects = svc
+                        .spec
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.selector.as_ref())
+                        .is_some_and(|sel| !sel.is_empty() && labels_match(sel, &r.meta.labels));
+                    if selects {
+                        hosts.insert(kubernetes_service_host(&svc.meta.namespace, &svc.meta.name));
+                    }
+                }
+                for se in in_namespace(&self.store.service_entries, &r.meta.namespace) {
+                    if se
+                        .spec
+                        .workload_selector
+                        .as_ref()
+                        .is_some_and(|sel| labels_match(&sel.labels, &r.meta.labels))
+                    {
+                        hosts.extend(se.spec.hosts.iter().cloned());
+                    }
+                }
+            }
+            Object::VirtualService(r) => {
+                for pattern in vs_patterns(r) {
+                    if pattern.starts_with('*') {
+                        hosts.extend(
+                            self.hosts
+                                .keys()
+                                .filter(|h| host_matches(&pattern, h))
+                                .cloned(),
+                        );
+                    } else {
+                        hosts.extend(
+                            self.hosts_lower
+                                .get(&pattern)
+                                .into_iter()
+                                .flatten()
+                                .cloned(),
+                        );
+                        hosts.insert(pattern);
+                    }
+                }
+            }
+            Object::DestinationRule(r) => {
+                hosts.insert(resolve_host(&r.spec.host, &r.meta.namespace));
+            }
+            Object::ServiceEntry(r) => hosts.extend(r.spec.hosts.iter().cloned()),
+            Object::WorkloadEntry(r) => {
+                for se in in_namespace(&self.store.service_entries, &r.meta.namespace) {
+                    if se.spec.workload_selector.is_some() {
+                        hosts.extend(se.spec.hosts.iter().cloned());
+                    }
+                }
+            }
+            Object::Sidecar(_) => effects.sidecars = true,
+            Object::Gateway(_) | Object::Secret(_) => {}
+        }
+    }
+}
+
+/// What a batch of changes affects.
+#[derive(Debug, Default)]
+struct Effects {
+    hosts: BTreeSet<String>,
+    ips: BTreeSet<IpAddr>,
+    sidecars: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::compile;
+    use crate::model::parse_documents;
+    use proptest::prelude::*;
+
+    /// One object of a small universe: `template` picks what it is (and so its key), `version`
+    /// a variant of it. Variants change exactly what the incremental compiler must follow:
+    /// selectors, labels, IPs (also clashing ones), routes across hosts, wildcard hosts,
+    /// subsets, ServiceEntries sharing a Service's host, DNS answers' consumers, policies.
+    fn object(template: u8, version: u8) -> Object {
+        let ns = if template.is_multiple_of(2) { "a" } else { "b" };
+        let n = (template / 2) % 3;
+        let v = version % 3;
+        let text = match template / 6 {
+            0 => {
+                // Version 2 makes every such Service claim one VIP.
+                let ip = if v == 2 {
+                    "0.1".to_string()
+                } else {
+                    format!("{}.{}", template % 2, n + 1)
+                };
+                let selector = if v == 1 {
+                    String::new()
+                } else {
+                    format!("selector: {{app: s{n}}}")
+                };
+                format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: s{n}, namespace: {ns}}}\nspec:\n  clusterIP: 10.96.{ip}\n  {selector}\n  ports:\n  - {{name: tcp, port: 80, targetPort: 8080}}\n  - {{name: http-web, port: 8000, targetPort: 9000}}\n"
+                )
+            }
+            1 => {
+                let extra = if v == 1 {
+                    format!(
+                        "\n- addresses: [10.1.9.{n}]\n  targetRef: {{kind: Pod, name: p{}}}",
+                        (n + 1) % 3
+                    )
+                } else {
+                    String::new()
+                };
+                let ready = if v == 2 { "false" } else { "true" };
+                format!(
+                    "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{n}-x, namespace: {ns}, labels: {{kubernetes.io/service-name: s{n}}}}}\naddressType: IPv4\nports: [{{name: tcp, port: 8080}}, {{name: http-web, port: 9000}}]\nendpoints:\n- addresses: [10.1.0.{n}]\n  conditions: {{ready: {ready}}}\n  targetRef: {{kind: Pod, name: p{n}}}{extra}\n"
+                )
+            }
+            2 => {
+                let app = if v == 1 { (n + 1) % 3 } else { n };
+                let version = if v == 2 { "v2" } else { "v1" };
+                let ip = if v == 2 { 0 } else { n };
+                format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{n}, namespace: {ns}, labels: {{app: s{app}, version: {version}}}}}\nspec: {{containers: [{{name: c, image: x}}]}}\nstatus: {{phase: Running, podIP: 10.1.0.{ip}}}\n"
+                )
+            }
+            3 => {
+                let host = match v {
+                    0 => format!("s{n}"),
+                    1 => format!("\"*.{ns}.svc.cluster.local\""),
+                    _ => format!("s{n}"),
+                };
+                let dest = if v == 2 { (n + 1) % 3 } else { n };
+                format!(
+                    "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: vs{n}, namespace: {ns}}}\nspec:\n  hosts: [{host}]\n  tcp:\n  - route:\n    - destination: {{host: s{dest}, subset: v1}}\n      weight: 70\n    - destination: {{host: s{dest}, subset: v2}}\n      weight: 30\n  http:\n  - match: [{{headers: {{x: {{exact: y}}}}}}]\n    route:\n    - destination: {{host: s{dest}, subset: v2}}\n  - route:\n    - destination: {{host: s{n}}}\n"
+                )
+            }
+            4 => {
+                let label = if v == 1 { "app" } else { "version" };
+                format!(
+                    "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: dr{n}, namespace: {ns}}}\nspec:\n  host: s{n}\n  subsets:\n  - {{name: v1, labels: {{{label}: v1}}}}\n  - {{name: v2, labels: {{version: v2}}}}\n"
+                )
+            }
+            5 => {
+                let host = if v == 1 {
+                    format!("s{n}.{ns}.svc.cluster.local")
+                } else {
+                    format!("ext{n}.example.com")
+                };
+                let endpoints = if v == 2 {
+                    "workloadSelector: {labels: {app: we}}".to_string()
+                } else {
+                    format!("endpoints: [{{address: 10.3.0.{n}}}]")
+                };
+                format!(
+                    "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: se{n}, namespace: {ns}}}\nspec:\n  hosts: [{host}]\n  addresses: [240.0.{n}.0/24]\n  ports: [{{number: 80, name: tcp, protocol: TCP}}]\n  resolution: STATIC\n  location: MESH_EXTERNAL\n  {endpoints}\n"
+                )
+            }
+            6 => {
+                let app = if v == 1 { "other" } else { "we" };
+                format!(
+                    "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: we{n}, namespace: {ns}}}\nspec: {{address: 10.4.0.{n}, labels: {{app: {app}}}}}\n"
+                )
+            }
+            _ => {
+                let mode = if v == 1 { "ALLOW_ANY" } else { "REGISTRY_ONLY" };
+                format!(
+                    "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: sc{n}-{ns}, namespace: istio-system}}\nspec: {{outboundTrafficPolicy: {{mode: {mode}}}}}\n"
+                )
+            }
+        };
+        let (mut objects, errors) = parse_documents("prop.yaml", &text);
+        assert!(errors.is_empty(), "{text}\n{errors:?}");
+        objects.remove(0)
+    }
+
+    const TEMPLATES: u8 = 48;
+
+    fn same_plan(got: &Plan, want: &Plan) -> Result<(), TestCaseError> {
+        prop_assert_eq!(
+            format!("{:#?}", got.services),
+            format!("{:#?}", want.services)
+        );
+        prop_assert_eq!(&got.diagnostics, &want.diagnostics);
+        prop_assert_eq!(&got.egress, &want.egress);
+        let sorted = |p: &Plan| {
+            let mut v: Vec<_> = p
+                .sources
+                .iter()
+                .map(|(ip, s)| format!("{ip} {s:?}"))
+                .collect();
+            v.sort();
+            v
+        };
+        prop_assert_eq!(sorted(got), sorted(want));
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// After every change, the patched plan is the plan of the whole configuration.
+        #[test]
+        fn incremental_plans_equal_full_compiles(
+            steps in prop::collection::vec((0..TEMPLATES, 0u8..3, 0usize..2, any::<bool>()), 1..40)
+        ) {
+            let mut inc = IncrementalCompiler::default();
+            // What each source serves, by template.
+            let mut served: [BTreeMap<u8, Object>; 2] = Default::default();
+            for (template, version, source, remove) in steps {
+                let old = served[source].get(&template).cloned();
+                let mut changes = Vec::new();
+                if let Some(old) = old.clone() {
+                    changes.push(Change::Removed(old));
+                    served[source].remove(&template);
+                }
+                if !(remove && old.is_some()) {
+                    let new = object(template, version);
+                    served[source].insert(template, new.clone());
+                    changes.push(Change::Added(new));
+                }
+                inc.apply(source, changes);
+                let mut full = ConfigSet::default();
+                for objects in &served {
+                    full.extend(objects.values().cloned());
+                }
+                let want = compile(&full);
+                same_plan(inc.plan(), &want)?;
+                let from_store = compile(&inc.store().to_config());
+                same_plan(&from_store, &want)?;
+            }
+        }
+    }
+
+    #[test]
+    fn a_weight_change_recompiles_one_host() {
+        let mut inc = IncrementalCompiler::default();
+        let mut objects: Vec<Object> = Vec::new();
+        for t in 0..TEMPLATES {
+            objects.push(object(t, 0));
+        }
+        inc.apply(0, objects.iter().cloned().map(Change::Added).collect());
+        let _ = inc.take_dirty();
+        // VirtualService vs0 in namespace a (template 18) matches another header value: its
+        // one host is recompiled and only the HTTP port's entry is rewritten.
+        let vs = object(18, 0);
+        let Object::VirtualService(mut changed) = vs.clone() else {
+            panic!("template 18 is a VirtualService")
+        };
+        changed.spec.http[0].matches[0]
+            .headers
+            .insert("x".into(), istio::StringMatch::Exact("z".into()));
+        inc.apply(
+            0,
+            vec![
+                Change::Removed(vs),
+                Change::Added(Object::VirtualService(changed)),
+            ],
+        );
+        let dirty = inc.take_dirty();
+        assert_eq!(dirty.hosts, 1, "{dirty:?}");
+        let keys: Vec<String> = dirty.services.keys().map(|k| k.to_string()).collect();
+        assert_eq!(keys, ["10.96.0.1:8000/TCP"]);
+        assert!(dirty.l7);
+        assert!(dirty.registered_added.is_empty() && dirty.registered_removed.is_empty());
+    }
+}
