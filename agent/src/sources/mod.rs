@@ -1,8 +1,11 @@
 //! Configuration sources. Each produces complete [`ConfigSet`] snapshots; the agent compiles
 //! whichever snapshot arrived last.
 
+#[cfg(feature = "agent")]
 pub mod dns;
+#[cfg(feature = "agent")]
 pub mod files;
+#[cfg(feature = "agent")]
 pub mod kube;
 
 use crate::model::{ConfigSet, ParseError};
