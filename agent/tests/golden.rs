@@ -55,7 +55,6 @@ fn transcript(args: &[String]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_steerd"))
         .args(args)
         .current_dir(repo_root())
-        .env_remove("STEERD_LOG")
         .output()
         .expect("run steerd");
     let text = |bytes: Vec<u8>| String::from_utf8(bytes).expect("steerd prints UTF-8");
