@@ -5,7 +5,7 @@ use super::registry::{Registry, host_matches, resolve_host};
 use super::{Diagnostic, Level, gateway_ref};
 use crate::model::istio::{self, MESH_GATEWAY};
 use crate::model::{ConfigSet, Resource};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 fn diag(
     level: Level,
@@ -293,7 +293,8 @@ fn conflicting_gateways(config: &ConfigSet, out: &mut Vec<Diagnostic>) {
 fn unreachable_rules(config: &ConfigSet, out: &mut Vec<Diagnostic>) {
     for vs in &config.virtual_services {
         let mut catch_all: Option<usize> = None;
-        let mut seen: Vec<(usize, usize, String)> = Vec::new();
+        // First (rule, match) of each distinct match block; a map keeps huge rule lists linear.
+        let mut seen: HashMap<String, (usize, usize)> = HashMap::new();
         for (i, r) in vs.spec.http.iter().enumerate() {
             if let Some(c) = catch_all {
                 out.push(diag(
@@ -312,7 +313,7 @@ fn unreachable_rules(config: &ConfigSet, out: &mut Vec<Diagnostic>) {
             }
             for (j, m) in r.matches.iter().enumerate() {
                 let key = serde_json::to_string(m).unwrap_or_default();
-                if let Some((pi, pj, _)) = seen.iter().find(|(_, _, k)| *k == key) {
+                if let Some(&(pi, pj)) = seen.get(&key) {
                     out.push(diag(
                         Level::Warning,
                         "IST0131",
@@ -322,7 +323,7 @@ fn unreachable_rules(config: &ConfigSet, out: &mut Vec<Diagnostic>) {
                         format!("VirtualService rule #{i} match #{j} is not used (duplicate of rule #{pi} match #{pj})."),
                     ));
                 } else {
-                    seen.push((i, j, key));
+                    seen.insert(key, (i, j));
                 }
             }
         }

@@ -112,6 +112,17 @@ impl RequestView<'_> {
             .map(|(_, v)| v.as_str())
     }
 
+    /// A header's value for a `headers`/`withoutHeaders` condition: Envoy matches the
+    /// `:authority` (also as `host`), `:method` and `:path` pseudo-headers by these names too.
+    fn header_for_match(&self, name: &str) -> Option<&str> {
+        match name {
+            ":authority" | "host" => Some(self.authority),
+            ":method" => Some(self.method),
+            ":path" => Some(self.path),
+            _ => self.header(name),
+        }
+    }
+
     /// A header's value by (case-insensitive) name.
     pub fn header_value(&self, name: &str) -> Option<&str> {
         self.header(&name.to_ascii_lowercase())
@@ -148,19 +159,13 @@ impl RequestMatch {
             && str_ok(&self.authority, req.authority, false)
             && self.port.is_none_or(|p| p == req.port)
             && self.headers.iter().all(|(name, m)| {
-                // Envoy matches :authority/:method/:path pseudo-headers by these names too.
-                let value = match name.as_str() {
-                    ":authority" | "host" => Some(req.authority),
-                    ":method" => Some(req.method),
-                    ":path" => Some(req.path),
-                    _ => req.header(name),
-                };
-                value.is_some_and(|v| m.matches(v, false))
+                req.header_for_match(name)
+                    .is_some_and(|v| m.matches(v, false))
             })
-            && self
-                .without_headers
-                .iter()
-                .all(|(name, m)| req.header(name).is_none_or(|v| !m.matches(v, false)))
+            && self.without_headers.iter().all(|(name, m)| {
+                req.header_for_match(name)
+                    .is_none_or(|v| !m.matches(v, false))
+            })
             && self
                 .query_params
                 .iter()
@@ -681,6 +686,28 @@ mod tests {
         let mut no_user = r.clone();
         no_user.query = "user=mike";
         assert!(!m.matches(&no_user));
+    }
+
+    #[test]
+    fn without_headers_see_pseudo_headers_like_headers() {
+        // Found by the route-selection property tests: `withoutHeaders: {host: ...}` used to
+        // look for a literal `host` header and so never excluded anything.
+        let m = RequestMatch {
+            without_headers: vec![("host".into(), StrMatch::Prefix("reviews".into()))],
+            ..Default::default()
+        };
+        assert!(
+            !m.matches(&req("/", &[])),
+            "authority reviews:9080 is excluded"
+        );
+        let mut other = req("/", &[]);
+        other.authority = "ratings:9080";
+        assert!(m.matches(&other));
+        let m = RequestMatch {
+            without_headers: vec![(":method".into(), StrMatch::Exact("GET".into()))],
+            ..Default::default()
+        };
+        assert!(!m.matches(&req("/", &[])));
     }
 
     #[test]

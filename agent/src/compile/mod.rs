@@ -733,4 +733,6 @@ fn tcp_route_applies(tcp: &istio::TcpRoute, port: u16, svc: &RegistryService) ->
 }
 
 #[cfg(test)]
+mod http_props;
+#[cfg(test)]
 mod tests;

@@ -280,7 +280,8 @@ pub fn parse_documents(source: &str, text: &str) -> (Vec<Object>, Vec<ParseError
 fn parse_document(origin: &Origin, doc: &str) -> Result<Option<Vec<Object>>, Box<ParseError>> {
     let value: serde_json::Value = serde_yaml::from_str(doc).map_err(|e| {
         let mut origin = origin.clone();
-        if let (Some(loc), Some(start)) = (e.location(), origin.line) {
+        let start = origin.line.unwrap_or(1);
+        if let Some(loc) = e.location() {
             origin.line = Some(start + loc.line() - 1);
         }
         Box::new(ParseError {
@@ -288,10 +289,34 @@ fn parse_document(origin: &Origin, doc: &str) -> Result<Option<Vec<Object>>, Box
             kind: "document".into(),
             object: "-".into(),
             field: "-".into(),
-            message: format!("invalid YAML: {e}"),
+            message: format!("invalid YAML: {}", lines_of_the_file(&e.to_string(), start)),
         })
     })?;
     parse_value(origin, &value)
+}
+
+/// serde_yaml counts the lines of its messages ("... at line 3 column 5, while parsing a
+/// block mapping at line 1 column 1") from the start of the document it was given; next to a
+/// `file:line` they must count from the start of the file, where the document begins at
+/// `first_line`.
+fn lines_of_the_file(message: &str, first_line: usize) -> String {
+    const LINE: &str = "line ";
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(i) = rest.find(LINE) {
+        let (before, after) = rest.split_at(i + LINE.len());
+        out.push_str(before);
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        match after[..digits].parse::<usize>() {
+            Ok(n) if after[digits..].starts_with(" column ") => {
+                out.push_str(&(first_line + n.saturating_sub(1)).to_string());
+            }
+            _ => out.push_str(&after[..digits]),
+        }
+        rest = &after[digits..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Parses one object already decoded from YAML or JSON (the Kubernetes source hands over the
@@ -542,6 +567,29 @@ spec:
         assert_eq!(errs.len(), 1);
         assert_eq!(errs[0].kind, "document");
         assert!(errs[0].origin.line.unwrap() >= 6, "{:?}", errs[0]);
+    }
+
+    #[test]
+    fn yaml_error_messages_count_lines_from_the_start_of_the_file() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n---\nkind: Service\nmetadata:\n  name: b\n spec: {}\n";
+        let (_, errs) = parse_documents("f.yaml", text);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        let e = &errs[0];
+        assert_eq!(e.origin.line, Some(8), "{e}");
+        assert!(e.message.contains(" at line 8 column "), "{e}");
+        assert!(!e.message.contains(" at line 4 column "), "{e}");
+        assert_eq!(
+            lines_of_the_file(
+                "x at line 3 column 5, while parsing y at line 1 column 1",
+                10
+            ),
+            "x at line 12 column 5, while parsing y at line 10 column 1"
+        );
+        // Only `line N column M` is a position.
+        assert_eq!(
+            lines_of_the_file("a line 3 of text; line x column 1; at line 2", 10),
+            "a line 3 of text; line x column 1; at line 2"
+        );
     }
 
     #[test]

@@ -856,7 +856,12 @@ fn is_token_header_name(name: &str) -> bool {
 /// `@request.auth.claims.a.b` or `@request.auth.claims[a][b]`.
 fn is_jwt_claim_route(name: &str) -> bool {
     const PREFIX: &str = "@request.auth.claims";
-    if name.len() < PREFIX.len() || !name[..PREFIX.len()].eq_ignore_ascii_case(PREFIX) {
+    // `get`, not indexing: the name is user text, and its byte PREFIX.len() may fall inside a
+    // multi-byte character.
+    if !name
+        .get(..PREFIX.len())
+        .is_some_and(|p| p.eq_ignore_ascii_case(PREFIX))
+    {
         return false;
     }
     let rest = &name[PREFIX.len()..];

@@ -1,8 +1,11 @@
 //! Configuration sources. Each sends a complete [`Snapshot`] first, then (files, Kubernetes)
 //! the changes since; the agent's incremental compiler recompiles what they affect.
 
+#[cfg(feature = "agent")]
 pub mod dns;
+#[cfg(feature = "agent")]
 pub mod files;
+#[cfg(feature = "agent")]
 pub mod kube;
 
 use crate::model::{ConfigSet, ParseError};

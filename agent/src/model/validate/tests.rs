@@ -505,6 +505,28 @@ fn jwt_claim_routing_needs_a_gateway() {
     ));
 }
 
+#[test]
+fn header_names_with_multibyte_characters_where_the_jwt_prefix_ends() {
+    // Found by the `parse` fuzz target: the JWT-claim check sliced the name at byte 20, inside
+    // the `é` of `@request.auth.claimé` (bytes 19..21), and panicked.
+    for name in [
+        "@request.auth.claim\u{e9}",
+        "@request.auth.claim\u{fffd}.x",
+        "\u{e9}",
+    ] {
+        let spec = format!(
+            "match: [{{headers: {{'{name}': {{exact: a}}}}}}]\n  route: [{{destination: {{host: r}}}}]\n"
+        );
+        assert_error(
+            vs_http(&spec),
+            &format!("spec.http[0].match[0].headers[\"{name}\"]"),
+            "is not a valid header name",
+        );
+    }
+    assert!(!is_jwt_claim_route("@request.auth.claim\u{e9}"));
+    assert!(is_jwt_claim_route("@REQUEST.auth.claims.\u{e9}"));
+}
+
 // ------------------------------------------------------------------------------------------------
 // Route actions
 // ------------------------------------------------------------------------------------------------
