@@ -6,6 +6,7 @@
 
 pub mod alias;
 pub mod analyze;
+pub mod authz;
 pub mod explain;
 pub mod gateway;
 pub mod http;
@@ -123,6 +124,8 @@ pub struct Plan {
     pub sources: HashMap<IpAddr, Source>,
     /// What REGISTRY_ONLY lets through, and the mesh-wide policy the configuration sets.
     pub egress: EgressPlan,
+    /// AuthorizationPolicies: per destination workload, for the proxy and the kernel.
+    pub authz: Arc<authz::AuthzPlan>,
 }
 
 /// Istio's `outboundTrafficPolicy`, compiled.
@@ -245,6 +248,12 @@ pub fn compile(config: &ConfigSet) -> Plan {
             }
         }
     }
+    let http_endpoints = services
+        .values()
+        .filter(|s| s.needs_l7)
+        .flat_map(|s| s.backends.iter().map(|b| b.addr))
+        .collect();
+    let authz = Arc::new(authz::compile(config, &http_endpoints, &mut diags));
     diags.sort();
     diags.dedup();
     let sources = config
@@ -267,6 +276,7 @@ pub fn compile(config: &ConfigSet) -> Plan {
         .collect();
     let egress = egress_plan(config, &registry);
     Plan {
+        authz,
         egress,
         sources,
         services,
