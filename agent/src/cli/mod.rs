@@ -77,12 +77,13 @@ pub enum Command {
     },
     /// Show where one request (or TCP connection) goes, evaluated exactly as the agent routes it.
     Explain(check::ExplainArgs),
-    /// Show a running agent's listeners, routes, clusters or endpoints (like `istioctl
-    /// proxy-config`), from its admin API.
+    /// Show a running agent's listeners, routes, clusters, endpoints (like `istioctl
+    /// proxy-config`) or AuthorizationPolicies, from its admin API.
     Inspect {
         #[arg(value_enum)]
         what: inspect::What,
-        /// Only this service host (FQDN or a prefix of it, e.g. `reviews`).
+        /// Only this service host (FQDN or a prefix of it, e.g. `reviews`); for `authz`, the
+        /// policies of this workload (`namespace/name` or a prefix of the name).
         #[arg(long)]
         fqdn: Option<String>,
         #[arg(long)]

@@ -313,7 +313,63 @@ impl Field {
     }
 }
 
+impl Field {
+    /// `ipBlocks=10.0.0.0/8,!10.1.0.0/16` (the last path element names the field).
+    pub fn describe(&self) -> String {
+        let name = self.path.rsplit('.').next().unwrap_or_default();
+        let name = match &self.attribute {
+            Attribute::Header(h) => format!("request.headers[{h}]"),
+            _ if name.starts_with("when[") => match &self.attribute {
+                Attribute::SourceIp => "source.ip".into(),
+                Attribute::SourceNamespace => "source.namespace".into(),
+                Attribute::DestinationIp => "destination.ip".into(),
+                Attribute::DestinationPort => "destination.port".into(),
+                Attribute::Unsupported(k) => k.clone(),
+                _ => name.to_string(),
+            },
+            _ => name.to_string(),
+        };
+        let values: Vec<String> = self
+            .values
+            .iter()
+            .cloned()
+            .chain(self.not_values.iter().map(|v| format!("!{v}")))
+            .collect();
+        format!("{name}={}", values.join(","))
+    }
+}
+
 impl Rule {
+    /// One line: `from[...]|[...] to[...] when[...]`, `*` for an empty rule.
+    pub fn describe(&self) -> String {
+        let entries = |entries: &Vec<Vec<Field>>| {
+            entries
+                .iter()
+                .map(|fields| {
+                    let f: Vec<String> = fields.iter().map(Field::describe).collect();
+                    format!("[{}]", f.join(" "))
+                })
+                .collect::<Vec<_>>()
+                .join("|")
+        };
+        let mut parts = Vec::new();
+        if let Some(from) = &self.from {
+            parts.push(format!("from{}", entries(from)));
+        }
+        if let Some(to) = &self.to {
+            parts.push(format!("to{}", entries(to)));
+        }
+        if !self.when.is_empty() {
+            let w: Vec<String> = self.when.iter().map(Field::describe).collect();
+            parts.push(format!("when[{}]", w.join(" ")));
+        }
+        if parts.is_empty() {
+            "*".into()
+        } else {
+            parts.join(" ")
+        }
+    }
+
     fn fields(&self) -> impl Iterator<Item = &Field> {
         self.from
             .iter()
@@ -504,6 +560,8 @@ pub struct Decision {
     pub allowed: bool,
     /// The policy that decided (`namespace/name`), if one did.
     pub policy: Option<String>,
+    /// Its action.
+    pub action: Option<Action>,
     /// `spec.rules[i]` of that policy.
     pub rule: Option<String>,
     /// One line: why.
@@ -515,6 +573,7 @@ impl Decision {
         Decision {
             allowed: true,
             policy: None,
+            action: None,
             rule: None,
             reason,
         }
@@ -548,6 +607,14 @@ impl AuthzPlan {
     }
 }
 
+/// Decides `req` with exactly these policies (explain's what-if for unenforced ones).
+pub fn decide_policies<'p>(
+    policies: impl Iterator<Item = &'p Policy> + Clone,
+    req: &Request<'_>,
+) -> Decision {
+    decide(policies, req)
+}
+
 fn decide<'p>(policies: impl Iterator<Item = &'p Policy> + Clone, t: &impl Traffic) -> Decision {
     let enforced = policies.filter(|p| p.not_enforced.is_none());
     // CUSTOM first, then DENY; both broaden what they cannot evaluate.
@@ -565,6 +632,7 @@ fn decide<'p>(policies: impl Iterator<Item = &'p Policy> + Clone, t: &impl Traff
                 return Decision {
                     allowed: false,
                     policy: Some(p.name.clone()),
+                    action: Some(action),
                     rule: Some(rule.path.clone()),
                     reason,
                 };
@@ -580,6 +648,7 @@ fn decide<'p>(policies: impl Iterator<Item = &'p Policy> + Clone, t: &impl Traff
             return Decision {
                 allowed: true,
                 policy: Some(p.name.clone()),
+                action: Some(Action::Allow),
                 rule: Some(rule.path.clone()),
                 reason: format!("ALLOW policy {} {} matches", p.name, rule.path),
             };
@@ -589,6 +658,7 @@ fn decide<'p>(policies: impl Iterator<Item = &'p Policy> + Clone, t: &impl Traff
     Decision {
         allowed: false,
         policy: None,
+        action: Some(Action::Allow),
         rule: None,
         reason: format!(
             "ALLOW policies apply and none matches ({})",

@@ -422,3 +422,20 @@ fn mapped_prefixes_round_trip() {
         assert_eq!(unmapped_net(mapped_net(net)), net, "{s}");
     }
 }
+
+#[test]
+fn rules_describe_themselves_for_inspect() {
+    let (p, _) = plan(&[policy(
+        "p",
+        "shop",
+        "action: DENY\nrules:\n- from:\n  - source: {ipBlocks: [10.0.0.0/8], notIpBlocks: [10.1.0.0/16]}\n  - source: {namespaces: [a]}\n  to:\n  - operation: {paths: [/admin]}\n  when:\n  - {key: \"request.headers[X-User]\", values: [bob]}\n  - {key: source.ip, notValues: [10.0.0.1]}\n- {}",
+    )]);
+    let rules: Vec<String> = p.policies[0].rules.iter().map(Rule::describe).collect();
+    assert_eq!(
+        rules,
+        [
+            "from[ipBlocks=10.0.0.0/8,!10.1.0.0/16]|[namespaces=a] to[paths=/admin] when[request.headers[x-user]=bob source.ip=!10.0.0.1]",
+            "*"
+        ]
+    );
+}
