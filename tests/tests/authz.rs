@@ -9,8 +9,8 @@
 
 use std::time::Duration;
 use steerd_e2e::{
-    Agent, BpffsDir, HttpIdentityServer, HttpProbeResult, Node, Pod, TcpIdentityServer, TempDir,
-    TestCgroup, admin_addr, run_http_probe, wait_until,
+    Agent, BpffsDir, HttpIdentityServer, HttpProbeResult, Node, Pod, ProbeResult,
+    TcpIdentityServer, TempDir, TestCgroup, admin_addr, run_http_probe, run_probe, wait_until,
 };
 
 const NODE_IP4: &str = "10.250.0.1";
@@ -23,22 +23,25 @@ const RELOAD: Duration = Duration::from_secs(15);
 /// (HTTP on 8080, Service `web` port 80), `db` (TCP on 5432, Service `db` port 5432).
 struct Cluster {
     agent: Agent,
+    /// The agent's command line, for restarts.
+    args: Vec<String>,
     manifests: TempDir,
     clients: TestCgroup,
-    _bpffs: BpffsDir,
+    bpffs: BpffsDir,
     web_servers: Vec<HttpIdentityServer>,
-    _db_server: TcpIdentityServer,
+    db_server: TcpIdentityServer,
+    _db_server_v6: TcpIdentityServer,
     client: Pod,
-    _intruder: Pod,
-    _web: Vec<Pod>,
-    _db: Pod,
+    intruder: Pod,
+    web: Vec<Pod>,
+    db: Pod,
     node: Node,
 }
 
 fn pod(name: &str, namespace: &str, app: &str, pod: &Pod) -> String {
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{app: {app}}}}}\nstatus: {{phase: Running, podIP: {}, hostIP: {NODE_IP4}}}\n---\n",
-        pod.ipv4
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{app: {app}}}}}\nstatus: {{phase: Running, podIP: {}, podIPs: [{{ip: {}}}, {{ip: \"{}\"}}], hostIP: {NODE_IP4}}}\n---\n",
+        pod.ipv4, pod.ipv4, pod.ipv6
     )
 }
 
@@ -65,6 +68,7 @@ impl Cluster {
             .map(|(i, p)| HttpIdentityServer::start(p, p.sock_v4(8080), &format!("web-{}", i + 1)))
             .collect();
         let db_server = TcpIdentityServer::start(&db, db.sock_v4(5432), "db");
+        let db_server_v6 = TcpIdentityServer::start(&db, db.sock_v6(5432), "db");
         let mut pods = pod("client", "shop", "client", &client);
         pods += &pod("intruder", "other", "intruder", &intruder);
         for (i, p) in web.iter().enumerate() {
@@ -85,7 +89,7 @@ impl Cluster {
         let bpffs = BpffsDir::new();
         let source = format!("files:{}", manifests.as_str());
         let admin = admin_addr().to_string();
-        let args = vec![
+        let mut args = vec![
             "run",
             "--source",
             &source,
@@ -98,19 +102,31 @@ impl Cluster {
             "--node-ip",
             NODE_IP4,
         ];
+        // Only the node side of this test's own server veths.
+        let interfaces: Vec<String> = web
+            .iter()
+            .chain([&db])
+            .map(|p| p.node_ifname.clone())
+            .collect();
+        for i in &interfaces {
+            args.extend(["--policy-interface", i.as_str()]);
+        }
         let mut agent = Agent::spawn(&node, &args);
         agent.wait_ready(admin_addr(), Duration::from_secs(30));
+        let args = args.iter().map(|a| a.to_string()).collect();
         Cluster {
             agent,
+            args,
             manifests,
             clients,
-            _bpffs: bpffs,
+            bpffs,
             web_servers,
-            _db_server: db_server,
+            db_server,
+            _db_server_v6: db_server_v6,
             client,
-            _intruder: intruder,
-            _web: web,
-            _db: db,
+            intruder,
+            web,
+            db,
             node,
         }
     }
@@ -121,6 +137,16 @@ impl Cluster {
         let mut args = vec!["--url", url.as_str(), "--count", "10"];
         args.extend_from_slice(extra);
         run_http_probe(Some(&from.netns), Some(&self.clients), &args)
+    }
+
+    /// TCP connects from `from` to `to`.
+    fn connect(&self, from: &Pod, to: &str, count: u32) -> ProbeResult {
+        let count = count.to_string();
+        run_probe(
+            Some(&from.netns),
+            Some(&self.clients),
+            &["tcp", "--to", to, "--count", &count, "--timeout-ms", "3000"],
+        )
     }
 
     fn admin_get(&self, path: &str) -> String {
@@ -148,6 +174,17 @@ impl Cluster {
             .filter(|l| l.starts_with(prefix) && labels.iter().all(|p| l.contains(p)))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum()
+    }
+
+    /// Kills the agent (SIGKILL) and starts a new one over the same pins.
+    fn kill9(&mut self) {
+        self.agent.kill9();
+    }
+
+    fn start_agent(&mut self) {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        self.agent = Agent::spawn(&self.node, &args);
+        self.agent.wait_ready(admin_addr(), Duration::from_secs(30));
     }
 
     fn remove(&self, file: &str) {
@@ -186,6 +223,13 @@ fn l7_deny_by_path_and_method_answers_403_while_other_requests_pass() {
         let ok = c.http(&c.client, path, extra);
         assert_eq!(ok.status(200), 10, "{path} {extra:?}: {ok:?}");
     }
+    // Direct TCP connections to the pods bypass the proxy: there, as on any TCP port, Istio drops
+    // the HTTP conditions of a DENY rule, so the kernel refuses them. The proxy's own
+    // connections (from the node) pass, and it authorizes each request.
+    assert_reset(
+        &c.connect(&c.client, &format!("{}:8080", c.web[0].ipv4), 3),
+        3,
+    );
     // Denied requests never reached a backend.
     for s in &c.web_servers {
         assert!(
@@ -203,10 +247,10 @@ fn l7_deny_by_path_and_method_answers_403_while_other_requests_pass() {
         &[
             "response_code=\"403\"",
             "response_flags=\"-\"",
-            "destination_app=\"web\"",
+            "source_workload=\"client\"",
         ],
     );
-    assert_eq!(denied_total, 20.0);
+    assert_eq!(denied_total, 20.0, "{}", c.admin_get("/metrics"));
 
     // `steerd inspect authz` shows the policy, its rules and the workloads it applies to.
     let out = Agent::run_cli(&c.node, &["inspect", "authz", "--admin", "127.0.0.1:15000"]);
@@ -322,4 +366,181 @@ fn a_malformed_cidr_is_reported_and_the_other_policies_keep_being_enforced() {
         c.agent.log()
     );
     assert_eq!(c.metric("steerd_config_errors", &[]), 0.0);
+}
+
+/// A connect refused by a reset fails with ECONNREFUSED at once; a dropped SYN would time out.
+#[track_caller]
+fn assert_reset(r: &ProbeResult, attempts: u64) {
+    assert_eq!(r.failures, attempts, "{r:?}");
+    assert!(
+        r.errors.iter().all(|e| e.contains("Connection refused")),
+        "a reset, not a timeout: {r:?}"
+    );
+}
+
+fn deny_intruder(intruder: &Pod) -> String {
+    policy(
+        "deny-intruder",
+        &format!(
+            "selector: {{matchLabels: {{app: db}}}}\naction: DENY\nrules:\n- from:\n  - source: {{ipBlocks: [{}/32, \"{}/128\"]}}",
+            intruder.ipv4, intruder.ipv6
+        ),
+    )
+}
+
+#[test]
+fn l4_deny_by_ip_blocks_resets_the_denied_client_in_the_kernel() {
+    // The policy names the intruder's address, which only exists once the pods do: start
+    // without it, then add it (a live change).
+    let c = Cluster::start(&[]);
+    let db = format!("{DB_VIP}:5432");
+    assert_eq!(c.connect(&c.intruder, &db, 3).counts.get("db"), Some(&3));
+    c.manifests
+        .write("deny-intruder.yaml", deny_intruder(&c.intruder));
+    assert!(
+        wait_until(RELOAD, || c.connect(&c.intruder, &db, 1).failures == 1),
+        "{}",
+        c.agent.log()
+    );
+    let served_before = c.db_server.served();
+    // Through the Service VIP and straight to the pod address: both are the pod's SYN.
+    assert_reset(&c.connect(&c.intruder, &db, 5), 5);
+    assert_reset(
+        &c.connect(&c.intruder, &format!("{}:5432", c.db.ipv4), 5),
+        5,
+    );
+    // IPv6 alike.
+    let db6 = format!("[{}]:5432", c.db.ipv6);
+    assert_reset(&c.connect(&c.intruder, &db6, 5), 5);
+    assert_eq!(c.connect(&c.client, &db6, 5).counts.get("db"), Some(&5));
+    // Another pod connects as before.
+    let ok = c.connect(&c.client, &db, 20);
+    assert_eq!(ok.counts.get("db"), Some(&20), "{ok:?}");
+    assert_eq!(
+        c.db_server.served() - served_before,
+        20,
+        "no refused connection reached the server"
+    );
+
+    // The refusals are counted per destination.
+    let refused = c.metric(
+        "steerd_authz_denied_total{",
+        &[
+            &format!("destination_ip=\"{}\"", c.db.ipv4),
+            "destination_port=\"5432\"",
+            "destination_workload=\"shop/db\"",
+        ],
+    );
+    assert!(refused >= 10.0, "{}", c.admin_get("/metrics"));
+    let refused6 = c.metric(
+        "steerd_authz_denied_total{",
+        &[&format!("destination_ip=\"{}\"", c.db.ipv6)],
+    );
+    assert!(refused6 >= 5.0, "{}", c.admin_get("/metrics"));
+    // `steerd maps authz` reads the kernel's table back.
+    let maps = Agent::run_cli_json(
+        &c.node,
+        &["maps", "authz", "-o", "json", "--bpffs", c.bpffs.as_str()],
+    );
+    let dest = maps["destinations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["address"] == c.db.ipv4.to_string())
+        .unwrap_or_else(|| panic!("{maps:#}"));
+    assert_eq!(dest["port"], "*", "{maps:#}");
+    assert_eq!(dest["default"], "allow", "{maps:#}");
+    assert_eq!(
+        dest["prefixes"],
+        serde_json::json!([
+            [format!("{}/32", c.intruder.ipv4), "deny"],
+            [format!("{}/128", c.intruder.ipv6), "deny"]
+        ]),
+        "{maps:#}"
+    );
+
+    // Removing the policy restores access.
+    c.remove("deny-intruder.yaml");
+    assert!(
+        wait_until(RELOAD, || c.connect(&c.intruder, &db, 1).successes() == 1),
+        "{}",
+        c.agent.log()
+    );
+    assert_eq!(c.connect(&c.intruder, &db, 5).counts.get("db"), Some(&5));
+}
+
+#[test]
+fn l4_allow_with_not_ip_blocks_admits_only_the_rest_of_the_block() {
+    let c = Cluster::start(&[]);
+    let allow = policy(
+        "allow-pods-but-intruder",
+        &format!(
+            "selector: {{matchLabels: {{app: db}}}}\nrules:\n- from:\n  - source: {{ipBlocks: [10.244.0.0/16], notIpBlocks: [{}]}}",
+            c.intruder.ipv4
+        ),
+    );
+    c.manifests.write("allow.yaml", allow);
+    let db = format!("{DB_VIP}:5432");
+    assert!(
+        wait_until(RELOAD, || c.connect(&c.intruder, &db, 1).failures == 1),
+        "{}",
+        c.agent.log()
+    );
+    assert_reset(&c.connect(&c.intruder, &db, 5), 5);
+    assert_eq!(c.connect(&c.client, &db, 10).counts.get("db"), Some(&10));
+    // The ALLOW policy selects only db: the web pods still take anyone, directly too.
+    let web = format!("http://{}:8080/", c.web[0].ipv4);
+    let direct = run_http_probe(
+        Some(&c.intruder.netns),
+        Some(&c.clients),
+        &["--url", &web, "--count", "3"],
+    );
+    assert_eq!(direct.status(200), 3, "{direct:?}");
+}
+
+#[test]
+fn l4_namespaces_come_from_the_client_pod_address() {
+    let only_shop = policy(
+        "only-shop",
+        "selector: {matchLabels: {app: db}}\nrules:\n- from:\n  - source: {namespaces: [shop]}\n  to:\n  - operation: {ports: [\"5432\"]}",
+    );
+    let c = Cluster::start(&[("only-shop.yaml", only_shop)]);
+    let db = format!("{DB_VIP}:5432");
+    assert_eq!(c.connect(&c.client, &db, 10).counts.get("db"), Some(&10));
+    // The intruder's Pod is in namespace `other`.
+    assert_reset(&c.connect(&c.intruder, &db, 5), 5);
+}
+
+#[test]
+fn kernel_enforcement_survives_kill9_and_a_new_agent_takes_it_over() {
+    let mut c = Cluster::start(&[]);
+    let db = format!("{DB_VIP}:5432");
+    c.manifests
+        .write("deny-intruder.yaml", deny_intruder(&c.intruder));
+    assert!(
+        wait_until(RELOAD, || c.connect(&c.intruder, &db, 1).failures == 1),
+        "{}",
+        c.agent.log()
+    );
+    // Pinned links and maps keep refusing with no agent at all.
+    c.kill9();
+    assert_reset(&c.connect(&c.intruder, &db, 5), 5);
+    assert_eq!(c.connect(&c.client, &db, 5).counts.get("db"), Some(&5));
+    // The policy goes while no agent runs; the next agent adopts the kernel's tables and
+    // removes what the configuration no longer has.
+    c.remove("deny-intruder.yaml");
+    c.start_agent();
+    assert_eq!(
+        c.connect(&c.intruder, &db, 5).counts.get("db"),
+        Some(&5),
+        "{}",
+        c.agent.log()
+    );
+    // One pinned link per interface: the new agent took the old ones over.
+    let links: Vec<String> = std::fs::read_dir(c.bpffs.path().join("links"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("sd_authz_if"))
+        .collect();
+    assert_eq!(links.len(), 3, "{links:?}");
 }

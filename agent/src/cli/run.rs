@@ -5,7 +5,7 @@ use super::RunArgs;
 use crate::admin::{self, AdminState};
 use crate::compile::{self, Level};
 use crate::dataplane::{
-    Dataplane, Pins, kernel,
+    Dataplane, Pins, authz, kernel,
     proxy::{Proxy, ProxyTable},
 };
 use crate::model::ConfigSet;
@@ -31,7 +31,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
         None => super::cgroup2_root().context("no cgroup2 mount found; pass --cgroup")?,
     };
     let pins = Pins::new(&args.bpffs);
-    let mut dataplane = Dataplane::start(&pins, &cgroup)
+    let policy_interfaces: Vec<String> = if args.policy_interfaces.is_empty() {
+        authz::DEFAULT_INTERFACES.map(str::to_string).to_vec()
+    } else {
+        args.policy_interfaces
+            .iter()
+            .filter(|p| *p != "none")
+            .cloned()
+            .collect()
+    };
+    let mut dataplane = Dataplane::start(&pins, &cgroup, policy_interfaces)
         .with_context(|| format!("starting the dataplane (bpffs {})", args.bpffs.display()))?;
 
     let state = Arc::new(AdminState::default());
@@ -45,6 +54,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     if let Some(denied) = dataplane.denied.take() {
         state.metrics.attach_denied(denied);
+    }
+    if let Some(denied) = dataplane.authz_denied.take() {
+        state.metrics.attach_authz_denied(denied);
     }
     let admin = admin::bind(args.admin, state.clone())
         .await
@@ -107,6 +119,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let mut latest: Vec<Option<Snapshot>> = vec![None; args.sources.len() + 1];
     let mut gc = tokio::time::interval(GC_INTERVAL);
+    let mut rescan = tokio::time::interval(authz::RESCAN);
     let (started, mut planned) = (Instant::now(), false);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -146,6 +159,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
             _ = gc.tick() => {
                 dataplane.writer.collect_garbage(Instant::now());
+                dataplane.authz.collect_garbage(Instant::now());
+            }
+            _ = rescan.tick() => {
+                // New pods bring new veths.
+                dataplane.rescan_policy_interfaces();
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
@@ -244,6 +262,11 @@ fn reconcile(
     let metrics = &state.metrics;
     // Registered destinations go in before the services that make them reachable, and before
     // REGISTRY_ONLY is switched on.
+    // Policies go in before the services that make their workloads reachable.
+    if let Err(e) = dataplane.authz.apply(&plan.authz.kernel) {
+        metrics.map_write_errors.inc();
+        error!(error = %e, "writing the authorization tables failed; will retry on the next change");
+    }
     let registry_only = plan.egress.registry_only.unwrap_or(mesh_registry_only);
     if let Err(e) = dataplane
         .egress
@@ -265,6 +288,7 @@ fn reconcile(
             metrics.map_slots.set(dataplane.writer.slot_count() as i64);
             info!(
                 services = tables.len(),
+                authz_destinations = dataplane.authz.destination_count(),
                 added = stats.added,
                 updated = stats.updated,
                 removed = stats.removed,
