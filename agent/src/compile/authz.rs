@@ -204,16 +204,15 @@ impl Pattern {
 
 /// `*` matches any run of characters (Istio turns namespace globs into `.*`).
 fn glob_matches(glob: &str, s: &str) -> bool {
-    let parts: Vec<&str> = glob.split('*').collect();
-    if parts.len() == 1 {
+    let Some((first, tail)) = glob.split_once('*') else {
         return glob == s;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    };
+    let (middles, last) = tail.rsplit_once('*').unwrap_or(("", tail));
     if !s.starts_with(first) || s.len() < first.len() + last.len() || !s.ends_with(last) {
         return false;
     }
     let mut rest = &s[first.len()..s.len() - last.len()];
-    for middle in &parts[1..parts.len() - 1] {
+    for middle in middles.split('*').filter(|m| !m.is_empty()) {
         match rest.find(middle) {
             Some(at) => rest = &rest[at + middle.len()..],
             None => return false,
@@ -615,55 +614,85 @@ pub fn decide_policies<'p>(
     decide(policies, req)
 }
 
-fn decide<'p>(policies: impl Iterator<Item = &'p Policy> + Clone, t: &impl Traffic) -> Decision {
+/// Which policy and rule decided, without the words (the kernel's tables evaluate every
+/// source region of every destination).
+enum Outcome<'p> {
+    Denied(&'p Policy, &'p Rule),
+    Allowed(&'p Policy, &'p Rule),
+    NoAllowPolicy,
+    NoAllowMatch(Vec<&'p Policy>),
+}
+
+impl Outcome<'_> {
+    fn allowed(&self) -> bool {
+        matches!(self, Outcome::Allowed(..) | Outcome::NoAllowPolicy)
+    }
+}
+
+fn evaluate<'p>(
+    policies: impl Iterator<Item = &'p Policy> + Clone,
+    t: &impl Traffic,
+) -> Outcome<'p> {
     let enforced = policies.filter(|p| p.not_enforced.is_none());
     // CUSTOM first, then DENY; both broaden what they cannot evaluate.
     for action in [Action::Custom, Action::Deny] {
         for p in enforced.clone().filter(|p| p.action == action) {
             if let Some(rule) = p.rules.iter().find(|r| r.matches(t, true)) {
-                let reason = if action == Action::Custom {
-                    format!(
-                        "CUSTOM policy {} {} selects it and steerd has no external authorizer",
-                        p.name, rule.path
-                    )
-                } else {
-                    format!("DENY policy {} {} matches", p.name, rule.path)
-                };
-                return Decision {
-                    allowed: false,
-                    policy: Some(p.name.clone()),
-                    action: Some(action),
-                    rule: Some(rule.path.clone()),
-                    reason,
-                };
+                return Outcome::Denied(p, rule);
             }
         }
     }
-    let allow: Vec<&Policy> = enforced.filter(|p| p.action == Action::Allow).collect();
-    if allow.is_empty() {
-        return Decision::allow("no ALLOW policy applies".into());
+    let mut allow = enforced.filter(|p| p.action == Action::Allow).peekable();
+    if allow.peek().is_none() {
+        return Outcome::NoAllowPolicy;
     }
-    for p in &allow {
+    let mut tried = Vec::new();
+    for p in allow {
         if let Some(rule) = p.rules.iter().find(|r| r.matches(t, false)) {
-            return Decision {
-                allowed: true,
-                policy: Some(p.name.clone()),
-                action: Some(Action::Allow),
-                rule: Some(rule.path.clone()),
-                reason: format!("ALLOW policy {} {} matches", p.name, rule.path),
-            };
+            return Outcome::Allowed(p, rule);
         }
+        tried.push(p);
     }
-    let names: Vec<&str> = allow.iter().map(|p| p.name.as_str()).collect();
-    Decision {
-        allowed: false,
-        policy: None,
-        action: Some(Action::Allow),
-        rule: None,
-        reason: format!(
-            "ALLOW policies apply and none matches ({})",
-            names.join(", ")
-        ),
+    Outcome::NoAllowMatch(tried)
+}
+
+fn decide<'p>(policies: impl Iterator<Item = &'p Policy> + Clone, t: &impl Traffic) -> Decision {
+    match evaluate(policies, t) {
+        Outcome::Denied(p, rule) => Decision {
+            allowed: false,
+            policy: Some(p.name.clone()),
+            action: Some(p.action),
+            rule: Some(rule.path.clone()),
+            reason: if p.action == Action::Custom {
+                format!(
+                    "CUSTOM policy {} {} selects it and steerd has no external authorizer",
+                    p.name, rule.path
+                )
+            } else {
+                format!("DENY policy {} {} matches", p.name, rule.path)
+            },
+        },
+        Outcome::Allowed(p, rule) => Decision {
+            allowed: true,
+            policy: Some(p.name.clone()),
+            action: Some(Action::Allow),
+            rule: Some(rule.path.clone()),
+            reason: format!("ALLOW policy {} {} matches", p.name, rule.path),
+        },
+        Outcome::NoAllowPolicy => Decision::allow("no ALLOW policy applies".into()),
+        Outcome::NoAllowMatch(tried) => {
+            let names: Vec<&str> = tried.iter().map(|p| p.name.as_str()).collect();
+            Decision {
+                allowed: false,
+                policy: None,
+                action: Some(Action::Allow),
+                rule: None,
+                reason: format!(
+                    "ALLOW policies apply and none matches ({})",
+                    names.join(", ")
+                ),
+            }
+        }
     }
 }
 
@@ -736,7 +765,7 @@ fn source_table(
             namespace,
             destination,
         };
-        !decide(policies.iter().copied(), &probe).allowed
+        !evaluate(policies.iter().copied(), &probe).allowed()
     };
     let everything = Ipv6Net::default();
     let default_deny = verdict(everything);
@@ -747,19 +776,25 @@ fn source_table(
         .filter(|n| *n != everything)
         .collect();
     ordered.sort_by_key(|n| (n.prefix_len(), *n));
-    let mut kept: Vec<(Ipv6Net, bool)> = Vec::new();
+    let mut kept: BTreeMap<Ipv6Net, bool> = BTreeMap::new();
+    // The lengths kept so far: a prefix's closest kept ancestor has one of them.
+    let mut lengths: BTreeSet<u8> = BTreeSet::new();
     for net in ordered {
         let deny = verdict(net);
-        let around = kept
+        let around = lengths
             .iter()
-            .filter(|(k, _)| k.contains(&net))
-            .max_by_key(|(k, _)| k.prefix_len())
-            .map_or(default_deny, |(_, d)| *d);
+            .rev()
+            .filter(|len| **len < net.prefix_len())
+            .find_map(|len| {
+                let ancestor = Ipv6Net::new(net.network(), *len).ok()?.trunc();
+                kept.get(&ancestor).copied()
+            })
+            .unwrap_or(default_deny);
         if deny != around {
-            kept.push((net, deny));
+            kept.insert(net, deny);
+            lengths.insert(net.prefix_len());
         }
     }
-    kept.sort();
     SourceTable {
         default_deny,
         prefixes: kept
@@ -767,6 +802,18 @@ fn source_table(
             .map(|(n, d)| (unmapped_net(n), d))
             .collect(),
     }
+}
+
+/// What a destination's table depends on.
+#[derive(PartialEq, Eq, Hash)]
+struct TableInput {
+    /// The enforced policies, by index.
+    policies: Vec<usize>,
+    port: u16,
+    /// Node addresses are admitted (an HTTP port).
+    trusted: bool,
+    /// The destination address, when a rule tests it (`destination.ip`).
+    destination: Option<IpAddr>,
 }
 
 fn kernel_tables(
@@ -783,16 +830,28 @@ fn kernel_tables(
         .iter()
         .map(|ip| Ipv6Net::from(mapped(*ip)))
         .collect();
-    let mut tables: Vec<SourceTable> = Vec::new();
-    let mut index: HashMap<SourceTable, usize> = HashMap::new();
+    let mut http_ports_by_ip: HashMap<IpAddr, BTreeSet<u16>> = HashMap::new();
+    for e in http_endpoints {
+        http_ports_by_ip
+            .entry(e.ip().to_canonical())
+            .or_default()
+            .insert(e.port());
+    }
+    // Every distinct table computed, by content; destinations point into it.
+    let mut candidates: Vec<SourceTable> = Vec::new();
+    let mut by_content: HashMap<SourceTable, usize> = HashMap::new();
     let mut destinations = Vec::new();
+    // Workloads selected by the same policies get the same tables (a namespace-wide policy
+    // selects many), unless a rule looks at the destination address.
+    let mut memo: HashMap<TableInput, usize> = HashMap::new();
     for (ip, w) in &plan.workloads {
-        let policies: Vec<&Policy> = w
+        let enforced: Vec<usize> = w
             .policies
             .iter()
-            .map(|i| &plan.policies[*i])
-            .filter(|p| p.not_enforced.is_none())
+            .copied()
+            .filter(|i| plan.policies[*i].not_enforced.is_none())
             .collect();
+        let policies: Vec<&Policy> = enforced.iter().map(|i| &plan.policies[*i]).collect();
         if policies.is_empty() {
             continue;
         }
@@ -802,73 +861,113 @@ fn kernel_tables(
                 .flat_map(|p| &p.rules)
                 .flat_map(Rule::fields)
         };
-        let mut splits: BTreeSet<Ipv6Net> = BTreeSet::new();
         let mut ports: BTreeSet<u16> = BTreeSet::new();
-        let mut uses_namespaces = false;
+        let mut uses_destination_ip = false;
         for f in fields() {
-            for v in f.compiled.iter().chain(&f.not_compiled) {
-                match (&f.attribute, v) {
-                    (Attribute::SourceIp, Value::Net(n)) => {
-                        splits.insert(*n);
-                    }
-                    (Attribute::DestinationPort, Value::Port(p)) => {
+            uses_destination_ip |= f.attribute == Attribute::DestinationIp;
+            if f.attribute == Attribute::DestinationPort {
+                for v in f.compiled.iter().chain(&f.not_compiled) {
+                    if let Value::Port(p) = v {
                         ports.insert(*p);
                     }
-                    (Attribute::SourceNamespace, _) => uses_namespaces = true,
-                    _ => {}
                 }
             }
         }
-        if uses_namespaces {
-            splits.extend(namespaces.keys().map(|a| Ipv6Net::from(*a)));
-        }
-        let http_ports: BTreeSet<u16> = http_endpoints
-            .iter()
-            .filter(|e| e.ip().to_canonical() == *ip)
-            .map(|e| e.port())
-            .collect();
+        let http_ports = http_ports_by_ip.get(ip).cloned().unwrap_or_default();
         ports.extend(&http_ports);
-        let mut add = |table: SourceTable| -> usize {
-            *index.entry(table.clone()).or_insert_with(|| {
-                tables.push(table);
-                tables.len() - 1
+        let mut table_for = |port: u16, trusted: &BTreeSet<Ipv6Net>| -> usize {
+            let key = TableInput {
+                policies: enforced.clone(),
+                port,
+                trusted: !trusted.is_empty(),
+                destination: uses_destination_ip.then_some(*ip),
+            };
+            *memo.entry(key).or_insert_with(|| {
+                let splits = source_splits(&policies, &namespaces, trusted);
+                let table = source_table(&policies, (*ip, port), &splits, &namespaces, trusted);
+                *by_content.entry(table.clone()).or_insert_with(|| {
+                    candidates.push(table);
+                    candidates.len() - 1
+                })
             })
         };
         // Port 0 stands for every port no policy names (no rule can name port 0: TCP has none).
         let no_trust = BTreeSet::new();
-        let others = source_table(&policies, (*ip, 0), &splits, &namespaces, &no_trust);
+        let others = table_for(0, &no_trust);
         for port in ports {
             let trusted = if http_ports.contains(&port) {
                 &node_nets
             } else {
                 &no_trust
             };
-            let mut port_splits = splits.clone();
-            port_splits.extend(trusted);
-            let table = source_table(&policies, (*ip, port), &port_splits, &namespaces, trusted);
+            let table = table_for(port, trusted);
             if table != others {
-                let t = add(table);
                 destinations.push(KernelDestination {
                     ip: *ip,
                     port,
-                    table: t,
+                    table,
                 });
             }
         }
-        if !others.allows_all() {
-            let t = add(others);
+        if !candidates[others].allows_all() {
             destinations.push(KernelDestination {
                 ip: *ip,
                 port: 0,
-                table: t,
+                table: others,
             });
         }
+    }
+    // Only the tables some destination uses go to the kernel.
+    let mut renumber: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut tables = Vec::new();
+    for d in &mut destinations {
+        d.table = *renumber.entry(d.table).or_insert_with(|| {
+            tables.push(candidates[d.table].clone());
+            tables.len() - 1
+        });
     }
     destinations.sort();
     KernelAuthz {
         destinations,
         tables,
     }
+}
+
+/// The prefixes that cut the source address space into regions with one verdict each: every
+/// network the policies name, every Pod address when they name namespaces, and the trusted
+/// (node) addresses.
+fn source_splits(
+    policies: &[&Policy],
+    namespaces: &HashMap<Ipv6Addr, &str>,
+    trusted: &BTreeSet<Ipv6Net>,
+) -> BTreeSet<Ipv6Net> {
+    let mut splits: BTreeSet<Ipv6Net> = trusted.clone();
+    let mut uses_namespaces = false;
+    for f in policies
+        .iter()
+        .flat_map(|p| &p.rules)
+        .flat_map(Rule::fields)
+    {
+        match f.attribute {
+            Attribute::SourceIp => {
+                splits.extend(
+                    f.compiled
+                        .iter()
+                        .chain(&f.not_compiled)
+                        .filter_map(|v| match v {
+                            Value::Net(n) => Some(*n),
+                            _ => None,
+                        }),
+                );
+            }
+            Attribute::SourceNamespace => uses_namespaces = true,
+            _ => {}
+        }
+    }
+    if uses_namespaces {
+        splits.extend(namespaces.keys().map(|a| Ipv6Net::from(*a)));
+    }
+    splits
 }
 
 // ------------------------------------------------------------------------------------------------

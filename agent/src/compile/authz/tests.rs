@@ -439,3 +439,15 @@ fn rules_describe_themselves_for_inspect() {
         ]
     );
 }
+
+#[test]
+fn destination_ip_conditions_give_each_address_its_own_table() {
+    // Both web addresses share the policy; only one matches `destination.ip`.
+    let (p, _) = plan(&[policy(
+        "v4-only",
+        "shop",
+        "selector: {matchLabels: {app: web}}\naction: DENY\nrules:\n- when:\n  - {key: destination.ip, values: [10.0.0.0/8]}",
+    )]);
+    assert_kernel_agrees(&p, WEB, &[("10.0.2.1", true)]);
+    assert_kernel_agrees(&p, "[fd00::1:1]:8080", &[("10.0.2.1", false)]);
+}
