@@ -619,13 +619,14 @@ pub fn decide_policies<'p>(
 enum Outcome<'p> {
     Denied(&'p Policy, &'p Rule),
     Allowed(&'p Policy, &'p Rule),
-    NoAllowPolicy,
+    /// No ALLOW policy applies; whether any (DENY) policy does.
+    NoAllowPolicy(bool),
     NoAllowMatch(Vec<&'p Policy>),
 }
 
 impl Outcome<'_> {
     fn allowed(&self) -> bool {
-        matches!(self, Outcome::Allowed(..) | Outcome::NoAllowPolicy)
+        matches!(self, Outcome::Allowed(..) | Outcome::NoAllowPolicy(_))
     }
 }
 
@@ -642,9 +643,10 @@ fn evaluate<'p>(
             }
         }
     }
+    let any = enforced.clone().next().is_some();
     let mut allow = enforced.filter(|p| p.action == Action::Allow).peekable();
     if allow.peek().is_none() {
-        return Outcome::NoAllowPolicy;
+        return Outcome::NoAllowPolicy(any);
     }
     let mut tried = Vec::new();
     for p in allow {
@@ -679,7 +681,10 @@ fn decide<'p>(policies: impl Iterator<Item = &'p Policy> + Clone, t: &impl Traff
             rule: Some(rule.path.clone()),
             reason: format!("ALLOW policy {} {} matches", p.name, rule.path),
         },
-        Outcome::NoAllowPolicy => Decision::allow("no ALLOW policy applies".into()),
+        Outcome::NoAllowPolicy(false) => Decision::allow("no policy applies".into()),
+        Outcome::NoAllowPolicy(true) => {
+            Decision::allow("no DENY policy matches and no ALLOW policy applies".into())
+        }
         Outcome::NoAllowMatch(tried) => {
             let names: Vec<&str> = tried.iter().map(|p| p.name.as_str()).collect();
             Decision {

@@ -96,7 +96,10 @@ fn assert_kernel_agrees(p: &AuthzPlan, to: &str, cases: &[(&str, bool)]) {
 fn no_policy_allows_everything_and_needs_no_kernel_entry() {
     let (p, diags) = plan(&[]);
     assert!(diags.is_empty());
-    assert!(allowed(&p, &tcp(&p, "10.0.2.1", WEB)));
+    assert_eq!(
+        p.decide(&tcp(&p, "10.0.2.1", WEB)).reason,
+        "no policy applies"
+    );
     assert_eq!(p.kernel, KernelAuthz::default());
 }
 
@@ -124,6 +127,10 @@ fn deny_by_ip_blocks_applies_to_the_selected_workload_only() {
             ("10.0.3.1", false),
             ("fd00::9", false),
         ],
+    );
+    assert_eq!(
+        p.decide(&tcp(&p, "10.0.3.1", WEB)).to_string(),
+        "ALLOW: no DENY policy matches and no ALLOW policy applies"
     );
     // The client pod is not selected: nothing applies to traffic to it.
     assert!(allowed(&p, &tcp(&p, "10.0.2.1", "10.0.3.1:80")));
