@@ -310,9 +310,7 @@ impl Field {
         (self.compiled.is_empty() || self.compiled.iter().any(hit))
             && !self.not_compiled.iter().any(hit)
     }
-}
 
-impl Field {
     /// `ipBlocks=10.0.0.0/8,!10.1.0.0/16` (the last path element names the field).
     pub fn describe(&self) -> String {
         let name = self.path.rsplit('.').next().unwrap_or_default();
@@ -1200,6 +1198,10 @@ pub fn compile(
     http_endpoints: &BTreeSet<SocketAddr>,
     diags: &mut Vec<Diagnostic>,
 ) -> AuthzPlan {
+    if config.authorization_policies.is_empty() {
+        // Nothing to decide: spare large clusters the per-Pod work.
+        return AuthzPlan::default();
+    }
     let mut resources: Vec<&Resource<AuthorizationPolicy>> =
         config.authorization_policies.iter().collect();
     resources.sort_by_key(|r| r.meta.key());

@@ -215,7 +215,14 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
     };
     let plan = super::compile(config);
     let source_ip = q.source_ip.map(|ip| ip.to_canonical());
-    let source_namespace = q
+    // Routing knows every Pod's namespace (as the proxy's `sourceNamespace` matches do);
+    // authorization only those of Pods with their own address (no host-network Pods).
+    let source_namespace = q.source_namespace.clone().or_else(|| {
+        source_ip
+            .and_then(|ip| plan.sources.get(&ip))
+            .map(|s| s.workload.namespace.clone())
+    });
+    let authz_namespace = q
         .source_namespace
         .clone()
         .or_else(|| source_ip.and_then(|ip| plan.authz.namespace_of(ip).map(str::to_string)));
@@ -358,7 +365,7 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
                             &plan.authz,
                             &endpoints,
                             source_ip,
-                            source_namespace.as_deref(),
+                            authz_namespace.as_deref(),
                             Some(HttpAttributes {
                                 method: view.method,
                                 host: &upstream_authority,
@@ -401,7 +408,7 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
             &plan.authz,
             &endpoints,
             source_ip,
-            source_namespace.as_deref(),
+            authz_namespace.as_deref(),
             None,
         );
         out.route = Some(route_ref(&route));
