@@ -5,7 +5,8 @@
 //! `istio_tcp_sent_bytes_total`, `istio_tcp_received_bytes_total` (from the kernel's
 //! per-(service, backend) counters, read at scrape time), and `istio_requests_total` /
 //! `istio_request_duration_milliseconds` from the L7 proxy. steerd's own `steerd_*` metrics
-//! cover the control plane: plan generations, apply latency, map entries and errors.
+//! cover the control plane (plan generations, apply latency, map entries and errors) and the
+//! kernel's refusals (REGISTRY_ONLY, AuthorizationPolicy).
 //!
 //! Labels the node cannot know (the client workload of a kernel-balanced connection, mTLS
 //! principals) are `unknown`, as Istio reports them when it lacks the peer's metadata.
@@ -116,6 +117,8 @@ impl ServiceLabels {
 pub struct LabelIndex {
     pub services: HashMap<VipKey, ServiceLabels>,
     pub workloads: HashMap<SocketAddr, Workload>,
+    /// `namespace/name` of workloads with AuthorizationPolicies, by address.
+    pub authz_workloads: HashMap<std::net::IpAddr, String>,
 }
 
 impl LabelIndex {
@@ -129,6 +132,12 @@ impl LabelIndex {
                 index.workloads.insert(b.addr, b.workload.clone());
             }
         }
+        index.authz_workloads = plan
+            .authz
+            .workloads
+            .iter()
+            .map(|(ip, w)| (*ip, w.workload.clone()))
+            .collect();
         index
     }
 }
@@ -141,6 +150,8 @@ struct TcpCollector {
     stats: Mutex<Option<PerCpuHashMap<MapData, StatsKey, BackendStats>>>,
     /// REGISTRY_ONLY refusals per destination.
     denied: Mutex<Option<aya::maps::HashMap<MapData, steerd_common::Addr, u64>>>,
+    /// AuthorizationPolicy refusals per destination (per CPU).
+    authz_denied: Mutex<Option<PerCpuHashMap<MapData, steerd_common::AuthzDestKey, u64>>>,
     labels: Arc<RwLock<Arc<LabelIndex>>>,
 }
 
@@ -210,6 +221,27 @@ impl prometheus_client::collector::Collector for TcpCollector {
                 ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
             }
         }
+        if let Some(map) = self.authz_denied.lock().expect("authz map lock").as_ref() {
+            let mut family = encoder.encode_descriptor(
+                "steerd_authz_denied",
+                "TCP connections refused in the kernel by AuthorizationPolicies",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for d in crate::dataplane::authz::denied_counts(map) {
+                let workload = labels
+                    .authz_workloads
+                    .get(&d.address)
+                    .cloned()
+                    .unwrap_or_else(|| "unknown".into());
+                let labels = [
+                    ("destination_ip".to_string(), d.address.to_string()),
+                    ("destination_port".to_string(), d.port.to_string()),
+                    ("destination_workload".to_string(), workload),
+                ];
+                ConstCounter::new(d.connections).encode(family.encode_family(&labels)?)?;
+            }
+        }
         for (name, help, value) in families {
             let mut family = encoder.encode_descriptor(
                 name,
@@ -258,6 +290,7 @@ impl Metrics {
         let tcp = Arc::new(TcpCollector {
             stats: Mutex::new(None),
             denied: Mutex::new(None),
+            authz_denied: Mutex::new(None),
             labels: labels.clone(),
         });
         let plan_generation = Gauge::default();
@@ -339,6 +372,14 @@ impl Metrics {
     /// Hands the kernel's REGISTRY_ONLY refusal counters to the scraper.
     pub fn attach_denied(&self, map: aya::maps::HashMap<MapData, steerd_common::Addr, u64>) {
         *self.tcp.denied.lock().expect("denied map lock") = Some(map);
+    }
+
+    /// Hands the kernel's AuthorizationPolicy refusal counters to the scraper.
+    pub fn attach_authz_denied(
+        &self,
+        map: PerCpuHashMap<MapData, steerd_common::AuthzDestKey, u64>,
+    ) {
+        *self.tcp.authz_denied.lock().expect("authz map lock") = Some(map);
     }
 
     /// Labels for the plan now in the maps.

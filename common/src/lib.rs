@@ -35,6 +35,12 @@ pub mod map_names {
     pub const REGISTRY: &str = "sd_registry_v1";
     /// [`crate::Addr`] → `u64`: connects refused by REGISTRY_ONLY, per destination.
     pub const DENIED: &str = "sd_denied_v1";
+    /// [`crate::AuthzDestKey`] → [`crate::AuthzDestValue`]: destinations with a policy.
+    pub const AUTHZ_DEST: &str = "sd_authz_dst_v1";
+    /// LPM [`crate::AuthzSourceKey`] → `u32` verdict: each destination's source table.
+    pub const AUTHZ_SOURCE: &str = "sd_authz_src_v1";
+    /// [`crate::AuthzDestKey`] → `u64` (per CPU): connections refused, per destination.
+    pub const AUTHZ_DENIED: &str = "sd_authz_dny_v1";
 }
 
 /// Maximum number of service VIP:port:protocol entries.
@@ -48,6 +54,13 @@ pub const MAX_REVNAT: u32 = 262_144;
 pub const MAX_REGISTRY: u32 = 262_144;
 /// Distinct refused destinations counted; LRU-evicted beyond this.
 pub const MAX_DENIED: u32 = 16_384;
+
+/// Destination (workload address, port) entries with an authorization table.
+pub const MAX_AUTHZ_DESTINATIONS: u32 = 65_536;
+/// Source prefixes over all authorization tables (live and awaiting collection).
+pub const MAX_AUTHZ_PREFIXES: u32 = 262_144;
+/// Distinct destinations whose refused connections are counted; LRU-evicted beyond this.
+pub const MAX_AUTHZ_DENIED: u32 = 16_384;
 
 /// (service, backend) pairs with traffic counters; LRU-evicted beyond this.
 pub const MAX_STATS: u32 = 65_536;
@@ -265,8 +278,60 @@ pub struct EgressPolicy {
     pub _pad: u32,
 }
 
+/// A destination of AuthorizationPolicies: a workload address and TCP port.
+///
+/// Map `sd_authz_dst_v1` (hash): [`AuthzDestKey`] → [`AuthzDestValue`]. The TC program on the
+/// node side of each pod's veth looks up every TCP SYN towards the pod by its destination
+/// address and port, then by the address with `port == 0` (every port without an entry of its
+/// own); no entry means no policy: the SYN passes. Also the key of `sd_authz_dny_v1` (LRU
+/// per-CPU hash → `u64`), which counts refused SYNs per destination (with the real port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AuthzDestKey {
+    pub addr: Addr,
+    /// Port in network byte order; 0 for "any other port".
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Which source table decides for a destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AuthzDestValue {
+    /// [`AuthzSourceKey::table_id`] of the table's prefixes.
+    pub table_id: u32,
+    pub _pad: u32,
+}
+
+/// The data of an `sd_authz_src_v1` key: a table and a source prefix.
+///
+/// Map `sd_authz_src_v1` (LPM trie, key `{prefix_len, AuthzSourceKey}`) → `u32`, one of
+/// [`AUTHZ_ALLOW`] or [`AUTHZ_DENY`]. Every prefix length covers the 32 bits of `table_id`
+/// first, then the address bits: a table's default is its entry of length 32, an IPv4 prefix
+/// `a.b.c.d/n` is length `32 + 96 + n` (IPv4-mapped), an IPv6 `/n` is `32 + n`. A table's
+/// content never changes under its id: the agent writes a new table under a fresh id, points
+/// the destinations at it, and deletes the old prefixes after a grace period, so a SYN never
+/// meets a half-written table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AuthzSourceKey {
+    pub table_id: u32,
+    /// Source address.
+    pub addr: Addr,
+}
+
+/// `sd_authz_src_v1` verdicts.
+pub const AUTHZ_ALLOW: u32 = 0;
+/// The SYN is answered with a RST|ACK and never reaches the pod.
+pub const AUTHZ_DENY: u32 = 1;
+/// Prefix bits of [`AuthzSourceKey::table_id`] in every `sd_authz_src_v1` key.
+pub const AUTHZ_TABLE_BITS: u32 = 32;
+
 #[cfg(feature = "user")]
 mod pod {
+    unsafe impl aya::Pod for super::AuthzDestKey {}
+    unsafe impl aya::Pod for super::AuthzDestValue {}
+    unsafe impl aya::Pod for super::AuthzSourceKey {}
     unsafe impl aya::Pod for super::EgressPolicy {}
     unsafe impl aya::Pod for super::Addr {}
     unsafe impl aya::Pod for super::StatsKey {}
@@ -301,6 +366,9 @@ mod tests {
         assert_eq!(size_of::<ClientKey>(), 20);
         assert_eq!(size_of::<StatsKey>(), 40);
         assert_eq!(size_of::<BackendStats>(), 32);
+        assert_eq!(size_of::<AuthzDestKey>(), 20);
+        assert_eq!(size_of::<AuthzDestValue>(), 8);
+        assert_eq!(size_of::<AuthzSourceKey>(), 20);
     }
 
     #[test]

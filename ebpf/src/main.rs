@@ -6,6 +6,11 @@
 //! per-packet work. The reverse hooks (`getpeername4/6`, `recvmsg4/6`) show the application the
 //! VIP it dialled, never the backend it was sent to.
 //!
+//! A TC program on the node side of each pod's veth enforces AuthorizationPolicies for TCP: a
+//! SYN towards the pod that its destination's table denies is turned into the RST|ACK the pod
+//! would have sent and handed back to the client, so a refused connect fails at once with
+//! ECONNREFUSED, as a reset from Istio's sidecar does.
+//!
 //! All policy lives in the agent: these programs only look up the tables it writes (see
 //! `steerd-common` for every key and value).
 #![no_std]
@@ -13,21 +18,23 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, bpf_sock_addr, bpf_sock_ops,
+        BPF_F_INGRESS, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, TC_ACT_OK,
+        TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_sock_addr, bpf_sock_ops,
     },
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sock_ops},
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_redirect},
+    macros::{cgroup_sock_addr, classifier, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, lpm_trie::Key as LpmKey},
-    programs::{SockAddrContext, SockOpsContext},
+    programs::{SockAddrContext, SockOpsContext, TcContext},
 };
 use aya_log_ebpf::debug;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use steerd_common::{
-    Addr, Backend, BackendStats, ClientKey, EgressPolicy, MAX_DENIED, MAX_L7_PENDING, MAX_REGISTRY,
-    MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, MAX_STATS, PROTO_TCP, PROTO_UDP, PROXY_SOCKET_MARK,
-    ProxyConfig, RevNatKey, RevNatValue, SVC_F_L7, SVC_F_NO_BACKENDS, ServiceKey, ServiceValue,
-    Slot, SlotKey, StatsKey,
+    AUTHZ_DENY, AUTHZ_TABLE_BITS, Addr, AuthzDestKey, AuthzDestValue, AuthzSourceKey, Backend,
+    BackendStats, ClientKey, EgressPolicy, MAX_AUTHZ_DENIED, MAX_AUTHZ_DESTINATIONS,
+    MAX_AUTHZ_PREFIXES, MAX_DENIED, MAX_L7_PENDING, MAX_REGISTRY, MAX_REVNAT, MAX_SERVICES,
+    MAX_SLOTS, MAX_STATS, PROTO_TCP, PROTO_UDP, PROXY_SOCKET_MARK, ProxyConfig, RevNatKey,
+    RevNatValue, SVC_F_L7, SVC_F_NO_BACKENDS, ServiceKey, ServiceValue, Slot, SlotKey, StatsKey,
 };
 
 // Map names must match `steerd_common::map_names` (the attribute takes a literal).
@@ -58,6 +65,17 @@ static DENIED: LruHashMap<Addr, u64> = LruHashMap::pinned(MAX_DENIED, 0);
 
 #[map(name = "sd_stats_v1")]
 static STATS: LruPerCpuHashMap<StatsKey, BackendStats> = LruPerCpuHashMap::pinned(MAX_STATS, 0);
+
+#[map(name = "sd_authz_dst_v1")]
+static AUTHZ_DEST: HashMap<AuthzDestKey, AuthzDestValue> =
+    HashMap::pinned(MAX_AUTHZ_DESTINATIONS, BPF_F_NO_PREALLOC);
+
+#[map(name = "sd_authz_src_v1")]
+static AUTHZ_SOURCE: LpmTrie<AuthzSourceKey, u32> = LpmTrie::pinned(MAX_AUTHZ_PREFIXES, 0);
+
+#[map(name = "sd_authz_dny_v1")]
+static AUTHZ_DENIED: LruPerCpuHashMap<AuthzDestKey, u64> =
+    LruPerCpuHashMap::pinned(MAX_AUTHZ_DENIED, 0);
 
 /// Return value that lets the syscall proceed.
 const ALLOW: i32 = 1;
@@ -554,6 +572,188 @@ const TCP_FIN_WAIT2: u32 = 5;
 const TCP_LAST_ACK: u32 = 9;
 const TCP_CLOSING: u32 = 11;
 const AF_INET: u32 = 2;
+
+// ------------------------------------------------------------------------------------------------
+// AuthorizationPolicy for TCP, at the destination pod's veth
+// ------------------------------------------------------------------------------------------------
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPV6_HLEN: usize = 40;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_RST: u8 = 0x04;
+const TCP_FLAG_ACK: u8 = 0x10;
+
+/// Where the TCP header and the addresses of a SYN are.
+struct Syn {
+    src: Addr,
+    dst: Addr,
+    /// Destination port, network byte order.
+    dport: u16,
+    /// Offsets of the addresses (to swap) and of the TCP header.
+    src_off: usize,
+    addr_len: usize,
+    tcp_off: usize,
+}
+
+/// Attached to egress of the node side of pod veths: sees every packet going to the pod.
+#[classifier]
+pub fn sd_authz(ctx: TcContext) -> i32 {
+    match authorize(&ctx) {
+        Some(verdict) => verdict,
+        None => TC_ACT_OK as i32,
+    }
+}
+
+#[inline(always)]
+fn authorize(ctx: &TcContext) -> Option<i32> {
+    let skb = ctx.skb.skb;
+    // The node's own connections (kubelet probes, the L7 proxy, host-network Pods) are not
+    // checked, as Kubernetes NetworkPolicy always allows the node; the proxy authorizes each
+    // request it forwards. A packet forwarded from a pod or another node has no local socket.
+    let sk = unsafe { read_volatile(addr_of!((*skb).__bindgen_anon_2.sk)) };
+    if !sk.is_null() {
+        return None;
+    }
+    let syn = parse_syn(ctx)?;
+    let mut key = AuthzDestKey {
+        addr: syn.dst,
+        port: syn.dport,
+        _pad: 0,
+    };
+    let table = match unsafe { AUTHZ_DEST.get(&key) } {
+        Some(v) => v.table_id,
+        None => {
+            key.port = 0;
+            let v = unsafe { AUTHZ_DEST.get(&key) }?;
+            key.port = syn.dport;
+            v.table_id
+        }
+    };
+    let lookup = LpmKey::new(
+        AUTHZ_TABLE_BITS + 128,
+        AuthzSourceKey {
+            table_id: table,
+            addr: syn.src,
+        },
+    );
+    // A missing table can only be one collected under a reader: let that SYN through.
+    if *AUTHZ_SOURCE.get(lookup)? != AUTHZ_DENY {
+        return None;
+    }
+    count_denied(&key);
+    // Should the rewrite fail half-way, the SYN must not reach the pod either: drop it (the
+    // client then times out instead of being reset).
+    Some(if reset(ctx, &syn).is_some() {
+        TC_ACT_REDIRECT as i32
+    } else {
+        TC_ACT_SHOT as i32
+    })
+}
+
+#[inline(always)]
+fn parse_syn(ctx: &TcContext) -> Option<Syn> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+    let (src_off, addr_len, tcp_off, src, dst) = if ethertype == ETH_P_IP {
+        let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        let protocol: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+        // Fragments other than the first carry no TCP header.
+        let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).ok()?) & 0x1fff;
+        if protocol != PROTO_TCP || frag != 0 || ihl < 20 {
+            return None;
+        }
+        let src: u32 = ctx.load(ETH_HLEN + 12).ok()?;
+        let dst: u32 = ctx.load(ETH_HLEN + 16).ok()?;
+        (
+            ETH_HLEN + 12,
+            4,
+            ETH_HLEN + ihl,
+            Addr::from_ipv4_be(src),
+            Addr::from_ipv4_be(dst),
+        )
+    } else if ethertype == ETH_P_IPV6 {
+        // Only TCP right after the fixed header: a SYN with extension headers passes.
+        let next: u8 = ctx.load(ETH_HLEN + 6).ok()?;
+        if next != PROTO_TCP {
+            return None;
+        }
+        let src: Addr = ctx.load(ETH_HLEN + 8).ok()?;
+        let dst: Addr = ctx.load(ETH_HLEN + 24).ok()?;
+        (ETH_HLEN + 8, 16, ETH_HLEN + IPV6_HLEN, src, dst)
+    } else {
+        return None;
+    };
+    let flags: u8 = ctx.load(tcp_off + 13).ok()?;
+    if flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST) != TCP_FLAG_SYN {
+        return None;
+    }
+    let dport: u16 = ctx.load(tcp_off + 2).ok()?;
+    Some(Syn {
+        src,
+        dst,
+        dport,
+        src_off,
+        addr_len,
+        tcp_off,
+    })
+}
+
+#[inline(always)]
+fn count_denied(key: &AuthzDestKey) {
+    match AUTHZ_DENIED.get_ptr_mut(key) {
+        // Per-CPU values: no other CPU writes this copy.
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            let _ = AUTHZ_DENIED.insert(key, &1, BPF_NOEXIST);
+        }
+    }
+}
+
+/// Rewrites the SYN in place into the pod's RST|ACK (RFC 9293: `<SEQ=0><ACK=SEG.SEQ+1>`) and
+/// sends it back in through the same veth, as if the pod had answered. Swapping addresses and
+/// ports leaves every checksum as it was; the changed sequence, acknowledgement and flag words
+/// are patched into the TCP checksum (a no-op while it is still to be computed by offload).
+#[inline(always)]
+fn reset(ctx: &TcContext, syn: &Syn) -> Option<()> {
+    // Ethernet: the reply goes from the pod's MAC to the node side's, which makes it ours.
+    let dst_mac: [u8; 6] = ctx.load(0).ok()?;
+    let src_mac: [u8; 6] = ctx.load(6).ok()?;
+    ctx.store(0, &src_mac, 0).ok()?;
+    ctx.store(6, &dst_mac, 0).ok()?;
+    if syn.addr_len == 4 {
+        ctx.store(syn.src_off, &syn.dst.ipv4_be(), 0).ok()?;
+        ctx.store(syn.src_off + 4, &syn.src.ipv4_be(), 0).ok()?;
+    } else {
+        ctx.store(syn.src_off, &syn.dst, 0).ok()?;
+        ctx.store(syn.src_off + 16, &syn.src, 0).ok()?;
+    }
+    let t = syn.tcp_off;
+    let ports: u32 = ctx.load(t).ok()?;
+    let swapped = ports.rotate_left(16);
+    ctx.store(t, &swapped, 0).ok()?;
+    let csum = t + 16;
+    let seq: u32 = ctx.load(t + 4).ok()?;
+    let old_ack: u32 = ctx.load(t + 8).ok()?;
+    let ack = (u32::from_be(seq).wrapping_add(1)).to_be();
+    let zero = 0u32;
+    ctx.store(t + 4, &zero, 0).ok()?;
+    ctx.l4_csum_replace(csum, seq as u64, 0, 4).ok()?;
+    ctx.store(t + 8, &ack, 0).ok()?;
+    ctx.l4_csum_replace(csum, old_ack as u64, ack as u64, 4)
+        .ok()?;
+    // Data offset, flags and window as one word: keep the offset, RST|ACK, window 0.
+    let old_word: u32 = ctx.load(t + 12).ok()?;
+    let new_word =
+        u32::from_ne_bytes([old_word.to_ne_bytes()[0], TCP_FLAG_RST | TCP_FLAG_ACK, 0, 0]);
+    ctx.store(t + 12, &new_word, 0).ok()?;
+    ctx.l4_csum_replace(csum, old_word as u64, new_word as u64, 4)
+        .ok()?;
+    let ifindex = unsafe { read_volatile(addr_of!((*ctx.skb.skb).ifindex)) };
+    let r = unsafe { bpf_redirect(ifindex, BPF_F_INGRESS as u64) };
+    (r == TC_ACT_REDIRECT as i64).then_some(())
+}
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -976,6 +976,41 @@ fn invalid_objects_are_skipped_with_an_event_and_the_rest_keeps_working() {
     c.assert_agent_alive();
 }
 
+#[test]
+fn authorization_policies_from_the_api_server_are_enforced() {
+    let c = Cluster::start(("80", "20"), &[], |_| {});
+    // From inside the v2 pod straight to the v1 pod: the SYN reaches v1 through its veth.
+    let v1 = format!("{}:9000", c.v1.ipv4);
+    let from_v2 = |count: &str| {
+        run_probe(
+            Some(&c.v2.netns),
+            None,
+            &["tcp", "--to", &v1, "--count", count, "--timeout-ms", "3000"],
+        )
+    };
+    assert_eq!(from_v2("3").counts.get("v1:9000"), Some(&3));
+    let policy = format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: no-v2, namespace: default}}\nspec:\n  selector: {{matchLabels: {{version: v1}}}}\n  action: DENY\n  rules:\n  - from:\n    - source: {{ipBlocks: [{}/32]}}\n",
+        c.v2.ipv4
+    );
+    c.api.apply(&policy);
+    let refused = wait_until(FOLLOW, || from_v2("1").failures == 1);
+    assert!(refused, "the policy never took effect:\n{}", c.agent.log());
+    let r = from_v2("3");
+    assert!(
+        r.failures == 3 && r.errors.iter().all(|e| e.contains("Connection refused")),
+        "{r:?}"
+    );
+    c.api
+        .kubectl(&["delete", "authorizationpolicy", "no-v2", "-n", "default"]);
+    let restored = wait_until(FOLLOW, || from_v2("1").successes() == 1);
+    assert!(
+        restored,
+        "deleting the policy did not restore access:\n{}",
+        c.agent.log()
+    );
+}
+
 /// The objects (`kind/name`) a dry run reports.
 fn dry_run_objects(api: &ApiServer, args: &[&str]) -> Vec<String> {
     let mut full = vec!["apply", "--dry-run=server"];

@@ -534,10 +534,12 @@ fn kill9_and_restart_lose_no_connects() {
     let r = t.tcp(&to, 200);
     assert_clean(&r, "after restart");
     assert_split(&r.counts, &[("v2:9000", 1.0)], SIGMAS);
-    // Exactly one generation of links is pinned.
-    let links: Vec<_> = std::fs::read_dir(t.bpffs.path().join("links"))
+    // Exactly one generation of links is pinned: the cgroup programs, and the authorization
+    // program once per pod veth (by default the agent attaches it to every `veth*`).
+    let (authz, cgroup): (Vec<_>, Vec<_>) = std::fs::read_dir(t.bpffs.path().join("links"))
         .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(links.len(), 9, "{links:?}");
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .partition(|name| name.starts_with("sd_authz_if"));
+    assert_eq!(cgroup.len(), 9, "{cgroup:?}");
+    assert_eq!(authz.len(), 2, "{authz:?}");
 }

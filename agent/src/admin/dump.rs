@@ -12,8 +12,30 @@ pub struct ConfigDump {
     pub listeners: Vec<ListenerView>,
     pub routes: Vec<RouteView>,
     pub clusters: Vec<ClusterView>,
+    /// AuthorizationPolicies and the workloads they apply to.
+    #[serde(default)]
+    pub authorization: Vec<PolicyView>,
     /// Current configuration findings, one line each.
     pub diagnostics: Vec<String>,
+}
+
+/// One AuthorizationPolicy as the agent enforces it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicyView {
+    /// `namespace/name`.
+    pub name: String,
+    /// `ALLOW`, `DENY`, `AUDIT` or `CUSTOM`.
+    pub action: String,
+    /// The policy's namespace, or `mesh` for the root namespace.
+    pub scope: String,
+    /// `k=v,...` of `selector.matchLabels`, `*` for the whole scope.
+    pub selector: String,
+    /// One line per rule (see `compile::authz::Rule::describe`).
+    pub rules: Vec<String>,
+    /// `namespace/name` of the Pods and WorkloadEntries it applies to.
+    pub workloads: Vec<String>,
+    /// `enforced`, or why not (`dry-run`, `AUDIT`, ...).
+    pub status: String,
 }
 
 /// A service VIP:port as the kernel programs handle it.
@@ -286,6 +308,20 @@ pub fn build(plan: &Plan, proxy: Option<&Proxy>) -> ConfigDump {
     }
     dump.routes = routes.into_values().collect();
     dump.clusters = clusters.into_values().collect();
+    dump.authorization = plan
+        .authz
+        .policies
+        .iter()
+        .map(|p| PolicyView {
+            name: p.name.clone(),
+            action: p.action.as_str().into(),
+            scope: p.scope.clone(),
+            selector: p.selector.clone(),
+            rules: p.rules.iter().map(|r| r.describe()).collect(),
+            workloads: p.workloads.clone(),
+            status: p.not_enforced.clone().unwrap_or_else(|| "enforced".into()),
+        })
+        .collect();
     dump.diagnostics = plan.diagnostics.iter().map(|d| d.to_string()).collect();
     dump
 }

@@ -86,9 +86,16 @@ pub struct ExplainArgs {
     /// A query parameter, K=V (repeatable).
     #[arg(long = "query")]
     pub query: Vec<String>,
-    /// Labels of the client workload, k=v,k2=v2.
+    /// Labels of the client workload, k=v,k2=v2 (default: its Pod's, with --source-ip).
     #[arg(long)]
     pub source_labels: Option<String>,
+    /// The client's address, for AuthorizationPolicies (`ipBlocks`; its Pod gives the
+    /// namespace and labels).
+    #[arg(long)]
+    pub source_ip: Option<std::net::IpAddr>,
+    /// The client's namespace (default: its Pod's, with --source-ip).
+    #[arg(long)]
+    pub source_namespace: Option<String>,
     /// Evaluate as this Gateway (`name` or `ns/name`) instead of the mesh.
     #[arg(long)]
     pub gateway: Option<String>,
@@ -169,6 +176,8 @@ pub fn explain(args: &ExplainArgs) -> i32 {
         headers,
         query,
         source_labels,
+        source_ip: args.source_ip,
+        source_namespace: args.source_namespace.clone(),
         gateway: args.gateway.clone(),
     };
     match run_explain(&snapshot.config, &q) {

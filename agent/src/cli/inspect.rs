@@ -1,5 +1,5 @@
-//! `steerd inspect listeners|routes|clusters|endpoints`: the running agent's view of the mesh,
-//! in `istioctl proxy-config` form, read from its admin API.
+//! `steerd inspect listeners|routes|clusters|endpoints|authz`: the running agent's view of the
+//! mesh, in `istioctl proxy-config` form, read from its admin API.
 
 use super::Output;
 use crate::admin::dump::ConfigDump;
@@ -13,6 +13,8 @@ pub enum What {
     Routes,
     Clusters,
     Endpoints,
+    /// AuthorizationPolicies: action, scope, selector, rules and the workloads they apply to.
+    Authz,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +103,7 @@ pub fn render(dump: &ConfigDump, what: What, f: &Filter, output: Output) -> Stri
         serde_json::to_string_pretty(&v).expect("JSON values serialize") + "\n"
     };
     match what {
+        What::Authz => render_authz(dump, f, output),
         What::Listeners => {
             let rows: Vec<_> = dump
                 .listeners
@@ -239,6 +242,61 @@ pub fn render(dump: &ConfigDump, what: What, f: &Filter, output: Output) -> Stri
     }
 }
 
+/// The AuthorizationPolicies view; `--fqdn` filters by workload (`namespace/name` or a prefix
+/// of the name) and shows each workload's policies.
+fn render_authz(dump: &ConfigDump, f: &Filter, output: Output) -> String {
+    let applies = |p: &crate::admin::dump::PolicyView| {
+        f.fqdn.as_deref().is_none_or(|w| {
+            p.workloads.iter().any(|k| {
+                k == w
+                    || k.split_once('/')
+                        .is_some_and(|(_, name)| name.starts_with(w))
+            })
+        })
+    };
+    let rows: Vec<_> = dump.authorization.iter().filter(|p| applies(p)).collect();
+    match output {
+        Output::Json => serde_json::to_string_pretty(&rows).expect("views serialize") + "\n",
+        Output::Table => table(
+            &[
+                "NAME",
+                "ACTION",
+                "SCOPE",
+                "SELECTOR",
+                "STATUS",
+                "WORKLOADS",
+                "RULES",
+            ],
+            rows.iter()
+                .flat_map(|p| {
+                    let rules = if p.rules.is_empty() {
+                        vec!["(none: matches nothing)".to_string()]
+                    } else {
+                        p.rules.clone()
+                    };
+                    rules.into_iter().enumerate().map(move |(i, rule)| {
+                        if i == 0 {
+                            vec![
+                                p.name.clone(),
+                                p.action.clone(),
+                                p.scope.clone(),
+                                p.selector.clone(),
+                                p.status.clone(),
+                                p.workloads.len().to_string(),
+                                rule,
+                            ]
+                        } else {
+                            let mut row = vec![String::new(); 6];
+                            row.push(rule);
+                            row
+                        }
+                    })
+                })
+                .collect(),
+        ),
+    }
+}
+
 pub fn run(
     admin: SocketAddr,
     what: What,
@@ -246,4 +304,58 @@ pub fn run(
     output: Output,
 ) -> Result<String, InspectError> {
     Ok(render(&fetch(admin)?, what, f, output))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::dump::PolicyView;
+
+    #[test]
+    fn authz_view_lists_policies_with_one_line_per_rule() {
+        let dump = ConfigDump {
+            authorization: vec![
+                PolicyView {
+                    name: "shop/no-admin".into(),
+                    action: "DENY".into(),
+                    scope: "shop".into(),
+                    selector: "app=web".into(),
+                    rules: vec![
+                        "to[paths=/admin*]".into(),
+                        "from[ipBlocks=10.0.9.0/24]".into(),
+                    ],
+                    workloads: vec!["shop/web-1".into(), "shop/web-2".into()],
+                    status: "enforced".into(),
+                },
+                PolicyView {
+                    name: "shop/deny-all".into(),
+                    action: "ALLOW".into(),
+                    scope: "shop".into(),
+                    selector: "app=db".into(),
+                    rules: vec![],
+                    workloads: vec!["shop/db-0".into()],
+                    status: "enforced".into(),
+                },
+            ],
+            ..Default::default()
+        };
+        let text = render(&dump, What::Authz, &Filter::default(), Output::Table);
+        assert_eq!(
+            text,
+            "\
+NAME           ACTION  SCOPE  SELECTOR  STATUS    WORKLOADS  RULES
+shop/no-admin  DENY    shop   app=web   enforced  2          to[paths=/admin*]
+                                                             from[ipBlocks=10.0.9.0/24]
+shop/deny-all  ALLOW   shop   app=db    enforced  1          (none: matches nothing)
+"
+        );
+        let only_db = Filter {
+            fqdn: Some("db".into()),
+            ..Default::default()
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&render(&dump, What::Authz, &only_db, Output::Json)).unwrap();
+        assert_eq!(json.as_array().unwrap().len(), 1);
+        assert_eq!(json[0]["name"], "shop/deny-all");
+    }
 }

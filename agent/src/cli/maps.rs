@@ -129,7 +129,56 @@ pub fn egress(bpffs: &Path) -> Result<EgressView, aya::maps::MapError> {
     })
 }
 
+/// `steerd maps authz`: one row per (destination, source prefix), then the refusals.
+fn render_authz(view: &crate::dataplane::authz::AuthzMapsView, output: Output) -> String {
+    match output {
+        Output::Json => serde_json::to_string_pretty(view).expect("views serialize") + "\n",
+        Output::Table => {
+            let mut rows = Vec::new();
+            for d in &view.destinations {
+                let dest = vec![d.address.to_string(), d.port.clone(), d.table.to_string()];
+                rows.push([dest.clone(), vec!["*".into(), d.default.clone()]].concat());
+                for (prefix, verdict) in &d.prefixes {
+                    rows.push([dest.clone(), vec![prefix.clone(), verdict.clone()]].concat());
+                }
+            }
+            let mut out = table(&["DESTINATION", "PORT", "TABLE", "SOURCE", "VERDICT"], rows);
+            out += "\n";
+            out += &table(
+                &["REFUSED DESTINATION", "PORT", "CONNECTS"],
+                view.denied
+                    .iter()
+                    .map(|d| {
+                        vec![
+                            d.address.to_string(),
+                            d.port.to_string(),
+                            d.connections.to_string(),
+                        ]
+                    })
+                    .collect(),
+            );
+            out
+        }
+    }
+}
+
 pub fn render(bpffs: &Path, which: MapsTable, output: Output) -> Result<String, maps::MapsError> {
+    if let MapsTable::Authz = which {
+        let view =
+            crate::dataplane::authz::open_pinned(&Pins::new(bpffs).maps()).map_err(
+                |e| match e {
+                    crate::dataplane::DataplaneError::Map { name, source } => {
+                        maps::MapsError::Map { name, source }
+                    }
+                    other => maps::MapsError::Partial {
+                        failed: 1,
+                        total: 1,
+                        first: other.to_string(),
+                    },
+                },
+            )?;
+        return Ok(render_authz(&view, output));
+    }
     if let MapsTable::Egress = which {
         let view = egress(bpffs).map_err(|source| maps::MapsError::Map {
             name: "egress",
@@ -160,7 +209,7 @@ pub fn render(bpffs: &Path, which: MapsTable, output: Output) -> Result<String, 
     }
     let (services, backends) = rows(bpffs)?;
     Ok(match (which, output) {
-        (MapsTable::Egress, _) => unreachable!("handled above"),
+        (MapsTable::Egress | MapsTable::Authz, _) => unreachable!("handled above"),
         (MapsTable::Services, Output::Json) => {
             serde_json::to_string_pretty(&services).expect("rows serialize") + "\n"
         }

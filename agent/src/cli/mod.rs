@@ -77,12 +77,13 @@ pub enum Command {
     },
     /// Show where one request (or TCP connection) goes, evaluated exactly as the agent routes it.
     Explain(check::ExplainArgs),
-    /// Show a running agent's listeners, routes, clusters or endpoints (like `istioctl
-    /// proxy-config`), from its admin API.
+    /// Show a running agent's listeners, routes, clusters, endpoints (like `istioctl
+    /// proxy-config`) or AuthorizationPolicies, from its admin API.
     Inspect {
         #[arg(value_enum)]
         what: inspect::What,
-        /// Only this service host (FQDN or a prefix of it, e.g. `reviews`).
+        /// Only this service host (FQDN or a prefix of it, e.g. `reviews`); for `authz`, the
+        /// policies of this workload (`namespace/name` or a prefix of the name).
         #[arg(long)]
         fqdn: Option<String>,
         #[arg(long)]
@@ -112,6 +113,8 @@ pub enum MapsTable {
     Backends,
     /// The outbound traffic policy, the registered destinations and REGISTRY_ONLY refusals.
     Egress,
+    /// AuthorizationPolicy destinations with their source tables, and refused connections.
+    Authz,
 }
 
 #[derive(Debug, clap::Args)]
@@ -154,6 +157,12 @@ pub struct RunArgs {
     pub admin: SocketAddr,
     #[arg(long, value_enum, default_value_t)]
     pub log_format: LogFormat,
+    /// Interfaces (globs, `*` and `?`) whose egress enforces AuthorizationPolicies for TCP: the
+    /// node side of pod veths. Repeat for several. Default: the host-side veth names of common
+    /// CNIs (`veth*`, `cali*`, `lxc*`, `eni*`, `gke*`, `azv*`); `none` turns TCP enforcement
+    /// off (the L7 proxy still enforces HTTP). Needs Linux ≥ 6.6 (TCX).
+    #[arg(long = "policy-interface", value_name = "GLOB")]
+    pub policy_interfaces: Vec<String>,
     /// Nameserver (`IP[:PORT]`) for ServiceEntries with `resolution: DNS`/`DNS_ROUND_ROBIN`.
     /// Default: the system's (/etc/resolv.conf).
     #[arg(long, value_parser = crate::sources::dns::parse_server)]

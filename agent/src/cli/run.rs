@@ -8,7 +8,7 @@ use crate::compile::{
     incremental::{Dirty, IncrementalCompiler},
 };
 use crate::dataplane::{
-    Dataplane, Pins, kernel,
+    Dataplane, Pins, authz, kernel,
     proxy::{Proxy, ProxyTable},
 };
 use crate::sources::{
@@ -33,7 +33,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
         None => super::cgroup2_root().context("no cgroup2 mount found; pass --cgroup")?,
     };
     let pins = Pins::new(&args.bpffs);
-    let mut dataplane = Dataplane::start(&pins, &cgroup)
+    let policy_interfaces: Vec<String> = if args.policy_interfaces.is_empty() {
+        authz::DEFAULT_INTERFACES.map(str::to_string).to_vec()
+    } else {
+        args.policy_interfaces
+            .iter()
+            .filter(|p| *p != "none")
+            .cloned()
+            .collect()
+    };
+    let mut dataplane = Dataplane::start(&pins, &cgroup, policy_interfaces)
         .with_context(|| format!("starting the dataplane (bpffs {})", args.bpffs.display()))?;
 
     let state = Arc::new(AdminState::default());
@@ -47,6 +56,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     if let Some(denied) = dataplane.denied.take() {
         state.metrics.attach_denied(denied);
+    }
+    if let Some(denied) = dataplane.authz_denied.take() {
+        state.metrics.attach_authz_denied(denied);
     }
     let admin = admin::bind(args.admin, state.clone())
         .await
@@ -113,6 +125,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut compiler = IncrementalCompiler::default();
     let mut writer = PlanWriter::default();
     let mut gc = tokio::time::interval(GC_INTERVAL);
+    let mut rescan = tokio::time::interval(authz::RESCAN);
     let (started, mut planned) = (Instant::now(), false);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -158,6 +171,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     writer.publish(&compiler, &state);
                 }
                 dataplane.writer.collect_garbage(Instant::now());
+                dataplane.authz.collect_garbage(Instant::now());
+            }
+            _ = rescan.tick() => {
+                // New pods bring new veths.
+                dataplane.rescan_policy_interfaces();
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
@@ -256,6 +274,8 @@ struct PlanWriter {
     first: bool,
     /// The registered-destination trie needs a complete rewrite (first write, failed write).
     egress_full: bool,
+    /// The last write of the authorization tables failed.
+    authz_failed: bool,
     /// Diagnostics already logged.
     logged: std::collections::BTreeSet<Diagnostic>,
     published_at: Instant,
@@ -268,6 +288,7 @@ impl Default for PlanWriter {
         Self {
             first: true,
             egress_full: true,
+            authz_failed: false,
             logged: Default::default(),
             published_at: Instant::now(),
             unpublished: false,
@@ -313,6 +334,16 @@ impl PlanWriter {
         }
         self.logged = plan.diagnostics.iter().cloned().collect();
         let metrics = &state.metrics;
+        // Policies go in before the services that make their workloads reachable.
+        if (self.first || self.authz_failed || dirty.authz)
+            && let Err(e) = dataplane.authz.apply(&plan.authz.kernel)
+        {
+            self.authz_failed = true;
+            metrics.map_write_errors.inc();
+            error!(error = %e, "writing the authorization tables failed; will retry on the next change");
+        } else {
+            self.authz_failed = false;
+        }
         // Registered destinations go in before the services that make them reachable, and
         // before REGISTRY_ONLY is switched on.
         let registry_only = plan.egress.registry_only.unwrap_or(mesh_registry_only);
@@ -387,6 +418,7 @@ impl PlanWriter {
                 metrics.map_slots.set(dataplane.writer.slot_count() as i64);
                 info!(
                     services = dataplane.writer.service_count(),
+                    authz_destinations = dataplane.authz.destination_count(),
                     hosts = dirty.hosts,
                     added = stats.added,
                     updated = stats.updated,

@@ -337,8 +337,14 @@ pub fn render(d: &Diagnostic) -> String {
         .as_deref()
         .map(|c| format!(" [{c}]"))
         .unwrap_or_default();
+    // Istio's coded messages say what they are about; steerd's own findings name the field.
+    let field = if d.code.is_none() && d.field != "-" {
+        format!("{}: ", d.field)
+    } else {
+        String::new()
+    };
     format!(
-        "{}{code} ({} {} {}) {}",
+        "{}{code} ({} {} {}) {field}{}",
         d.level, d.kind, d.object, d.origin, d.message
     )
 }
@@ -500,6 +506,22 @@ mod tests {
             d.iter()
                 .any(|d| d.code.as_deref() == Some("IST0106") && d.level == Level::Error),
             "{d:?}"
+        );
+    }
+
+    #[test]
+    fn authorization_policies_are_validated_and_their_limits_reported() {
+        let text = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n  action: DENY\n  rules:\n  - from:\n    - source: {ipBlocks: [10.0.0.0/33], principals: [cluster.local/ns/a/sa/b]}\n".to_string();
+        let rendered: Vec<String> = analyze(&load(&[("ap.yaml", text)]))
+            .iter()
+            .map(render)
+            .collect();
+        assert_eq!(
+            rendered,
+            [
+                "Warning (AuthorizationPolicy shop/p ap.yaml:1) spec.rules[0].from[0].source.principals: principals needs mTLS or JWT authentication, which steerd does not have: this condition is ignored, so the rule matches more requests",
+                "Error [IST0106] (AuthorizationPolicy shop/p ap.yaml:1) Schema validation error: spec.rules[0].from[0].source.ipBlocks[0]: bad CIDR range (10.0.0.0/33): bad bits after slash: \"33\" (0 to 32)",
+            ]
         );
     }
 }

@@ -4,6 +4,7 @@
 //! [`HttpRoutes::select`] the L7 proxy uses; TCP connections through the same route selection
 //! the kernel tables are built from. Only the presentation is specific to explain.
 
+use super::authz::{self, HttpAttributes};
 use super::http::{self, HttpRoutes, RequestView, RouteAction};
 use super::registry::{self, Transport, resolve_host};
 use super::{Ctx, Diagnostic, cluster_name, destination_rule_index, gateway_ref, subset_index};
@@ -27,6 +28,11 @@ pub struct Query {
     pub headers: Vec<(String, String)>,
     pub query: Vec<(String, String)>,
     pub source_labels: BTreeMap<String, String>,
+    /// The client's address: AuthorizationPolicies' `ipBlocks`, and (when it is a Pod's) the
+    /// client's namespace and labels.
+    pub source_ip: Option<IpAddr>,
+    /// The client's namespace, when not known from `source_ip`.
+    pub source_namespace: Option<String>,
     /// `mesh` (default) or a Gateway as `name` / `ns/name`.
     pub gateway: Option<String>,
 }
@@ -88,8 +94,22 @@ pub struct Explanation {
     pub retries: Option<String>,
     pub fault: Option<String>,
     pub rewrite: Option<String>,
+    /// What the AuthorizationPolicies of each destination endpoint decide.
+    pub authorization: Vec<AuthorizationView>,
     /// Findings of the compiler about the objects involved.
     pub diagnostics: Vec<String>,
+}
+
+/// The authorization decision at one destination endpoint.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationView {
+    pub endpoint: String,
+    /// `namespace/name` of the Pod or WorkloadEntry.
+    pub workload: Option<String>,
+    pub decision: authz::Decision,
+    /// Policies that apply but are not enforced (dry-run, AUDIT), with what they would decide.
+    pub not_enforced: Vec<String>,
 }
 
 fn ms(d: std::time::Duration) -> String {
@@ -190,7 +210,29 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
         retries: None,
         fault: None,
         rewrite: None,
+        authorization: Vec::new(),
         diagnostics: Vec::new(),
+    };
+    let plan = super::compile(config);
+    let source_ip = q.source_ip.map(|ip| ip.to_canonical());
+    // Routing knows every Pod's namespace (as the proxy's `sourceNamespace` matches do);
+    // authorization only those of Pods with their own address (no host-network Pods).
+    let source_namespace = q.source_namespace.clone().or_else(|| {
+        source_ip
+            .and_then(|ip| plan.sources.get(&ip))
+            .map(|s| s.workload.namespace.clone())
+    });
+    let authz_namespace = q
+        .source_namespace
+        .clone()
+        .or_else(|| source_ip.and_then(|ip| plan.authz.namespace_of(ip).map(str::to_string)));
+    let source_labels = if q.source_labels.is_empty() {
+        source_ip
+            .and_then(|ip| plan.sources.get(&ip))
+            .map(|s| s.labels.clone())
+            .unwrap_or_default()
+    } else {
+        q.source_labels.clone()
     };
     if wants_http && !(has_tcp_rules && !is_http_port && vs.is_some_and(|v| v.spec.http.is_empty()))
     {
@@ -216,8 +258,8 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
                 .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
                 .collect(),
             port: port.port,
-            source_labels: (!q.source_labels.is_empty()).then_some(&q.source_labels),
-            source_namespace: None,
+            source_labels: (!source_labels.is_empty()).then_some(&source_labels),
+            source_namespace: source_namespace.as_deref(),
             gateway: &gateway,
         };
         match routes.select(&view) {
@@ -292,6 +334,47 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
                         None => format!("path {new_path}"),
                     }
                 });
+                // The destination sees the request after rewrites and header changes.
+                let upstream_path = match &rule.rewrite {
+                    Some(rw) => http::rewrite_path(rw, http::matched_prefix(rule, &view), &path),
+                    None => path.clone(),
+                };
+                let upstream_authority = rule
+                    .rewrite
+                    .as_ref()
+                    .and_then(|r| r.authority.clone())
+                    .unwrap_or_else(|| authority.clone());
+                if let RouteAction::Forward(dests) = &rule.action {
+                    for d in dests {
+                        let mut headers = view.headers.clone();
+                        for ops in [&rule.headers_request, &d.headers_request] {
+                            headers.retain(|(k, _)| {
+                                !ops.remove.iter().any(|r| r.eq_ignore_ascii_case(k))
+                                    && !ops.set.iter().any(|(s, _)| s.eq_ignore_ascii_case(k))
+                            });
+                            headers.extend(
+                                ops.set
+                                    .iter()
+                                    .chain(&ops.add)
+                                    .map(|(k, v)| (k.to_ascii_lowercase(), v.clone())),
+                            );
+                        }
+                        let endpoints: Vec<std::net::SocketAddr> =
+                            d.cluster.endpoints.iter().map(|e| e.addr).collect();
+                        out.authorization.extend(authorize(
+                            &plan.authz,
+                            &endpoints,
+                            source_ip,
+                            authz_namespace.as_deref(),
+                            Some(HttpAttributes {
+                                method: view.method,
+                                host: &upstream_authority,
+                                path: &upstream_path,
+                                headers: &headers,
+                            }),
+                        ));
+                    }
+                }
             }
         }
     } else {
@@ -320,6 +403,14 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
         } else {
             "connect".into()
         };
+        let endpoints: Vec<std::net::SocketAddr> = backends.iter().map(|b| b.addr).collect();
+        out.authorization = authorize(
+            &plan.authz,
+            &endpoints,
+            source_ip,
+            authz_namespace.as_deref(),
+            None,
+        );
         out.route = Some(route_ref(&route));
         out.destinations = by_cluster
             .into_iter()
@@ -355,6 +446,56 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
         .map(|d| d.to_string())
         .collect();
     Ok(out)
+}
+
+/// The decision at each endpoint (once per endpoint) for a client at `source` (unknown: the
+/// unspecified address, which no `ipBlocks` short of `0.0.0.0/0` contains).
+fn authorize(
+    plan: &authz::AuthzPlan,
+    endpoints: &[std::net::SocketAddr],
+    source: Option<IpAddr>,
+    source_namespace: Option<&str>,
+    http: Option<HttpAttributes<'_>>,
+) -> Vec<AuthorizationView> {
+    let mut seen = std::collections::BTreeSet::new();
+    endpoints
+        .iter()
+        .filter(|e| seen.insert(**e))
+        .map(|endpoint| {
+            let source = source.unwrap_or(if endpoint.is_ipv4() {
+                IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+            });
+            let req = authz::Request {
+                source,
+                source_namespace,
+                destination: *endpoint,
+                http,
+            };
+            let not_enforced = plan
+                .policies_for(endpoint.ip())
+                .filter_map(|p| {
+                    let why = p.not_enforced.as_deref()?;
+                    let enforced = authz::Policy {
+                        not_enforced: None,
+                        ..p.clone()
+                    };
+                    let d = authz::decide_policies(std::iter::once(&enforced), &req);
+                    Some(format!("{} ({why}): would {d}", p.name))
+                })
+                .collect();
+            AuthorizationView {
+                endpoint: endpoint.to_string(),
+                workload: plan
+                    .workloads
+                    .get(&endpoint.ip().to_canonical())
+                    .map(|w| w.workload.clone()),
+                decision: plan.decide(&req),
+                not_enforced,
+            }
+        })
+        .collect()
 }
 
 /// Parses the compiler's route description (`VirtualService ns/name tcp[0]`, `default`).
@@ -447,6 +588,23 @@ pub fn render_text(e: &Explanation) -> String {
     ] {
         if let Some(v) = v {
             line(&mut s, format!("{label}: {v}"));
+        }
+    }
+    if !e.authorization.is_empty() {
+        line(&mut s, "Authorization:".into());
+        for a in &e.authorization {
+            let workload = a
+                .workload
+                .as_deref()
+                .map(|w| format!(" ({w})"))
+                .unwrap_or_default();
+            line(
+                &mut s,
+                format!("  {}{workload}  {}", a.endpoint, a.decision),
+            );
+            for n in &a.not_enforced {
+                line(&mut s, format!("    not enforced: {n}"));
+            }
         }
     }
     for d in &e.diagnostics {
@@ -687,5 +845,59 @@ mod tests {
             ),
             Err(ExplainError::UnknownHost(_))
         ));
+    }
+
+    #[test]
+    fn authorization_decisions_per_endpoint() {
+        let text = "\
+apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.9, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}, {name: tcp-db, port: 5432}]}\n---
+apiVersion: v1\nkind: Pod\nmetadata: {name: web-1, namespace: shop, labels: {app: web}}\nstatus: {podIP: 10.0.1.1}\n---
+apiVersion: v1\nkind: Pod\nmetadata: {name: client, namespace: shop, labels: {app: client}}\nstatus: {podIP: 10.0.2.1}\n---
+apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-admin, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  action: DENY\n  rules:\n  - to: [{operation: {paths: [\"/admin*\"], ports: [\"8080\"]}}]\n  - from: [{source: {ipBlocks: [10.0.9.0/24]}}]\n---
+apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: dry, namespace: shop, annotations: {istio.io/dry-run: \"true\"}}\nspec:\n  action: DENY\n  rules: [{from: [{source: {namespaces: [shop]}}]}]\n";
+        let (objs, errs) = parse_documents("w.yaml", text);
+        assert!(errs.is_empty(), "{errs:?}");
+        let mut cfg = ConfigSet::default();
+        cfg.extend(objs);
+        let query = |path: &str, port: u16, source: &str| Query {
+            host: "web".into(),
+            namespace: "shop".into(),
+            port: Some(port),
+            path: (!path.is_empty()).then(|| path.to_string()),
+            source_ip: Some(source.parse().unwrap()),
+            ..Default::default()
+        };
+        let e = explain(&cfg, &query("/admin/users", 80, "10.0.2.1")).unwrap();
+        assert_eq!(e.authorization.len(), 1, "{e:#?}");
+        let a = &e.authorization[0];
+        assert_eq!(a.endpoint, "10.0.1.1:8080");
+        assert_eq!(a.workload.as_deref(), Some("shop/web-1"));
+        assert!(!a.decision.allowed);
+        assert_eq!(a.decision.rule.as_deref(), Some("spec.rules[0]"));
+        assert_eq!(
+            a.not_enforced,
+            ["shop/dry (dry-run): would DENY: DENY policy shop/dry spec.rules[0] matches"]
+        );
+        let text = render_text(&e);
+        assert!(
+            text.contains("Authorization:\n  10.0.1.1:8080 (shop/web-1)  DENY: DENY policy shop/no-admin spec.rules[0] matches\n"),
+            "{text}"
+        );
+        assert!(
+            explain(&cfg, &query("/", 80, "10.0.2.1"))
+                .unwrap()
+                .authorization[0]
+                .decision
+                .allowed
+        );
+        // A TCP connection: the HTTP-only rule does not apply to port 5432, the source rule does.
+        let tcp = explain(&cfg, &query("", 5432, "10.0.2.1")).unwrap();
+        assert_eq!(tcp.protocol, "tcp");
+        assert!(tcp.authorization[0].decision.allowed, "{tcp:#?}");
+        let tcp = explain(&cfg, &query("", 5432, "10.0.9.7")).unwrap();
+        assert_eq!(
+            tcp.authorization[0].decision.rule.as_deref(),
+            Some("spec.rules[1]")
+        );
     }
 }

@@ -18,7 +18,7 @@ use super::{
     source_of,
 };
 use crate::model::{
-    ConfigSet, EndpointSlice, Object, Pod, Resolved, Resource, Service, istio, secret,
+    ConfigSet, EndpointSlice, Object, Pod, Resolved, Resource, Service, istio, secret, security,
 };
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -131,6 +131,7 @@ pub struct Store {
     gateways: ByKey<istio::Gateway>,
     sidecars: ByKey<istio::Sidecar>,
     secrets: ByKey<secret::Secret>,
+    authorization_policies: ByKey<security::AuthorizationPolicy>,
     /// DNS answers, per source (only the resolver sends them).
     resolved: BTreeMap<SourceId, BTreeMap<String, Resolved>>,
 
@@ -220,6 +221,7 @@ impl Store {
             Object::Gateway(r) => add_copy(&mut self.gateways, source, r),
             Object::Sidecar(r) => add_copy(&mut self.sidecars, source, r),
             Object::Secret(r) => add_copy(&mut self.secrets, source, r),
+            Object::AuthorizationPolicy(r) => add_copy(&mut self.authorization_policies, source, r),
         }
     }
 
@@ -268,6 +270,9 @@ impl Store {
             Object::Gateway(r) => remove_copy(&mut self.gateways, source, r),
             Object::Sidecar(r) => remove_copy(&mut self.sidecars, source, r),
             Object::Secret(r) => remove_copy(&mut self.secrets, source, r),
+            Object::AuthorizationPolicy(r) => {
+                remove_copy(&mut self.authorization_policies, source, r)
+            }
         }
     }
 
@@ -375,7 +380,27 @@ impl Store {
             gateways: all(&self.gateways),
             sidecars: all(&self.sidecars),
             secrets: all(&self.secrets),
+            authorization_policies: all(&self.authorization_policies),
             resolved: self.resolved(),
+        }
+    }
+
+    /// What authorization reads: the policies and the workloads they select (Pods,
+    /// WorkloadEntries). Empty without policies.
+    fn authz_config(&self) -> ConfigSet {
+        fn all<T: Clone>(map: &ByKey<T>) -> Vec<Resource<T>> {
+            map.values()
+                .flat_map(|c| c.iter().map(|(_, r)| r.clone()))
+                .collect()
+        }
+        if self.authorization_policies.is_empty() {
+            return ConfigSet::default();
+        }
+        ConfigSet {
+            authorization_policies: all(&self.authorization_policies),
+            pods: all(&self.pods),
+            workload_entries: all(&self.workload_entries),
+            ..Default::default()
         }
     }
 
@@ -501,6 +526,8 @@ pub struct Dirty {
     pub l7: bool,
     /// The diagnostics changed.
     pub diagnostics: bool,
+    /// The authorization plan was recompiled.
+    pub authz: bool,
     /// Service hosts recompiled.
     pub hosts: usize,
 }
@@ -513,6 +540,7 @@ impl Dirty {
             && !self.egress_policy
             && !self.sources
             && !self.diagnostics
+            && !self.authz
     }
 }
 
@@ -529,6 +557,8 @@ pub struct IncrementalCompiler {
     vip_owners: BTreeMap<VipKey, BTreeSet<String>>,
     /// How many hosts register each destination.
     registered: BTreeMap<IpNet, u32>,
+    /// Findings about AuthorizationPolicies.
+    authz_diagnostics: Vec<super::Diagnostic>,
     plan: Plan,
     dirty: Dirty,
 }
@@ -579,6 +609,7 @@ impl IncrementalCompiler {
         old!(gateways, Gateway);
         old!(sidecars, Sidecar);
         old!(secrets, Secret);
+        old!(authorization_policies, AuthorizationPolicy);
         let ConfigSet {
             services,
             endpoint_slices,
@@ -590,6 +621,7 @@ impl IncrementalCompiler {
             gateways,
             sidecars,
             secrets,
+            authorization_policies,
             resolved,
         } = config;
         let added = services
@@ -603,7 +635,12 @@ impl IncrementalCompiler {
             .chain(workload_entries.into_iter().map(Object::WorkloadEntry))
             .chain(gateways.into_iter().map(Object::Gateway))
             .chain(sidecars.into_iter().map(Object::Sidecar))
-            .chain(secrets.into_iter().map(Object::Secret));
+            .chain(secrets.into_iter().map(Object::Secret))
+            .chain(
+                authorization_policies
+                    .into_iter()
+                    .map(Object::AuthorizationPolicy),
+            );
         changes.extend(added.map(Change::Added));
         self.apply_with_resolved(source, changes, Some(resolved));
     }
@@ -672,6 +709,45 @@ impl IncrementalCompiler {
         }
         self.update_sources(&effects.ips);
         self.recompile(effects.hosts);
+        // Authorization is compiled as a whole (it is per workload, not per host), when its
+        // inputs changed: policies, the workloads they select, or the endpoints served by L7.
+        if effects.authz || self.dirty.l7 {
+            self.recompile_authz();
+        }
+    }
+
+    fn recompile_authz(&mut self) {
+        let config = self.store.authz_config();
+        if config.authorization_policies.is_empty() && self.plan.authz.policies.is_empty() {
+            return;
+        }
+        let mut diagnostics = Vec::new();
+        let authz = super::authz::compile(
+            &config,
+            &super::http_endpoints(&self.plan.services),
+            &mut diagnostics,
+        );
+        diagnostics.sort();
+        diagnostics.dedup();
+        self.plan.authz = std::sync::Arc::new(authz);
+        self.dirty.authz = true;
+        if diagnostics != self.authz_diagnostics {
+            self.authz_diagnostics = diagnostics;
+            self.flatten_diagnostics();
+        }
+    }
+
+    fn flatten_diagnostics(&mut self) {
+        let mut all: Vec<_> = self
+            .hosts
+            .values()
+            .flat_map(|o| o.diagnostics.iter().cloned())
+            .chain(self.authz_diagnostics.iter().cloned())
+            .collect();
+        all.sort();
+        all.dedup();
+        self.dirty.diagnostics |= all != self.plan.diagnostics;
+        self.plan.diagnostics = all;
     }
 
     /// Points each of `ips` at the first pod (by namespace/name) that has it.
@@ -833,15 +909,7 @@ impl IncrementalCompiler {
             }
         }
         if diagnostics_changed {
-            let mut all: Vec<_> = self
-                .hosts
-                .values()
-                .flat_map(|o| o.diagnostics.iter().cloned())
-                .collect();
-            all.sort();
-            all.dedup();
-            self.dirty.diagnostics |= all != self.plan.diagnostics;
-            self.plan.diagnostics = all;
+            self.flatten_diagnostics();
         }
         if registered_changed {
             self.plan.egress.registered = self.registered.keys().copied().collect();
@@ -861,6 +929,7 @@ impl IncrementalCompiler {
                 }
             }
             Object::Pod(r) => {
+                effects.authz = true;
                 ips.extend(pod_ips(&r.spec));
                 let key = key_of(&r.meta);
                 for slice in self.store.slices_by_pod.get(&key).into_iter().flatten() {
@@ -918,6 +987,7 @@ impl IncrementalCompiler {
             }
             Object::ServiceEntry(r) => hosts.extend(r.spec.hosts.iter().cloned()),
             Object::WorkloadEntry(r) => {
+                effects.authz = true;
                 for se in in_namespace(&self.store.service_entries, &r.meta.namespace) {
                     if se.spec.workload_selector.is_some() {
                         hosts.extend(se.spec.hosts.iter().cloned());
@@ -925,6 +995,7 @@ impl IncrementalCompiler {
                 }
             }
             Object::Sidecar(_) => effects.sidecars = true,
+            Object::AuthorizationPolicy(_) => effects.authz = true,
             Object::Gateway(_) | Object::Secret(_) => {}
         }
     }
@@ -936,6 +1007,8 @@ struct Effects {
     hosts: BTreeSet<String>,
     ips: BTreeSet<IpAddr>,
     sidecars: bool,
+    /// Policies or the workloads they select changed.
+    authz: bool,
 }
 
 #[cfg(test)]
@@ -953,7 +1026,7 @@ mod tests {
         let ns = if template.is_multiple_of(2) { "a" } else { "b" };
         let n = (template / 2) % 3;
         let v = version % 3;
-        let text = match template / 6 {
+        let text = match (template / 6) % 9 {
             0 => {
                 // Version 2 makes every such Service claim one VIP.
                 let ip = if v == 2 {
@@ -1030,6 +1103,18 @@ mod tests {
                     "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: we{n}, namespace: {ns}}}\nspec: {{address: 10.4.0.{n}, labels: {{app: {app}}}}}\n"
                 )
             }
+            8 => {
+                let spec = match v {
+                    0 => format!(
+                        "{{selector: {{matchLabels: {{app: s{n}}}}}, action: DENY, rules: [{{from: [{{source: {{ipBlocks: [10.1.0.{n}/32]}}}}], to: [{{operation: {{ports: [\"8080\"]}}}}]}}]}}"
+                    ),
+                    1 => "{action: ALLOW, rules: [{from: [{source: {namespaces: [a]}}]}]}".to_string(),
+                    _ => format!("{{selector: {{matchLabels: {{app: s{n}}}}}}}"),
+                };
+                format!(
+                    "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: ap{n}, namespace: {ns}}}\nspec: {spec}\n"
+                )
+            }
             _ => {
                 let mode = if v == 1 { "ALLOW_ANY" } else { "REGISTRY_ONLY" };
                 format!(
@@ -1042,7 +1127,7 @@ mod tests {
         objects.remove(0)
     }
 
-    const TEMPLATES: u8 = 48;
+    const TEMPLATES: u8 = 54;
 
     fn same_plan(got: &Plan, want: &Plan) -> Result<(), TestCaseError> {
         prop_assert_eq!(
@@ -1051,6 +1136,15 @@ mod tests {
         );
         prop_assert_eq!(&got.diagnostics, &want.diagnostics);
         prop_assert_eq!(&got.egress, &want.egress);
+        let authz = |p: &Plan| {
+            let mut namespaces: Vec<_> = p.authz.namespaces.iter().collect();
+            namespaces.sort();
+            format!(
+                "{:?} {:?} {:?} {namespaces:?}",
+                p.authz.policies, p.authz.workloads, p.authz.kernel
+            )
+        };
+        prop_assert_eq!(authz(got), authz(want));
         let sorted = |p: &Plan| {
             let mut v: Vec<_> = p
                 .sources

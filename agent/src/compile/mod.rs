@@ -6,6 +6,7 @@
 
 pub mod alias;
 pub mod analyze;
+pub mod authz;
 pub mod explain;
 pub mod gateway;
 pub mod http;
@@ -125,6 +126,8 @@ pub struct Plan {
     pub sources: HashMap<IpAddr, Source>,
     /// What REGISTRY_ONLY lets through, and the mesh-wide policy the configuration sets.
     pub egress: EgressPlan,
+    /// AuthorizationPolicies: per destination workload, for the proxy and the kernel.
+    pub authz: Arc<authz::AuthzPlan>,
 }
 
 /// Istio's `outboundTrafficPolicy`, compiled.
@@ -182,9 +185,15 @@ pub fn compile(config: &ConfigSet) -> Plan {
         diagnostics.extend(output.diagnostics);
         registered.extend(output.registered);
     }
+    let authz = Arc::new(authz::compile(
+        config,
+        &http_endpoints(&services),
+        &mut diagnostics,
+    ));
     diagnostics.sort();
     diagnostics.dedup();
     Plan {
+        authz,
         egress: EgressPlan {
             registry_only: mesh_registry_only(config),
             registered: registered.into_iter().collect(),
@@ -193,6 +202,17 @@ pub fn compile(config: &ConfigSet) -> Plan {
         services,
         diagnostics,
     }
+}
+
+/// The endpoints the L7 proxy serves (the kernel's authorization admits node addresses there).
+pub fn http_endpoints(
+    services: &BTreeMap<VipKey, ServicePlan>,
+) -> std::collections::BTreeSet<SocketAddr> {
+    services
+        .values()
+        .filter(|s| s.needs_l7)
+        .flat_map(|s| s.backends.iter().map(|b| b.addr))
+        .collect()
 }
 
 /// What one service host contributes to a plan. The compiler works host by host so that

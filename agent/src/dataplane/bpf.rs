@@ -14,13 +14,18 @@ use super::maps::MapWriter;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuHashMap},
-    programs::{CgroupAttachMode, Program, links::FdLink},
+    programs::{CgroupAttachMode, Program, SchedClassifier, links::FdLink},
 };
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use steerd_common::{BackendStats, ClientKey, ProxyConfig, RevNatValue, StatsKey, map_names};
+use steerd_common::{
+    AuthzDestKey, BackendStats, ClientKey, ProxyConfig, RevNatValue, StatsKey, map_names,
+};
 use tracing::{debug, info, warn};
+
+/// The TC program enforcing AuthorizationPolicies on pod veths (see [`super::authz`]).
+const AUTHZ_PROGRAM: &str = "sd_authz";
 
 /// The compiled eBPF object (built by build.rs from `ebpf/`).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/steerd"));
@@ -138,15 +143,28 @@ pub struct Dataplane {
     pub denied: Option<HashMap<MapData, steerd_common::Addr, u64>>,
     /// Per-(service, backend) traffic counters (taken by the metrics scraper).
     pub stats: Option<PerCpuHashMap<MapData, StatsKey, BackendStats>>,
+    /// AuthorizationPolicy tables for TCP.
+    pub authz: super::authz::AuthzWriter,
+    /// Connections refused by AuthorizationPolicies, per destination (taken by the scraper).
+    pub authz_denied: Option<PerCpuHashMap<MapData, AuthzDestKey, u64>>,
+    /// Which pod veths the authorization program is attached to.
+    pub policy_interfaces: super::authz::PolicyAttachments,
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    // Keeps program fds alive for the process lifetime (links are pinned independently).
-    _ebpf: Ebpf,
+    pins: Pins,
+    // Keeps program fds alive for the process lifetime (links are pinned independently), and
+    // holds the authorization program for interfaces that appear later.
+    ebpf: Ebpf,
 }
 
 impl Dataplane {
     /// Loads the programs against the pinned maps (creating them on first start), attaches
-    /// them to `cgroup`, replaces any previous generation's links, and adopts the maps' content.
-    pub fn start(pins: &Pins, cgroup: &Path) -> Result<Self, DataplaneError> {
+    /// them to `cgroup` and to the pod veths matching `policy_interfaces`, replaces any previous
+    /// generation's links, and adopts the maps' content.
+    pub fn start(
+        pins: &Pins,
+        cgroup: &Path,
+        policy_interfaces: Vec<String>,
+    ) -> Result<Self, DataplaneError> {
         prepare_bpffs(pins)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins.maps())
@@ -168,6 +186,11 @@ impl Dataplane {
             // bpf_link-based cgroup attachments always stack and reject attach flags, so
             // "Single" (no flags) is what lets old and new generations coexist.
             let link: FdLink = match ebpf.program_mut(&name).expect("listed program exists") {
+                Program::SchedClassifier(p) if name == AUTHZ_PROGRAM => {
+                    // Attached per interface, below and on every rescan.
+                    p.load().map_err(perr)?;
+                    continue;
+                }
                 Program::CgroupSockAddr(p) => {
                     p.load().map_err(perr)?;
                     let id = p
@@ -216,22 +239,47 @@ impl Dataplane {
         );
         let denied = HashMap::try_from(take(&mut ebpf, map_names::DENIED)?)
             .map_err(map_err(map_names::DENIED))?;
+        let authz = super::authz::AuthzWriter::new(
+            HashMap::try_from(take(&mut ebpf, map_names::AUTHZ_DEST)?)
+                .map_err(map_err(map_names::AUTHZ_DEST))?,
+            aya::maps::LpmTrie::try_from(take(&mut ebpf, map_names::AUTHZ_SOURCE)?)
+                .map_err(map_err(map_names::AUTHZ_SOURCE))?,
+        );
+        let authz_denied = PerCpuHashMap::try_from(take(&mut ebpf, map_names::AUTHZ_DENIED)?)
+            .map_err(map_err(map_names::AUTHZ_DENIED))?;
         if writer.service_count() > 0 {
             info!(
                 services = writer.service_count(),
                 "adopted services from pinned maps"
             );
         }
-        Ok(Self {
+        let mut dataplane = Self {
             writer,
             proxy_config,
             l7_connections: Some(l7_connections),
             stats: Some(stats),
             egress,
             denied: Some(denied),
+            authz,
+            authz_denied: Some(authz_denied),
+            policy_interfaces: super::authz::PolicyAttachments::new(policy_interfaces),
             logger,
-            _ebpf: ebpf,
-        })
+            pins: pins.clone(),
+            ebpf,
+        };
+        dataplane.rescan_policy_interfaces();
+        Ok(dataplane)
+    }
+
+    /// Attaches the authorization program to pod veths that appeared since the last call.
+    pub fn rescan_policy_interfaces(&mut self) {
+        let Some(program) = self.ebpf.program_mut(AUTHZ_PROGRAM) else {
+            return;
+        };
+        let Ok(program) = <&mut SchedClassifier>::try_from(program) else {
+            return;
+        };
+        self.policy_interfaces.rescan(program, &self.pins);
     }
 }
 
@@ -261,7 +309,11 @@ impl Dataplane {
 
 /// Pins `link` as `links/<name>`, detaching whatever was pinned there before — but only after
 /// the new link is attached, so the cgroup is never without a program.
-fn replace_link_pin(pins: &Pins, name: &str, link: FdLink) -> Result<(), DataplaneError> {
+pub(super) fn replace_link_pin(
+    pins: &Pins,
+    name: &str,
+    link: FdLink,
+) -> Result<(), DataplaneError> {
     let final_path = pins.links().join(name);
     // bpffs refuses names containing a dot.
     let staging = pins.links().join(format!("{name}_next"));

@@ -1,5 +1,6 @@
 //! The kernel side: BPF programs and maps (and, later, the L7 proxy).
 
+pub mod authz;
 pub mod bpf;
 pub mod egress;
 pub mod gateway;

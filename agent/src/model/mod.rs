@@ -1,10 +1,11 @@
-//! The typed configuration steerd acts on: Istio networking objects plus the Kubernetes objects
-//! that define services and their endpoints. Every source (files, Kubernetes) produces a
+//! The typed configuration steerd acts on: Istio networking and security objects plus the
+//! Kubernetes objects that define services and their endpoints. Every source (files, Kubernetes) produces a
 //! [`ConfigSet`]; the compiler consumes nothing else.
 
 pub mod duration;
 pub mod istio;
 pub mod secret;
+pub mod security;
 pub mod validate;
 
 use serde::Serialize;
@@ -69,6 +70,7 @@ pub enum Kind {
     Gateway,
     Sidecar,
     Secret,
+    AuthorizationPolicy,
 }
 
 impl Kind {
@@ -84,6 +86,7 @@ impl Kind {
             Kind::Gateway => "Gateway",
             Kind::Sidecar => "Sidecar",
             Kind::Secret => "Secret",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
 }
@@ -108,6 +111,7 @@ pub struct ConfigSet {
     pub sidecars: Vec<Resource<istio::Sidecar>>,
     /// Only what Gateway credentials need (see [`secret`]).
     pub secrets: Vec<Resource<secret::Secret>>,
+    pub authorization_policies: Vec<Resource<security::AuthorizationPolicy>>,
     /// What DNS said about the names `resolution: DNS`/`DNS_ROUND_ROBIN` ServiceEntries need,
     /// by name (lower case, no trailing dot; see [`crate::compile::registry::dns_names`]).
     /// Filled by the agent's resolver (`sources::dns`), not by manifests; a name missing here
@@ -141,6 +145,7 @@ pub enum Object {
     Gateway(Resource<istio::Gateway>),
     Sidecar(Resource<istio::Sidecar>),
     Secret(Resource<secret::Secret>),
+    AuthorizationPolicy(Resource<security::AuthorizationPolicy>),
 }
 
 impl ConfigSet {
@@ -156,6 +161,7 @@ impl ConfigSet {
             Object::Gateway(r) => self.gateways.push(r),
             Object::Sidecar(r) => self.sidecars.push(r),
             Object::Secret(r) => self.secrets.push(r),
+            Object::AuthorizationPolicy(r) => self.authorization_policies.push(r),
         }
     }
 
@@ -178,6 +184,7 @@ impl ConfigSet {
             gateways,
             sidecars,
             secrets,
+            authorization_policies,
             resolved,
         } = other;
         self.services.extend(services.iter().cloned());
@@ -193,6 +200,8 @@ impl ConfigSet {
         self.gateways.extend(gateways.iter().cloned());
         self.sidecars.extend(sidecars.iter().cloned());
         self.secrets.extend(secrets.iter().cloned());
+        self.authorization_policies
+            .extend(authorization_policies.iter().cloned());
         self.resolved
             .extend(resolved.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
@@ -209,6 +218,7 @@ impl ConfigSet {
             + self.gateways.len()
             + self.sidecars.len()
             + self.secrets.len()
+            + self.authorization_policies.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -233,6 +243,9 @@ pub struct ParseError {
 /// Istio's networking API group and the versions it serves with one schema.
 const ISTIO_NETWORKING_GROUP: &str = "networking.istio.io";
 const ISTIO_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
+/// Istio's security API group and the versions it serves with one schema.
+const ISTIO_SECURITY_GROUP: &str = "security.istio.io";
+const ISTIO_SECURITY_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
 
 /// Splits a multi-document YAML text into documents with their 1-based starting line.
 fn split_documents(text: &str) -> Vec<(usize, String)> {
@@ -369,6 +382,29 @@ pub fn parse_value(
         ("discovery.k8s.io", "EndpointSlice") if version == "v1" => {
             typed(value, "").map(|s| Object::EndpointSlice(resource(&meta, origin, s)))
         }
+        (ISTIO_SECURITY_GROUP, _) => {
+            if !ISTIO_SECURITY_VERSIONS.contains(&version) {
+                return Err(err(
+                    kind,
+                    &object,
+                    "apiVersion",
+                    format!("unsupported version {api_version:?} (served: v1, v1beta1)"),
+                ));
+            }
+            let spec = istio_spec(map);
+            match kind {
+                "AuthorizationPolicy" => typed(&spec, "spec")
+                    .map(|s| Object::AuthorizationPolicy(resource(&meta, origin, s))),
+                _ => {
+                    return Err(err(
+                        kind,
+                        &object,
+                        "kind",
+                        format!("{ISTIO_SECURITY_GROUP} kind {kind:?} is not supported yet"),
+                    ));
+                }
+            }
+        }
         (ISTIO_NETWORKING_GROUP, _) => {
             if !ISTIO_VERSIONS.contains(&version) {
                 return Err(err(
@@ -378,12 +414,7 @@ pub fn parse_value(
                     format!("unsupported version {api_version:?} (served: v1, v1beta1, v1alpha3)"),
                 ));
             }
-            let mut spec = map
-                .get("spec")
-                .cloned()
-                .unwrap_or(serde_json::Value::Object(Default::default()));
-            // The API server prunes null fields of CRDs (`hosts: ~` is as good as absent).
-            prune_nulls(&mut spec);
+            let spec = istio_spec(map);
             match kind {
                 "VirtualService" => {
                     typed(&spec, "spec").map(|s| Object::VirtualService(resource(&meta, origin, s)))
@@ -417,6 +448,17 @@ pub fn parse_value(
     parsed
         .map(|o| Some(vec![o]))
         .map_err(|(field, message)| err(kind, &object, &field, message))
+}
+
+/// The `spec` of an Istio object (`{}` when absent), with null fields pruned: the API server
+/// prunes them from CRDs, so `hosts: ~` is as good as absent.
+fn istio_spec(map: &serde_json::Map<String, serde_json::Value>) -> serde_json::Value {
+    let mut spec = map
+        .get("spec")
+        .cloned()
+        .unwrap_or(serde_json::Value::Object(Default::default()));
+    prune_nulls(&mut spec);
+    spec
 }
 
 /// Removes object fields whose value is null, at every depth (list items are kept).

@@ -1,4 +1,4 @@
-//! Validation of Istio networking objects: what Istio's admission webhook
+//! Validation of Istio networking and security objects: what Istio's admission webhook
 //! (`pkg/config/validation`) and the CRDs' OpenAPI/CEL rules reject, rejected the same way and
 //! with Istio's messages, each naming kind, `namespace/name` and the field path
 //! (`spec.http[0].route[1].weight`).
@@ -45,6 +45,12 @@ use crate::compile::{Diagnostic, Level};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+mod authz;
+pub use authz::{
+    DRY_RUN_ANNOTATION, annotation_is_true, parse_prefix, validate_authorization_policy,
+    validate_ip,
+};
+
 /// Validates every Istio networking object of the configuration.
 pub fn validate(config: &ConfigSet) -> Vec<Diagnostic> {
     let mut out = Vec::new();
@@ -65,6 +71,9 @@ pub fn validate(config: &ConfigSet) -> Vec<Diagnostic> {
     }
     for r in &config.sidecars {
         out.extend(validate_sidecar(r));
+    }
+    for r in &config.authorization_policies {
+        out.extend(validate_authorization_policy(r));
     }
     out
 }
@@ -1140,16 +1149,23 @@ fn validate_http_status(status: i64) -> Result<(), String> {
 // ------------------------------------------------------------------------------------------------
 
 fn validate_metadata<T>(report: &mut Report, r: &Resource<T>) {
-    let annotations = &r.meta.annotations;
-    if annotations.contains_key("istio.io/dry-run") {
+    if r.meta.annotations.contains_key(authz::DRY_RUN_ANNOTATION) {
         report.error(
             "metadata.annotations",
             format!(
-                "{} has unsupported annotation istio.io/dry-run, please remove the annotation",
-                r.meta.key()
+                "{} has unsupported annotation {}, please remove the annotation",
+                r.meta.key(),
+                authz::DRY_RUN_ANNOTATION
             ),
         );
     }
+    validate_metadata_except_dry_run(report, r);
+}
+
+/// The metadata rules of every kind but the dry-run annotation, which only AuthorizationPolicies
+/// may carry (checked in [`authz`]).
+fn validate_metadata_except_dry_run<T>(report: &mut Report, r: &Resource<T>) {
+    let annotations = &r.meta.annotations;
     if annotations.contains_key("internal.istio.io/webhook-always-reject") {
         report.error(
             "metadata.annotations",

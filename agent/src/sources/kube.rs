@@ -2,7 +2,7 @@
 //! [`Snapshot`] whenever what it serves changes.
 //!
 //! - Services and Pods (core/v1), EndpointSlices (`discovery.k8s.io/v1`, else `v1beta1`, else
-//!   core `Endpoints`) and the `networking.istio.io` kinds the model knows, each in the best
+//!   core `Endpoints`) and the `networking.istio.io` and `security.istio.io` kinds the model knows, each in the best
 //!   version the server serves (found by API discovery, v1 first). Every object is watched as a
 //!   [`DynamicObject`], turned into the JSON a manifest would hold and parsed with
 //!   [`parse_value`]: the same typed model, and the same error messages, as `files:`.
@@ -51,14 +51,21 @@ const EVENT_NOTE_MAX: usize = 1024;
 const ISTIO_GROUP: &str = "networking.istio.io";
 /// Preferred first: v1 is what current Istio stores and documents.
 const ISTIO_VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha3"];
-/// The Istio kinds the model parses.
-const ISTIO_KINDS: [&str; 6] = [
-    "VirtualService",
-    "DestinationRule",
-    "ServiceEntry",
-    "Gateway",
-    "WorkloadEntry",
-    "Sidecar",
+const ISTIO_SECURITY_GROUP: &str = "security.istio.io";
+const ISTIO_SECURITY_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
+/// The Istio kinds the model parses, with their group and served versions (preferred first).
+const ISTIO_KINDS: [(&str, &[&str], &str); 7] = [
+    (ISTIO_GROUP, &ISTIO_VERSIONS, "VirtualService"),
+    (ISTIO_GROUP, &ISTIO_VERSIONS, "DestinationRule"),
+    (ISTIO_GROUP, &ISTIO_VERSIONS, "ServiceEntry"),
+    (ISTIO_GROUP, &ISTIO_VERSIONS, "Gateway"),
+    (ISTIO_GROUP, &ISTIO_VERSIONS, "WorkloadEntry"),
+    (ISTIO_GROUP, &ISTIO_VERSIONS, "Sidecar"),
+    (
+        ISTIO_SECURITY_GROUP,
+        &ISTIO_SECURITY_VERSIONS,
+        "AuthorizationPolicy",
+    ),
 ];
 const DISCOVERY_GROUP: &str = "discovery.k8s.io";
 
@@ -140,11 +147,8 @@ fn select_targets(
         },
     );
     let mut missing = Vec::new();
-    for kind in ISTIO_KINDS {
-        match ISTIO_VERSIONS
-            .iter()
-            .find_map(|v| find(ISTIO_GROUP, v, kind))
-        {
+    for (group, versions, kind) in ISTIO_KINDS {
+        match versions.iter().find_map(|v| find(group, v, kind)) {
             Some(ar) => targets.push(Target::native(ar)),
             None => missing.push(kind),
         }
@@ -157,7 +161,7 @@ async fn discover(
     client: &Client,
 ) -> Result<HashMap<String, Vec<(String, Vec<ApiResource>)>>, kube::Error> {
     let discovery = Discovery::new(client.clone())
-        .filter(&[DISCOVERY_GROUP, ISTIO_GROUP])
+        .filter(&[DISCOVERY_GROUP, ISTIO_GROUP, ISTIO_SECURITY_GROUP])
         .run()
         .await?;
     Ok(discovery
@@ -512,7 +516,7 @@ impl KubeSource {
         };
         let (targets, mut missing) = select_targets(&served);
         if !missing.is_empty() {
-            warn!(kinds = ?missing, group = ISTIO_GROUP, "not served by the API server (Istio CRDs not installed?); looking again every {}s", REDISCOVERY.as_secs());
+            warn!(kinds = ?missing, "not served by the API server (Istio CRDs not installed?); looking again every {}s", REDISCOVERY.as_secs());
         }
         let mut states = Vec::new();
         let mut streams: SelectAll<EventStream> = SelectAll::new();
@@ -679,15 +683,31 @@ mod tests {
     }
 
     fn istio(versions: &[&str], kinds: &[&str]) -> Vec<(String, Vec<ApiResource>)> {
+        istio_group(ISTIO_GROUP, versions, kinds)
+    }
+
+    fn istio_group(
+        group: &str,
+        versions: &[&str],
+        kinds: &[&str],
+    ) -> Vec<(String, Vec<ApiResource>)> {
         versions
             .iter()
             .map(|v| {
                 let ars = kinds
                     .iter()
-                    .map(|k| ar(ISTIO_GROUP, v, k, &format!("{}s", k.to_lowercase())))
+                    .map(|k| ar(group, v, k, &format!("{}s", k.to_lowercase())))
                     .collect();
                 (v.to_string(), ars)
             })
+            .collect()
+    }
+
+    fn networking_kinds() -> Vec<&'static str> {
+        ISTIO_KINDS
+            .iter()
+            .filter(|(g, _, _)| *g == ISTIO_GROUP)
+            .map(|(_, _, k)| *k)
             .collect()
     }
 
@@ -714,7 +734,15 @@ mod tests {
             (DISCOVERY_GROUP.to_string(), slices(&["v1", "v1beta1"])),
             (
                 ISTIO_GROUP.to_string(),
-                istio(&["v1", "v1beta1", "v1alpha3"], &ISTIO_KINDS),
+                istio(&["v1", "v1beta1", "v1alpha3"], &networking_kinds()),
+            ),
+            (
+                ISTIO_SECURITY_GROUP.to_string(),
+                istio_group(
+                    ISTIO_SECURITY_GROUP,
+                    &["v1", "v1beta1"],
+                    &["AuthorizationPolicy", "PeerAuthentication"],
+                ),
             ),
         ]);
         let (targets, missing) = select_targets(&served);
@@ -731,6 +759,7 @@ mod tests {
                 "networking.istio.io/v1 Gateway Native",
                 "networking.istio.io/v1 WorkloadEntry Native",
                 "networking.istio.io/v1 Sidecar Native",
+                "security.istio.io/v1 AuthorizationPolicy Native",
             ]
         );
 
@@ -751,7 +780,7 @@ mod tests {
             ),
         ]);
         let (targets, missing) = select_targets(&served);
-        assert_eq!(missing, ["WorkloadEntry", "Sidecar"]);
+        assert_eq!(missing, ["WorkloadEntry", "Sidecar", "AuthorizationPolicy"]);
         let described = describe(&targets);
         assert_eq!(
             described[2],
@@ -765,7 +794,10 @@ mod tests {
         // Nothing but the core group.
         let (targets, missing) = select_targets(&HashMap::new());
         assert_eq!(describe(&targets)[2], "v1 Endpoints CoreEndpoints");
-        assert_eq!(missing, ISTIO_KINDS);
+        assert_eq!(
+            missing,
+            ISTIO_KINDS.iter().map(|(_, _, k)| *k).collect::<Vec<_>>()
+        );
     }
 
     fn dynamic(target: &Target, ns: &str, name: &str, rv: &str, data: Value) -> DynamicObject {

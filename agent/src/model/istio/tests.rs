@@ -279,12 +279,13 @@ fn fields_outside_schema(schema: &Value, value: &Value, path: &str, out: &mut Ve
 fn every_crd_schema_field_parses() {
     let text = std::fs::read_to_string(shared("crds/crd-all.gen.yaml")).unwrap();
     let kinds = [
-        "VirtualService",
-        "DestinationRule",
-        "ServiceEntry",
-        "Gateway",
-        "WorkloadEntry",
-        "Sidecar",
+        ("networking.istio.io", "VirtualService"),
+        ("networking.istio.io", "DestinationRule"),
+        ("networking.istio.io", "ServiceEntry"),
+        ("networking.istio.io", "Gateway"),
+        ("networking.istio.io", "WorkloadEntry"),
+        ("networking.istio.io", "Sidecar"),
+        ("security.istio.io", "AuthorizationPolicy"),
     ];
     let mut seen = Vec::new();
     let mut checked = 0;
@@ -292,7 +293,8 @@ fn every_crd_schema_field_parses() {
     for doc in serde_yaml::Deserializer::from_str(&text) {
         let crd: Value = serde::Deserialize::deserialize(doc).unwrap();
         let kind = crd["spec"]["names"]["kind"].as_str().unwrap_or_default();
-        if crd["spec"]["group"] != "networking.istio.io" || !kinds.contains(&kind) {
+        let group = crd["spec"]["group"].as_str().unwrap_or_default();
+        if !kinds.contains(&(group, kind)) {
             continue;
         }
         for version in crd["spec"]["versions"].as_array().unwrap() {
@@ -305,7 +307,7 @@ fn every_crd_schema_field_parses() {
             for steps in paths {
                 let spec = build(schema, &steps);
                 let object = json!({
-                    "apiVersion": format!("networking.istio.io/{name}"),
+                    "apiVersion": format!("{group}/{name}"),
                     "kind": kind,
                     "metadata": {"name": "x", "namespace": "n"},
                     "spec": spec,
@@ -322,6 +324,7 @@ fn every_crd_schema_field_parses() {
                             Object::Gateway(r) => serde_json::to_value(&r.spec),
                             Object::WorkloadEntry(r) => serde_json::to_value(&r.spec),
                             Object::Sidecar(r) => serde_json::to_value(&r.spec),
+                            Object::AuthorizationPolicy(r) => serde_json::to_value(&r.spec),
                             o => panic!("{o:?}"),
                         }
                         .unwrap();
@@ -333,7 +336,7 @@ fn every_crd_schema_field_parses() {
         }
     }
     seen.sort();
-    assert_eq!(seen.len(), 18, "{seen:?}");
+    assert_eq!(seen.len(), 20, "{seen:?}");
     assert!(checked > 1500, "{checked}");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
