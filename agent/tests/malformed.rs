@@ -200,9 +200,13 @@ fn unknown_kinds_and_versions() {
         "apiVersion: v1\nkind: List\nitems:\n- apiVersion: networking.istio.io/v1\n  kind: Telemetry\n  metadata: {name: t}\n",
     );
     assert_eq!(e.kind, "Telemetry");
+    // Security kinds other than AuthorizationPolicy too.
+    let e = one_error(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: a}\n",
+    );
+    assert!(e.message.contains("not supported"), "{e}");
     // Other groups' kinds and documents without a kind are skipped without an error.
     for text in [
-        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: a}\n",
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: 5\n",
         "apiVersion: example.com/v1\nkind: Service\nmetadata: {name: s}\n",
         "metadata: {name: nameless}\n",

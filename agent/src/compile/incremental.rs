@@ -1108,7 +1108,8 @@ mod tests {
                     0 => format!(
                         "{{selector: {{matchLabels: {{app: s{n}}}}}, action: DENY, rules: [{{from: [{{source: {{ipBlocks: [10.1.0.{n}/32]}}}}], to: [{{operation: {{ports: [\"8080\"]}}}}]}}]}}"
                     ),
-                    1 => "{action: ALLOW, rules: [{from: [{source: {namespaces: [a]}}]}]}".to_string(),
+                    1 => "{action: ALLOW, rules: [{from: [{source: {namespaces: [a]}}]}]}"
+                        .to_string(),
                     _ => format!("{{selector: {{matchLabels: {{app: s{n}}}}}}}"),
                 };
                 format!(
