@@ -210,11 +210,7 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
             authority: &authority,
             path: &path,
             query: &query,
-            headers: q
-                .headers
-                .iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-                .collect(),
+            headers: std::borrow::Cow::Owned(header_map(&q.headers)),
             port: port.port,
             source_labels: (!q.source_labels.is_empty()).then_some(&q.source_labels),
             source_namespace: None,
@@ -453,6 +449,21 @@ pub fn render_text(e: &Explanation) -> String {
         line(&mut s, format!("Note: {d}"));
     }
     s
+}
+
+/// The request headers `--header` gives, as the proxy would receive them (a name or value no
+/// client could send is left out, as the proxy never sees one).
+fn header_map(headers: &[(String, String)]) -> ::http::HeaderMap {
+    let mut map = ::http::HeaderMap::new();
+    for (name, value) in headers {
+        if let (Ok(name), Ok(value)) = (
+            ::http::HeaderName::from_bytes(name.as_bytes()),
+            ::http::HeaderValue::from_str(value),
+        ) {
+            map.append(name, value);
+        }
+    }
+    map
 }
 
 #[cfg(test)]
