@@ -1317,7 +1317,7 @@ fn measure(options: &Options, bins: &Binaries, tools: &Tools, cpus: &Cpus) -> Re
     let unsteered = TestCgroup::new();
     let bpffs = BpffsDir::new();
 
-    // steerd: the agent, pinned to the proxy CPU (both of its runtime's worker threads).
+    // steerd: the agent, pinned to the proxy CPU (its runtime then starts one worker thread).
     let steerd_cgroup = TestCgroup::new();
     let admin = admin_addr().to_string();
     let source = format!("files:{}", manifests.as_str());
@@ -1925,8 +1925,8 @@ fn section(results: &Results, options: &Options, ctx: &ReportContext) -> String 
     let _ = writeln!(
         w,
         "- **Core budget.** Each proxy is confined to CPU {} (`taskset -c`): nginx's master and \
-         worker, all of Envoy's threads, and the whole steerd agent, whose tokio runtime has 2 \
-         worker threads time-sharing that one core. wrk (`-t1 -c{}`) runs on CPU {}; the backend \
+         worker, all of Envoy's threads, and the whole steerd agent, whose tokio runtime sizes \
+         itself to the CPUs it may use (one worker thread here). wrk (`-t1 -c{}`) runs on CPU {}; the backend \
          threads on {}. Only one proxy carries load at a time (the others idle).{}",
         ctx.cpus.proxy,
         options.connections,
