@@ -142,6 +142,52 @@ impl LabelIndex {
     }
 }
 
+/// One request's `istio_requests_total` and `istio_request_duration_milliseconds` series.
+#[derive(Clone, Debug)]
+pub struct RequestSeries {
+    pub requests: Counter,
+    pub duration: Histogram,
+}
+
+/// What tells one request's series from another's: the labels that vary, borrowed from the
+/// request (the cache is probed without building label strings).
+#[derive(Debug, Hash)]
+pub struct RequestKey<'a> {
+    pub source: Option<&'a Workload>,
+    pub service: &'a str,
+    pub destination: Option<&'a Workload>,
+    pub response_code: u16,
+    pub response_flags: &'a str,
+}
+
+/// [`RequestKey`], owned. Its derived `Hash` hashes the same values in the same order, so the
+/// two hash alike (`Option<&T>` as `Option<T>`, `&str` as `String`).
+#[derive(Debug, Hash, PartialEq, Eq)]
+struct OwnedRequestKey {
+    source: Option<Workload>,
+    service: String,
+    destination: Option<Workload>,
+    response_code: u16,
+    response_flags: String,
+}
+
+impl hashbrown::Equivalent<OwnedRequestKey> for RequestKey<'_> {
+    fn equivalent(&self, key: &OwnedRequestKey) -> bool {
+        self.response_code == key.response_code
+            && self.response_flags == key.response_flags
+            && self.service == key.service
+            && self.source == key.source.as_ref()
+            && self.destination == key.destination.as_ref()
+    }
+}
+
+/// The request series resolved so far. Families are looked up once per label set (building 19
+/// label strings and hashing them); after that a request costs one hash of the borrowed key.
+#[derive(Debug, Default)]
+struct RequestSeriesCache {
+    series: RwLock<hashbrown::HashMap<OwnedRequestKey, RequestSeries>>,
+}
+
 /// A counter family derived from the kernel's per-backend stats: name, help, value.
 type CounterFamily = (&'static str, &'static str, fn(&BackendStats) -> u64);
 
@@ -270,6 +316,7 @@ pub struct Metrics {
     pub map_write_errors: Counter,
     pub requests: Family<IstioLabels, Counter>,
     pub request_duration: Family<IstioLabels, Histogram>,
+    request_series: RequestSeriesCache,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -361,7 +408,44 @@ impl Metrics {
             map_write_errors,
             requests,
             request_duration,
+            request_series: RequestSeriesCache::default(),
         }
+    }
+
+    /// The series of a request with these labels.
+    pub fn request_series(&self, key: &RequestKey<'_>) -> RequestSeries {
+        if let Some(series) = self
+            .request_series
+            .series
+            .read()
+            .expect("request series lock")
+            .get(key)
+        {
+            return series.clone();
+        }
+        let service = ServiceLabels::from_host(key.service);
+        let mut labels = IstioLabels::new(key.source, &service, key.destination, "http");
+        labels.response_code = key.response_code.to_string();
+        labels.response_flags = key.response_flags.to_string();
+        let series = RequestSeries {
+            requests: self.requests.get_or_create(&labels).clone(),
+            duration: self.request_duration.get_or_create(&labels).clone(),
+        };
+        self.request_series
+            .series
+            .write()
+            .expect("request series lock")
+            .insert(
+                OwnedRequestKey {
+                    source: key.source.cloned(),
+                    service: key.service.to_owned(),
+                    destination: key.destination.cloned(),
+                    response_code: key.response_code,
+                    response_flags: key.response_flags.to_owned(),
+                },
+                series.clone(),
+            );
+        series
     }
 
     /// Hands the kernel's counter map to the scraper.
@@ -442,6 +526,48 @@ mod tests {
         );
         assert!(
             text.contains("# TYPE istio_tcp_connections_opened counter"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn request_series_are_resolved_once_per_label_set() {
+        let m = Metrics::new();
+        let source = Workload {
+            name: "productpage-v1".into(),
+            namespace: "shop".into(),
+            app: "productpage".into(),
+            version: "v1".into(),
+        };
+        let dest = Workload {
+            name: "reviews-v2".into(),
+            namespace: "shop".into(),
+            app: "reviews".into(),
+            version: "v2".into(),
+        };
+        let key = |code| RequestKey {
+            source: Some(&source),
+            service: "reviews.shop.svc.cluster.local",
+            destination: Some(&dest),
+            response_code: code,
+            response_flags: "-",
+        };
+        m.request_series(&key(200)).requests.inc();
+        // The borrowed key finds the owned entry: both hash alike.
+        let cache = m.request_series.series.read().unwrap();
+        assert!(cache.get(&key(200)).is_some());
+        assert!(cache.get(&key(503)).is_none());
+        drop(cache);
+        m.request_series(&key(200)).requests.inc();
+        m.request_series(&key(503)).requests.inc();
+        assert_eq!(m.request_series.series.read().unwrap().len(), 2);
+        let text = m.encode();
+        assert!(
+            text.contains("response_code=\"200\",response_flags=\"-\",connection_security_policy=\"unknown\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("source_workload=\"productpage-v1\""),
             "{text}"
         );
     }

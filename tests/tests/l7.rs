@@ -668,6 +668,50 @@ fn header_edits_redirect_direct_response_and_http2_upstream() {
 }
 
 #[test]
+fn max_requests_per_connection_closes_upstream_connections() {
+    // Subset v1 allows 2 requests per upstream connection; v2 keeps the default (no limit).
+    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n  subsets:\n  - name: v1\n    labels: {version: v1}\n    trafficPolicy:\n      connectionPool:\n        http: {maxRequestsPerConnection: 2}\n  - {name: v2, labels: {version: v2}}\n";
+    let http = "  - match: [{headers: {x-subset: {exact: v2}}}]\n    route: [{destination: {host: reviews, subset: v2}}]\n  - route: [{destination: {host: reviews, subset: v1}}]\n";
+    let m = Mesh::start(&[("dr.yaml", dr), ("vs.yaml", &virtual_service(http))]);
+    let upstream_connections = |servers: &[HttpIdentityServer]| -> u64 {
+        servers.iter().map(HttpIdentityServer::connections).sum()
+    };
+    // Sequential requests on one client connection: each finishes before the next starts, so
+    // a pooled connection is free for every next request to the same endpoint. v1 has two
+    // endpoints (its pod's IPv4 and IPv6 addresses), each with a pool of its own.
+    let v1 = &m.servers[0..2];
+    let before: Vec<(u64, u64)> = v1.iter().map(|s| (s.requests(), s.connections())).collect();
+    let r = m.http(&["--url", &url("/"), "--count", "20", "--keepalive"]);
+    assert_eq!(r.count("reviews-v1"), 20, "{r:?}\n{}", m.agent.log());
+    for (server, (requests, connections)) in v1.iter().zip(before) {
+        let requests = server.requests() - requests;
+        let connections = server.connections() - connections;
+        assert_eq!(
+            connections,
+            requests.div_ceil(2),
+            "{}: {requests} requests at most 2 per connection",
+            server.addr()
+        );
+    }
+    let v2_before = upstream_connections(&m.servers[2..4]);
+    let r = m.http(&[
+        "--url",
+        &url("/"),
+        "--count",
+        "20",
+        "--keepalive",
+        "--header",
+        "x-subset:v2",
+    ]);
+    assert_eq!(r.count("reviews-v2"), 20, "{r:?}\n{}", m.agent.log());
+    let v2_connections = upstream_connections(&m.servers[2..4]) - v2_before;
+    assert!(
+        (1..=2).contains(&v2_connections),
+        "without a limit the pool reuses one connection per endpoint: {v2_connections}"
+    );
+}
+
+#[test]
 fn destination_rule_connect_timeout_bounds_a_silent_backend() {
     let dr = format!(
         "{REVIEWS_DR}  trafficPolicy:\n    connectionPool:\n      tcp: {{connectTimeout: 250ms}}\n"

@@ -252,11 +252,7 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
             authority: &authority,
             path: &path,
             query: &query,
-            headers: q
-                .headers
-                .iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-                .collect(),
+            headers: std::borrow::Cow::Owned(header_map(&q.headers)),
             port: port.port,
             source_labels: (!source_labels.is_empty()).then_some(&source_labels),
             source_namespace: source_namespace.as_deref(),
@@ -346,7 +342,13 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
                     .unwrap_or_else(|| authority.clone());
                 if let RouteAction::Forward(dests) = &rule.action {
                     for d in dests {
-                        let mut headers = view.headers.clone();
+                        let mut headers: Vec<(String, String)> = view
+                            .headers
+                            .iter()
+                            .filter_map(|(k, v)| {
+                                Some((k.as_str().to_string(), v.to_str().ok()?.to_string()))
+                            })
+                            .collect();
                         for ops in [&rule.headers_request, &d.headers_request] {
                             headers.retain(|(k, _)| {
                                 !ops.remove.iter().any(|r| r.eq_ignore_ascii_case(k))
@@ -611,6 +613,21 @@ pub fn render_text(e: &Explanation) -> String {
         line(&mut s, format!("Note: {d}"));
     }
     s
+}
+
+/// The request headers `--header` gives, as the proxy would receive them (a name or value no
+/// client could send is left out, as the proxy never sees one).
+pub(crate) fn header_map(headers: &[(String, String)]) -> ::http::HeaderMap {
+    let mut map = ::http::HeaderMap::new();
+    for (name, value) in headers {
+        if let (Ok(name), Ok(value)) = (
+            ::http::HeaderName::from_bytes(name.as_bytes()),
+            ::http::HeaderValue::from_str(value),
+        ) {
+            map.append(name, value);
+        }
+    }
+    map
 }
 
 #[cfg(test)]

@@ -8,8 +8,11 @@
 //! no `match` matches everything. A request no rule matches gets a 404 (Envoy's "route not
 //! found"), except that a service without a VirtualService has one implicit catch-all rule.
 
+use http::HeaderMap;
+use http::header::COOKIE;
 use regex::Regex;
 use serde::Serialize;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -84,6 +87,9 @@ pub struct RequestMatch {
 }
 
 /// What the evaluator needs to know about a request.
+///
+/// The proxy builds one per request over the request's own `HeaderMap` (borrowed: route
+/// evaluation copies no header); `steerd explain` builds its map from `--header` arguments.
 #[derive(Debug, Clone, Default)]
 pub struct RequestView<'a> {
     pub method: &'a str,
@@ -94,8 +100,8 @@ pub struct RequestView<'a> {
     pub path: &'a str,
     /// Raw query string, without `?`.
     pub query: &'a str,
-    /// Lower-case name → value (repeated headers joined with ",").
-    pub headers: Vec<(String, String)>,
+    /// The request's headers (names are case-insensitive).
+    pub headers: Cow<'a, HeaderMap>,
     /// The service port the client dialled.
     pub port: u16,
     pub source_labels: Option<&'a BTreeMap<String, String>>,
@@ -105,46 +111,62 @@ pub struct RequestView<'a> {
 }
 
 impl RequestView<'_> {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+    /// A header's value as Envoy's header matchers see it: repeated headers joined with `,`;
+    /// `None` when absent or not valid text.
+    fn header(&self, name: &str) -> Option<Cow<'_, str>> {
+        let mut values = self.headers.get_all(name).iter();
+        let first = values.next()?.to_str().ok()?;
+        match values.next() {
+            None => Some(Cow::Borrowed(first)),
+            Some(second) => {
+                let mut joined = format!("{first},{}", second.to_str().ok()?);
+                for v in values {
+                    joined.push(',');
+                    joined.push_str(v.to_str().ok()?);
+                }
+                Some(Cow::Owned(joined))
+            }
+        }
     }
 
     /// A header's value for a `headers`/`withoutHeaders` condition: Envoy matches the
     /// `:authority` (also as `host`), `:method` and `:path` pseudo-headers by these names too.
-    fn header_for_match(&self, name: &str) -> Option<&str> {
+    fn header_for_match(&self, name: &str) -> Option<Cow<'_, str>> {
         match name {
-            ":authority" | "host" => Some(self.authority),
-            ":method" => Some(self.method),
-            ":path" => Some(self.path),
+            ":authority" | "host" => Some(Cow::Borrowed(self.authority)),
+            ":method" => Some(Cow::Borrowed(self.method)),
+            ":path" => Some(Cow::Borrowed(self.path)),
             _ => self.header(name),
         }
     }
 
     /// A header's value by (case-insensitive) name.
-    pub fn header_value(&self, name: &str) -> Option<&str> {
-        self.header(&name.to_ascii_lowercase())
+    pub fn header_value(&self, name: &str) -> Option<Cow<'_, str>> {
+        self.header(name)
     }
 
-    /// A cookie's value from the `cookie` header.
+    /// A cookie's value from the `cookie` header(s) (HTTP/2 clients may send one per cookie).
     pub fn cookie(&self, name: &str) -> Option<&str> {
-        self.header("cookie")?.split(';').find_map(|c| {
-            let (k, v) = c.trim().split_once('=')?;
-            (k == name).then_some(v)
-        })
+        self.headers
+            .get_all(COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|c| {
+                let (k, v) = c.trim().split_once('=')?;
+                (k == name).then_some(v)
+            })
     }
 
     /// A query parameter's value.
-    pub fn query_value(&self, name: &str) -> Option<String> {
+    pub fn query_value(&self, name: &str) -> Option<&str> {
         self.query_param(name)
     }
 
-    fn query_param(&self, name: &str) -> Option<String> {
+    fn query_param(&self, name: &str) -> Option<&str> {
         self.query.split('&').find_map(|kv| {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (k == name).then(|| v.to_string())
+            (k == name).then_some(v)
         })
     }
 }
@@ -160,16 +182,16 @@ impl RequestMatch {
             && self.port.is_none_or(|p| p == req.port)
             && self.headers.iter().all(|(name, m)| {
                 req.header_for_match(name)
-                    .is_some_and(|v| m.matches(v, false))
+                    .is_some_and(|v| m.matches(&v, false))
             })
             && self.without_headers.iter().all(|(name, m)| {
                 req.header_for_match(name)
-                    .is_none_or(|v| !m.matches(v, false))
+                    .is_none_or(|v| !m.matches(&v, false))
             })
             && self
                 .query_params
                 .iter()
-                .all(|(name, m)| req.query_param(name).is_some_and(|v| m.matches(&v, false)))
+                .all(|(name, m)| req.query_param(name).is_some_and(|v| m.matches(v, false)))
             && (self.source_labels.is_empty()
                 || req
                     .source_labels
@@ -526,14 +548,22 @@ mod tests {
             authority: "reviews:9080",
             path,
             query: "",
-            headers: headers
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            headers: Cow::Owned(header_map(headers)),
             port: 9080,
             gateway: "mesh",
             ..Default::default()
         }
+    }
+
+    fn header_map(headers: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        map
     }
 
     fn cohort_routes() -> HttpRoutes {
@@ -672,7 +702,10 @@ mod tests {
         r.source_labels = Some(&labels);
         assert!(m.matches(&r));
         let mut with_debug = r.clone();
-        with_debug.headers.push(("x-debug".into(), "1".into()));
+        with_debug
+            .headers
+            .to_mut()
+            .insert("x-debug", "1".parse().unwrap());
         assert!(!m.matches(&with_debug));
         let mut other_port = r.clone();
         other_port.port = 9081;
@@ -708,6 +741,31 @@ mod tests {
             ..Default::default()
         };
         assert!(!m.matches(&req("/", &[])));
+    }
+
+    #[test]
+    fn repeated_headers_are_joined_and_names_are_case_insensitive() {
+        let m = RequestMatch {
+            headers: vec![("x-tag".into(), StrMatch::Exact("a,b".into()))],
+            ..Default::default()
+        };
+        assert!(m.matches(&req("/", &[("X-Tag", "a"), ("x-tag", "b")])));
+        assert!(!m.matches(&req("/", &[("x-tag", "a")])));
+        let r = req(
+            "/",
+            &[
+                ("cookie", "a=1; user=jason"),
+                ("cookie", "b=2"),
+                ("X-User", "mike"),
+            ],
+        );
+        assert_eq!(r.cookie("user"), Some("jason"));
+        assert_eq!(
+            r.cookie("b"),
+            Some("2"),
+            "a second cookie header is read too"
+        );
+        assert_eq!(r.header_value("x-USER").as_deref(), Some("mike"));
     }
 
     #[test]

@@ -121,11 +121,13 @@ impl Req {
             authority: &self.authority,
             path: &self.path,
             query: &self.query,
-            headers: self
-                .headers
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            headers: std::borrow::Cow::Owned(super::explain::header_map(
+                &self
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<Vec<_>>(),
+            )),
             port: self.port,
             source_labels: self.source_labels.as_ref(),
             source_namespace: None,

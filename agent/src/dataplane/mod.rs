@@ -6,6 +6,7 @@ pub mod egress;
 pub mod gateway;
 pub mod kernel;
 pub mod maps;
+pub mod pool;
 pub mod proxy;
 pub mod upstream;
 

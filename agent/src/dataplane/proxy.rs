@@ -12,27 +12,30 @@ use crate::compile::http::{
     self, Cluster, ClusterPolicy, HashKey, HeaderOps, HttpRoutes, LoadBalancer, Redirect,
     RequestView, RetryPolicy, RouteAction,
 };
+use crate::compile::registry::Workload;
 use crate::compile::{Plan, Source, VipKey};
 use crate::dataplane::kernel;
+use crate::dataplane::pool::{PoolSettings, UpstreamError};
 use crate::dataplane::upstream::{ClusterState, Clusters, HashInput, Outcome};
-use crate::metrics::{IstioLabels, Metrics, ServiceLabels};
+use crate::metrics::{Metrics, RequestKey};
 use crate::model::istio::MESH_GATEWAY;
 use crate::model::security::Action;
+use arc_swap::ArcSwap;
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use bytes::Bytes;
+use hashbrown::HashMap;
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
-use hyper::{Request, Response, StatusCode, Uri};
-use hyper_util::client::legacy::Client;
+use hyper::header::{HOST, HeaderValue};
+use hyper::http::uri::PathAndQuery;
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use std::collections::HashMap;
+use std::borrow::Cow;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
-use std::sync::{Arc, Mutex, RwLock};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
-use steerd_common::{ClientKey, PROXY_SOCKET_MARK, RevNatValue};
+use steerd_common::{ClientKey, RevNatValue};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
@@ -44,14 +47,8 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an idle upstream connection is kept when no DestinationRule sets `idleTimeout`
 /// (Envoy's default is 1 h; a node agent keeps fewer sockets open).
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// What distinguishes one upstream pool from another.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct ClientKind {
-    http2: bool,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
-}
+/// How often idle upstream connections past their idle timeout are closed.
+const IDLE_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -99,50 +96,23 @@ impl ProxyTable {
             .collect();
         Self {
             services,
-            sources: plan.sources.clone(),
+            sources: plan
+                .sources
+                .iter()
+                .map(|(ip, s)| (*ip, s.clone()))
+                .collect(),
             authz: plan.authz.clone(),
         }
     }
 }
 
-/// Opens upstream TCP connections with the proxy's socket mark.
-#[derive(Clone)]
-pub struct MarkedConnector {
-    connect_timeout: Duration,
-}
-
-impl tower_service::Service<Uri> for MarkedConnector {
-    type Response = TokioIo<TcpStream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let timeout = self.connect_timeout;
-        Box::pin(async move {
-            let addr: SocketAddr = uri
-                .authority()
-                .and_then(|a| a.as_str().parse().ok())
-                .ok_or_else(|| std::io::Error::other(format!("upstream {uri} is not ip:port")))?;
-            let socket = socket2::Socket::new(
-                socket2::Domain::for_address(addr),
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )?;
-            socket.set_mark(PROXY_SOCKET_MARK)?;
-            socket.set_tcp_nodelay(true)?;
-            socket.set_nonblocking(true)?;
-            let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
-            let stream = tokio::time::timeout(timeout, socket.connect(addr))
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")
-                })??;
-            Ok(TokioIo::new(stream))
-        })
+/// The upstream connection settings of a cluster's DestinationRule.
+fn pool_settings(policy: &ClusterPolicy) -> PoolSettings {
+    PoolSettings {
+        http2: policy.http2,
+        connect_timeout: policy.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        idle_timeout: policy.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT),
+        max_requests_per_connection: policy.max_requests_per_connection,
     }
 }
 
@@ -156,34 +126,42 @@ const MAX_MIRRORS_IN_FLIGHT: usize = 256;
 
 /// The proxy: shared state of the listeners and request handlers.
 pub struct Proxy {
-    table: RwLock<Arc<ProxyTable>>,
+    /// Read by every request without a lock; replaced whole by each plan.
+    table: ArcSwap<ProxyTable>,
     /// The kernel's record of which VIP each redirected client dialled.
     connections: Mutex<BpfHashMap<MapData, ClientKey, RevNatValue>>,
-    /// Upstream connection pools, one per (protocol, connect timeout, idle timeout): clusters
-    /// with the same DestinationRule connection settings share one.
-    clients: Mutex<HashMap<ClientKind, Client<MarkedConnector, ProxyBody>>>,
+    /// Per-cluster state, including each endpoint's upstream connections.
     clusters: Clusters,
     mirrors: Arc<tokio::sync::Semaphore>,
     metrics: Arc<Metrics>,
+    idle_sweeper: Once,
 }
 
 /// What became of a request, for telemetry.
-struct Served {
+struct Served<'a> {
     response: Response<ProxyBody>,
-    /// The endpoint that answered, if any.
-    endpoint: Option<SocketAddr>,
+    /// The workload of the endpoint that answered, if any.
+    destination: Option<&'a Workload>,
     /// Envoy's response flags (`-`, `NR`, `UO`, `UT`, `UF`, `FI`, `DI`, ...).
     flags: &'static str,
 }
 
-impl Served {
+impl Served<'_> {
     fn local(status: StatusCode, body: &'static str, flags: &'static str) -> Self {
         Self {
             response: local_reply(status, body),
-            endpoint: None,
+            destination: None,
             flags,
         }
     }
+}
+
+/// The request headers the upstream request carries (edited), and whether they are still
+/// needed for another attempt or a mirror copy.
+struct UpstreamHead {
+    method: hyper::Method,
+    path_and_query: PathAndQuery,
+    headers: hyper::HeaderMap,
 }
 
 impl Proxy {
@@ -192,51 +170,43 @@ impl Proxy {
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
-            table: RwLock::new(Arc::new(ProxyTable::default())),
+            table: ArcSwap::from_pointee(ProxyTable::default()),
             connections: Mutex::new(connections),
-            clients: Mutex::new(HashMap::new()),
             clusters: Clusters::default(),
             mirrors: Arc::new(tokio::sync::Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
             metrics,
+            idle_sweeper: Once::new(),
         })
-    }
-
-    /// The upstream pool for a cluster's connection settings (`tcp.connectTimeout`,
-    /// `http.idleTimeout`, HTTP/2 or not).
-    fn client_for(&self, policy: &ClusterPolicy) -> Client<MarkedConnector, ProxyBody> {
-        let kind = ClientKind {
-            http2: policy.http2,
-            connect_timeout: policy.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
-            idle_timeout: policy.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT),
-        };
-        self.clients
-            .lock()
-            .expect("client pool lock")
-            .entry(kind)
-            .or_insert_with(|| {
-                Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(kind.idle_timeout)
-                    .http2_only(kind.http2)
-                    .build(MarkedConnector {
-                        connect_timeout: kind.connect_timeout,
-                    })
-            })
-            .clone()
     }
 
     /// Swaps in the routing of a new plan; requests in flight finish with the table they
     /// started with.
     pub fn update(&self, table: ProxyTable) {
-        *self.table.write().expect("proxy table lock") = Arc::new(table);
-    }
-
-    fn table(&self) -> Arc<ProxyTable> {
-        self.table.read().expect("proxy table lock").clone()
+        self.table.store(Arc::new(table));
     }
 
     /// Runtime state of a cluster (ejections, pool usage), for `inspect`.
     pub fn cluster_state(&self, name: &str) -> Arc<ClusterState> {
         self.clusters.get(name)
+    }
+
+    /// Closes idle upstream connections past their idle timeout, in the background (started
+    /// with the first listener, as it needs the runtime).
+    fn start_idle_sweeper(self: &Arc<Self>) {
+        self.idle_sweeper.call_once(|| {
+            let proxy = Arc::downgrade(self);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(IDLE_SWEEP_INTERVAL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    let Some(proxy) = proxy.upgrade() else { return };
+                    for cluster in proxy.clusters.all() {
+                        cluster.evict_idle_connections();
+                    }
+                }
+            });
+        });
     }
 
     /// The VIP the client behind `peer` dialled, consuming the kernel's record of it.
@@ -263,6 +233,7 @@ impl Proxy {
     ) -> Result<impl Future<Output = ()> + use<>, ProxyError> {
         let listener = bind_listener(addr).map_err(|source| ProxyError::Bind { addr, source })?;
         info!(%addr, "L7 proxy listening");
+        self.start_idle_sweeper();
         let proxy = self.clone();
         Ok(async move {
             loop {
@@ -290,7 +261,11 @@ impl Proxy {
         let proxy = self.clone();
         let service = hyper::service::service_fn(move |req| {
             let proxy = proxy.clone();
-            async move { Ok::<_, std::convert::Infallible>(proxy.handle(vip, peer, req).await) }
+            // Boxed: the request's future is several KiB, and hyper moves the future it is
+            // handed into its connection state; moving a pointer instead is cheaper.
+            Box::pin(async move {
+                Ok::<_, std::convert::Infallible>(proxy.handle(vip, peer, req).await)
+            })
         });
         let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         if let Err(e) = builder
@@ -307,12 +282,12 @@ impl Proxy {
         peer: SocketAddr,
         req: Request<Incoming>,
     ) -> Response<ProxyBody> {
-        let table = self.table();
+        let table = self.table.load_full();
         let source = table.sources.get(&peer.ip().to_canonical());
-        let Some(service) = table.services.get(&vip).cloned() else {
+        let Some(service) = table.services.get(&vip) else {
             return local_reply(StatusCode::NOT_FOUND, "");
         };
-        self.serve_request(&service, source, peer, req, MESH_GATEWAY, "http")
+        self.serve_request(service, source, peer, req, MESH_GATEWAY, "http")
             .await
     }
 
@@ -332,55 +307,37 @@ impl Proxy {
         let served = self
             .route(service, source, peer, req, gateway, scheme)
             .await;
-        let status = served.response.status().as_u16();
-        let labels_service = ServiceLabels::from_host(&service.host);
-        let index = self.metrics.label_index();
-        let destination = served.endpoint.and_then(|e| index.workloads.get(&e));
-        let mut labels = IstioLabels::new(
-            source.map(|s| &s.workload),
-            &labels_service,
-            destination,
-            "http",
-        );
-        labels.response_code = status.to_string();
-        labels.response_flags = served.flags.to_string();
-        self.metrics.requests.get_or_create(&labels).inc();
-        self.metrics
-            .request_duration
-            .get_or_create(&labels)
+        let series = self.metrics.request_series(&RequestKey {
+            source: source.map(|s| &s.workload),
+            service: &service.host,
+            destination: served.destination,
+            response_code: served.response.status().as_u16(),
+            response_flags: served.flags,
+        });
+        series.requests.inc();
+        series
+            .duration
             .observe(started.elapsed().as_secs_f64() * 1000.0);
         served.response
     }
 
-    async fn route(
+    async fn route<'s>(
         &self,
-        service: &ProxyService,
+        service: &'s ProxyService,
         source: Option<&Source>,
         peer: SocketAddr,
         req: Request<Incoming>,
         gateway: &str,
         scheme: &'static str,
-    ) -> Served {
-        let (parts, body) = req.into_parts();
-        let authority = parts
-            .headers
-            .get(hyper::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| parts.uri.authority().map(|a| a.to_string()))
-            .unwrap_or_else(|| service.host.clone());
-        let headers: Vec<(String, String)> = parts
-            .headers
-            .iter()
-            .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
-            .collect();
+    ) -> Served<'s> {
+        let (mut parts, body) = req.into_parts();
         let view = RequestView {
             method: parts.method.as_str(),
             scheme,
-            authority: &authority,
+            authority: request_authority(&parts).unwrap_or(&service.host),
             path: parts.uri.path(),
             query: parts.uri.query().unwrap_or(""),
-            headers,
+            headers: Cow::Borrowed(&parts.headers),
             port: service.port,
             source_labels: source.map(|s| &s.labels),
             source_namespace: source.map(|s| s.workload.namespace.as_str()),
@@ -392,9 +349,9 @@ impl Proxy {
 
         // Faults first; as in Istio, a faulted route gets no retries and no timeout.
         let (retries, timeout) = if rule.fault.is_some() {
-            (RetryPolicy::none(), None)
+            (Cow::Owned(RetryPolicy::none()), None)
         } else {
-            (rule.retries.clone(), rule.timeout)
+            (Cow::Borrowed(&rule.retries), rule.timeout)
         };
         let mut delayed = false;
         if let Some(fault) = &rule.fault {
@@ -422,14 +379,14 @@ impl Proxy {
                         .status(status)
                         .body(full(Bytes::from(body)))
                         .expect("valid direct response"),
-                    endpoint: None,
+                    destination: None,
                     flags: "-",
                 };
             }
             RouteAction::Redirect(r) => {
                 return Served {
                     response: redirect(r, &view),
-                    endpoint: None,
+                    destination: None,
                     flags: "-",
                 };
             }
@@ -445,49 +402,76 @@ impl Proxy {
             },
         };
 
-        // Path and authority after rewrite.
-        let prefix = http::matched_prefix(rule, &view);
-        let path = match &rule.rewrite {
-            Some(rw) => http::rewrite_path(rw, prefix, view.path),
-            None => view.path.to_string(),
+        // Path and authority after rewrite: without a rewrite the request's own path (no new
+        // string, no parse) and Host header go upstream.
+        let path_and_query = match &rule.rewrite {
+            Some(rw) if rw.uri.is_some() || rw.uri_regex.is_some() => {
+                let path = http::rewrite_path(rw, http::matched_prefix(rule, &view), view.path);
+                let rewritten = match view.query {
+                    "" => path,
+                    q => format!("{path}?{q}"),
+                };
+                match PathAndQuery::try_from(rewritten) {
+                    Ok(pq) => pq,
+                    Err(_) => {
+                        return Served::local(
+                            StatusCode::BAD_REQUEST,
+                            "invalid rewritten path",
+                            "-",
+                        );
+                    }
+                }
+            }
+            _ => parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
         };
-        let path_and_query = match view.query {
-            "" => path,
-            q => format!("{path}?{q}"),
-        };
-        let authority = rule
-            .rewrite
-            .as_ref()
-            .and_then(|r| r.authority.clone())
-            .unwrap_or_else(|| authority.clone());
-        let hash_input_header = match &dest.cluster.policy.load_balancer {
-            LoadBalancer::Hash(HashKey::Header(h)) => view.header_value(h).map(str::to_string),
+        let new_authority: Option<HeaderValue> =
+            match rule.rewrite.as_ref().and_then(|r| r.authority.as_deref()) {
+                Some(a) => Some(header_value(a)),
+                // HTTP/2 clients send :authority, which the upstream request needs as Host.
+                None if !parts.headers.contains_key(HOST) => Some(header_value(view.authority)),
+                None => None,
+            };
+        let hash_key: Option<String> = match &dest.cluster.policy.load_balancer {
+            LoadBalancer::Hash(HashKey::Header(h)) => view.header_value(h).map(Cow::into_owned),
             LoadBalancer::Hash(HashKey::Cookie { name, .. }) => {
                 view.cookie(name).map(str::to_string)
             }
-            LoadBalancer::Hash(HashKey::QueryParam(q)) => view.query_value(q),
+            LoadBalancer::Hash(HashKey::QueryParam(q)) => view.query_value(q).map(str::to_string),
             _ => None,
         };
-        let mut upstream_headers = parts.headers.clone();
-        upstream_headers.insert(hyper::header::HOST, header_value(&authority));
-        apply_header_ops(&mut upstream_headers, &rule.headers_request);
-        apply_header_ops(&mut upstream_headers, &dest.headers_request);
-        upstream_headers.remove(hyper::header::CONNECTION);
-        if !upstream_headers.contains_key("x-forwarded-proto") {
-            upstream_headers.insert(
-                "x-forwarded-proto",
-                hyper::header::HeaderValue::from_static(scheme),
-            );
+        // The mirror copies' Host: Istio/Envoy mark shadow traffic with a -shadow host suffix.
+        let mirror_host = (!rule.mirrors.is_empty()).then(|| {
+            let authority = rule
+                .rewrite
+                .as_ref()
+                .and_then(|r| r.authority.as_deref())
+                .unwrap_or(view.authority);
+            shadow_host(authority)
+        });
+        drop(view);
+
+        // The request's own header map, edited in place, goes upstream.
+        let mut headers = std::mem::take(&mut parts.headers);
+        if let Some(host) = new_authority {
+            headers.insert(HOST, host);
+        }
+        apply_header_ops(&mut headers, &rule.headers_request);
+        apply_header_ops(&mut headers, &dest.headers_request);
+        headers.remove(hyper::header::CONNECTION);
+        if !headers.contains_key("x-forwarded-proto") {
+            headers.insert("x-forwarded-proto", HeaderValue::from_static(scheme));
         }
 
         // Replayable body (retries, mirrors) when small and of known length.
-        let known_len = parts
-            .headers
+        let known_len = headers
             .get(hyper::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         let bodyless = known_len == Some(0)
-            || (known_len.is_none()
-                && !parts.headers.contains_key(hyper::header::TRANSFER_ENCODING));
+            || (known_len.is_none() && !headers.contains_key(hyper::header::TRANSFER_ENCODING));
         let (buffered, mut streaming) = if bodyless {
             (Some(Bytes::new()), None)
         } else if known_len.is_some_and(|l| l <= REPLAY_LIMIT) {
@@ -504,67 +488,78 @@ impl Proxy {
         } else {
             (None, Some(body))
         };
+        let head = UpstreamHead {
+            method: parts.method,
+            path_and_query,
+            headers,
+        };
 
-        for mirror in &rule.mirrors {
-            if let Some(body) = &buffered
-                && fastrand::f64() * 100.0 < mirror.percentage
-            {
-                self.mirror(
-                    mirror.cluster.clone(),
-                    &parts.method,
-                    &path_and_query,
-                    &authority,
-                    &upstream_headers,
-                    body.clone(),
-                );
+        if let (Some(body), Some(host)) = (&buffered, &mirror_host) {
+            for mirror in &rule.mirrors {
+                if fastrand::f64() * 100.0 < mirror.percentage {
+                    self.mirror(&mirror.cluster, &head, host, body.clone());
+                }
             }
         }
 
-        let cluster = dest.cluster.clone();
+        let cluster = &dest.cluster;
         let state = self.clusters.get(&cluster.name);
-        let Some(_admission) = state.admit(&cluster) else {
+        let Some(_admission) = state.admit(cluster) else {
             let mut r = local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "upstream connect error or disconnect/reset before headers. reset reason: overflow",
             );
-            r.headers_mut().insert(
-                "x-envoy-overloaded",
-                hyper::header::HeaderValue::from_static("true"),
-            );
+            r.headers_mut()
+                .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
             return Served {
                 response: r,
-                endpoint: None,
+                destination: None,
                 flags: "UO",
             };
         };
         let hash = HashInput {
-            header: hash_input_header.as_deref(),
-            cookie: hash_input_header.as_deref(),
-            query_param: hash_input_header.as_deref(),
+            header: hash_key.as_deref(),
+            cookie: hash_key.as_deref(),
+            query_param: hash_key.as_deref(),
             source_ip: Some(peer.ip()),
         };
+        let settings = pool_settings(&cluster.policy);
         // The destination workload authorizes the request as it arrives there: after rewrites
         // and header changes, from the client's address.
-        let policies = self.table().authz.clone();
-        let authz_headers: Vec<(String, String)> = if policies.workloads.is_empty() {
-            Vec::new()
-        } else {
-            upstream_headers
+        let policies = self.table.load().authz.clone();
+        let authz_request = (!policies.workloads.is_empty()).then(|| {
+            let headers: Vec<(String, String)> = head
+                .headers
                 .iter()
                 .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
-                .collect()
-        };
-        let authorize = |endpoint: SocketAddr| -> Option<Served> {
+                .collect();
+            let host = head
+                .headers
+                .get(HOST)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            (
+                head.method.as_str().to_string(),
+                host,
+                head.path_and_query.path().to_string(),
+                headers,
+            )
+        });
+        let authorize = |endpoint: SocketAddr,
+                         destination: Option<&'s Workload>|
+         -> Option<Served<'s>> {
+            let (method, host, path, headers) = authz_request.as_ref()?;
             let source = peer.ip().to_canonical();
             let decision = policies.decide(&authz::Request {
                 source,
                 source_namespace: policies.namespace_of(source),
                 destination: endpoint,
                 http: Some(HttpAttributes {
-                    method: parts.method.as_str(),
-                    host: &authority,
-                    path: path_and_query.split('?').next().unwrap_or_default(),
-                    headers: &authz_headers,
+                    method,
+                    host,
+                    path,
+                    headers,
                 }),
             });
             if decision.allowed {
@@ -576,13 +571,13 @@ impl Proxy {
             Some(if decision.action == Some(Action::Custom) {
                 Served {
                     response: local_reply(StatusCode::FORBIDDEN, ""),
-                    endpoint: Some(endpoint),
+                    destination,
                     flags: "UAEX",
                 }
             } else {
                 Served {
                     response: local_reply(StatusCode::FORBIDDEN, "RBAC: access denied"),
-                    endpoint: Some(endpoint),
+                    destination,
                     flags: "-",
                 }
             })
@@ -594,22 +589,26 @@ impl Proxy {
             } else {
                 1
             };
-            let mut last: Option<Served> = None;
+            // The head goes with the last attempt; earlier ones send a copy.
+            let mut head = Some(head);
+            let mut last: Option<Served<'s>> = None;
             for attempt in 0..max_attempts {
                 if attempt > 0 {
                     // Envoy's default back-off: 25 ms base, exponential, jittered.
                     let base = 25u64 << (attempt - 1).min(4);
                     tokio::time::sleep(Duration::from_millis(base + fastrand::u64(..=base))).await;
                 }
-                let Some((endpoint, _in_flight)) = state.pick(&cluster, &hash, &tried) else {
+                let Some(picked) = state.pick(cluster, &hash, &tried) else {
                     return Served::local(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "no healthy upstream",
                         "UH",
                     );
                 };
+                let endpoint = picked.addr;
+                let destination = Some(&cluster.endpoints[picked.index].workload);
                 tried.push(endpoint);
-                if let Some(denied) = authorize(endpoint) {
+                if let Some(denied) = authorize(endpoint, destination) {
                     if attempt + 1 < max_attempts && retriable_status(&retries, 403) {
                         last = Some(denied);
                         continue;
@@ -621,20 +620,30 @@ impl Proxy {
                     (None, Some(s)) => s.boxed(),
                     (None, None) => break,
                 };
-                let mut up = Request::builder()
-                    .method(parts.method.clone())
-                    .uri(format!("http://{endpoint}{path_and_query}"))
-                    .body(body)
-                    .expect("valid upstream request");
-                *up.headers_mut() = upstream_headers.clone();
+                let UpstreamHead {
+                    method,
+                    path_and_query,
+                    mut headers,
+                } = if attempt + 1 < max_attempts {
+                    let h = head.as_ref().expect("head kept for later attempts");
+                    UpstreamHead {
+                        method: h.method.clone(),
+                        path_and_query: h.path_and_query.clone(),
+                        headers: h.headers.clone(),
+                    }
+                } else {
+                    head.take().expect("head for the last attempt")
+                };
                 if attempt > 0 {
-                    up.headers_mut().insert(
-                        "x-envoy-attempt-count",
-                        header_value(&(attempt + 1).to_string()),
-                    );
+                    headers.insert("x-envoy-attempt-count", HeaderValue::from(attempt + 1));
                 }
-                let client = self.client_for(&cluster.policy);
-                let sent = client.request(up);
+                let mut up = Request::new(body);
+                *up.method_mut() = method;
+                *up.headers_mut() = headers;
+                let sent = picked
+                    .in_flight
+                    .pool()
+                    .send(endpoint, settings, path_and_query, up);
                 let result = match retries.per_try_timeout {
                     Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| ()),
                     None => Ok(sent.await),
@@ -652,7 +661,7 @@ impl Proxy {
                         state.record(endpoint, outcome, outlier, n);
                         let served = Served {
                             response: resp.map(|b| b.boxed()),
-                            endpoint: Some(endpoint),
+                            destination,
                             flags: "-",
                         };
                         if attempt + 1 < max_attempts && retriable_status(&retries, code) {
@@ -665,21 +674,7 @@ impl Proxy {
                         state.record(endpoint, Outcome::GatewayError, outlier, n);
                         let connect_failure = e.is_connect();
                         debug!(%endpoint, error = %e, "upstream attempt failed");
-                        let (reason, flag) = if connect_failure {
-                            ("connection failure", "UF")
-                        } else {
-                            ("connection termination", "UC")
-                        };
-                        let served = Served {
-                            response: local_reply_owned(
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                format!(
-                                    "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
-                                ),
-                            ),
-                            endpoint: Some(endpoint),
-                            flags: flag,
-                        };
+                        let served = upstream_failure(&e, destination);
                         if attempt + 1 < max_attempts && retriable_error(&retries, connect_failure)
                         {
                             last = Some(served);
@@ -734,41 +729,29 @@ impl Proxy {
 
     /// Sends a copy of a request to a mirror cluster and forgets it: the response is dropped,
     /// failures only show in debug logs, and the copy never delays the primary request.
-    fn mirror(
-        &self,
-        cluster: Arc<Cluster>,
-        method: &hyper::Method,
-        path_and_query: &str,
-        authority: &str,
-        headers: &hyper::HeaderMap,
-        body: Bytes,
-    ) {
+    fn mirror(&self, cluster: &Arc<Cluster>, head: &UpstreamHead, host: &HeaderValue, body: Bytes) {
         let Ok(permit) = self.mirrors.clone().try_acquire_owned() else {
             debug!(cluster = %cluster.name, "mirror dropped: too many in flight");
             return;
         };
         let state = self.clusters.get(&cluster.name);
-        let Some((endpoint, in_flight)) = state.pick(&cluster, &HashInput::default(), &[]) else {
+        let Some(picked) = state.pick(cluster, &HashInput::default(), &[]) else {
             return;
         };
-        // Istio/Envoy mark shadow traffic by suffixing the host with -shadow.
-        let host = match authority.rsplit_once(':') {
-            Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => format!("{h}-shadow:{p}"),
-            _ => format!("{authority}-shadow"),
-        };
-        let mut req = Request::builder()
-            .method(method.clone())
-            .uri(format!("http://{endpoint}{path_and_query}"))
-            .body(full(body))
-            .expect("valid mirror request");
-        *req.headers_mut() = headers.clone();
-        req.headers_mut()
-            .insert(hyper::header::HOST, header_value(&host));
-        let client = self.client_for(&cluster.policy);
+        let mut req = Request::new(full(body));
+        *req.method_mut() = head.method.clone();
+        *req.headers_mut() = head.headers.clone();
+        req.headers_mut().insert(HOST, host.clone());
+        let settings = pool_settings(&cluster.policy);
+        let path_and_query = head.path_and_query.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let _in_flight = in_flight;
-            match tokio::time::timeout(Duration::from_secs(30), client.request(req)).await {
+            let endpoint = picked.addr;
+            let sent = picked
+                .in_flight
+                .pool()
+                .send(endpoint, settings, path_and_query, req);
+            match tokio::time::timeout(Duration::from_secs(30), sent).await {
                 Ok(Ok(resp)) => {
                     let _ = resp.into_body().collect().await;
                 }
@@ -776,6 +759,44 @@ impl Proxy {
                 Err(_) => debug!(%endpoint, "mirror timed out"),
             }
         });
+    }
+}
+
+/// The Host header (HTTP/1.1) or :authority (HTTP/2) the client sent.
+fn request_authority(parts: &hyper::http::request::Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+}
+
+/// The Host of a mirrored copy: `host-shadow[:port]`.
+fn shadow_host(authority: &str) -> HeaderValue {
+    let host = match authority.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => format!("{h}-shadow:{p}"),
+        _ => format!("{authority}-shadow"),
+    };
+    header_value(&host)
+}
+
+/// Envoy's 503 for an attempt that failed before a response: connection failure (`UF`) or
+/// termination (`UC`).
+fn upstream_failure<'a>(e: &UpstreamError, destination: Option<&'a Workload>) -> Served<'a> {
+    let (reason, flags) = if e.is_connect() {
+        ("connection failure", "UF")
+    } else {
+        ("connection termination", "UC")
+    };
+    Served {
+        response: local_reply_owned(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+            ),
+        ),
+        destination,
+        flags,
     }
 }
 
@@ -801,9 +822,8 @@ fn retriable_error(policy: &RetryPolicy, connect_failure: bool) -> bool {
     })
 }
 
-fn header_value(s: &str) -> hyper::header::HeaderValue {
-    hyper::header::HeaderValue::from_str(s)
-        .unwrap_or_else(|_| hyper::header::HeaderValue::from_static("invalid"))
+fn header_value(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 fn apply_header_ops(headers: &mut hyper::HeaderMap, ops: &HeaderOps) {

@@ -1,10 +1,16 @@
-//! Per-cluster runtime state of the L7 proxy: load balancing, connection-pool limits and
-//! outlier detection, kept across plan updates (keyed by cluster name and endpoint address) so a
-//! config change does not reset ejections or in-flight counts.
+//! Per-cluster runtime state of the L7 proxy: load balancing, connection-pool limits, outlier
+//! detection and upstream connections, kept across plan updates (keyed by cluster name and
+//! endpoint address) so a config change does not reset ejections, in-flight counts or pooled
+//! connections.
+//!
+//! Every request looks its cluster and endpoint up here, so reads take no lock: the maps are
+//! swapped whole (copy on insert, which happens once per new cluster or endpoint).
 
 use crate::compile::http::{Cluster, HashKey, LoadBalancer, OutlierPolicy};
-use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use crate::dataplane::pool::EndpointPool;
+use arc_swap::ArcSwap;
+use hashbrown::HashMap;
+use std::hash::{BuildHasher, Hash};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,8 +25,9 @@ pub struct HashInput<'a> {
     pub query_param: Option<&'a str>,
 }
 
+/// One endpoint's state within one cluster.
 #[derive(Debug, Default)]
-struct EndpointState {
+pub struct EndpointState {
     in_flight: AtomicU32,
     /// Consecutive 5xx / gateway errors (reset by a success).
     consecutive_5xx: AtomicU32,
@@ -28,19 +35,90 @@ struct EndpointState {
     /// Times ejected, for the ejection time backoff (baseEjectionTime × ejections).
     ejections: AtomicU32,
     ejected_until: Mutex<Option<Instant>>,
+    /// Upstream connections to this endpoint for this cluster.
+    pub pool: Arc<EndpointPool>,
+}
+
+impl EndpointState {
+    fn is_ejected(&self, now: Instant) -> bool {
+        self.ejected_until
+            .lock()
+            .expect("ejection lock")
+            .is_some_and(|t| t > now)
+    }
+}
+
+/// A lock-free read-mostly map: readers load a snapshot, writers copy it (rare: once per new
+/// key).
+#[derive(Debug)]
+struct SwapMap<K, V> {
+    map: ArcSwap<HashMap<K, Arc<V>>>,
+    insert: Mutex<()>,
+}
+
+impl<K, V> Default for SwapMap<K, V> {
+    fn default() -> Self {
+        Self {
+            map: ArcSwap::from_pointee(HashMap::default()),
+            insert: Mutex::new(()),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone, V: Default> SwapMap<K, V> {
+    fn get_or_default<Q>(&self, key: &Q) -> Arc<V>
+    where
+        Q: Hash + hashbrown::Equivalent<K> + ?Sized + ToOwned<Owned = K>,
+    {
+        if let Some(v) = self.map.load().get(key) {
+            return v.clone();
+        }
+        let _writer = self.insert.lock().expect("swap map insert lock");
+        let current = self.map.load_full();
+        if let Some(v) = current.get(key) {
+            return v.clone();
+        }
+        let mut next =
+            HashMap::with_capacity_and_hasher(current.len() + 1, current.hasher().clone());
+        next.extend(current.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let v = Arc::new(V::default());
+        next.insert(key.to_owned(), v.clone());
+        self.map.store(Arc::new(next));
+        v
+    }
+
+    fn values(&self) -> Vec<Arc<V>> {
+        self.map.load().values().cloned().collect()
+    }
 }
 
 /// One cluster's state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ClusterState {
-    endpoints: Mutex<HashMap<SocketAddr, Arc<EndpointState>>>,
+    endpoints: SwapMap<SocketAddr, EndpointState>,
+    /// Time base of `ejections_end_ms`.
+    epoch: Instant,
+    /// Milliseconds after `epoch` until which some endpoint may be ejected: before it, picks
+    /// check every endpoint's ejection; after it, none can be ejected and picks skip the check.
+    ejections_end_ms: AtomicU64,
     round_robin: AtomicU64,
     /// Requests in flight (active + pending), for `http2MaxRequests` / `http1MaxPendingRequests`.
     requests: AtomicU32,
-    /// Upstream connections opened and not yet closed, for `tcp.maxConnections`.
-    pub connections: AtomicU32,
     /// Requests rejected by the pool limits (Envoy's `upstream_rq_pending_overflow`).
     pub overflows: AtomicU64,
+}
+
+impl Default for ClusterState {
+    fn default() -> Self {
+        Self {
+            endpoints: SwapMap::default(),
+            epoch: Instant::now(),
+            ejections_end_ms: AtomicU64::new(0),
+            round_robin: AtomicU64::new(0),
+            requests: AtomicU32::new(0),
+            overflows: AtomicU64::new(0),
+        }
+    }
 }
 
 /// An admitted request: holds its slot in the cluster's pool until dropped.
@@ -59,10 +137,25 @@ pub struct InFlight {
     endpoint: Arc<EndpointState>,
 }
 
+impl InFlight {
+    /// The endpoint's upstream connections.
+    pub fn pool(&self) -> &Arc<EndpointPool> {
+        &self.endpoint.pool
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.endpoint.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// The endpoint a request goes to.
+pub struct Picked {
+    /// Index in the cluster's `endpoints`.
+    pub index: usize,
+    pub addr: SocketAddr,
+    pub in_flight: InFlight,
 }
 
 /// How an attempt ended, for outlier detection.
@@ -77,12 +170,11 @@ pub enum Outcome {
 
 impl ClusterState {
     fn endpoint(&self, addr: SocketAddr) -> Arc<EndpointState> {
-        self.endpoints
-            .lock()
-            .expect("endpoint state lock")
-            .entry(addr)
-            .or_default()
-            .clone()
+        self.endpoints.get_or_default(&addr)
+    }
+
+    fn millis(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
     /// Admits a request under the pool limits, or reports overflow (answered with 503 and
@@ -121,79 +213,88 @@ impl ClusterState {
         cluster: &Cluster,
         hash: &HashInput<'_>,
         exclude: &[SocketAddr],
-    ) -> Option<(SocketAddr, InFlight)> {
-        let now = Instant::now();
-        let all: Vec<(SocketAddr, f64)> = cluster
-            .endpoints
-            .iter()
-            .map(|e| (e.addr, e.weight))
-            .collect();
-        if all.is_empty() {
+    ) -> Option<Picked> {
+        let endpoints = &cluster.endpoints;
+        if endpoints.is_empty() {
             return None;
         }
-        let healthy: Vec<(SocketAddr, f64)> = all
-            .iter()
-            .copied()
-            .filter(|(a, _)| {
-                !self
-                    .endpoint(*a)
-                    .ejected_until
-                    .lock()
-                    .expect("ejection lock")
-                    .is_some_and(|t| t > now)
-            })
-            .collect();
-        let mut candidates = if healthy.is_empty() { all } else { healthy };
-        if candidates.len() > 1 {
-            let fresh: Vec<_> = candidates
-                .iter()
-                .copied()
-                .filter(|(a, _)| !exclude.contains(a))
-                .collect();
-            if !fresh.is_empty() {
-                candidates = fresh;
+        let now = Instant::now();
+        let may_be_ejected = self.millis(now) < self.ejections_end_ms.load(Ordering::Acquire);
+        // The common case (no ejections, first attempt) balances over the cluster's endpoints as
+        // they are; otherwise over the indices of the remaining candidates.
+        let filtered: Option<Vec<usize>> = (may_be_ejected || !exclude.is_empty()).then(|| {
+            let all: Vec<usize> = (0..endpoints.len()).collect();
+            let healthy: Vec<usize> = if may_be_ejected {
+                all.iter()
+                    .copied()
+                    .filter(|&i| !self.endpoint(endpoints[i].addr).is_ejected(now))
+                    .collect()
+            } else {
+                all.clone()
+            };
+            let mut candidates = if healthy.is_empty() { all } else { healthy };
+            if candidates.len() > 1 {
+                let fresh: Vec<usize> = candidates
+                    .iter()
+                    .copied()
+                    .filter(|&i| !exclude.contains(&endpoints[i].addr))
+                    .collect();
+                if !fresh.is_empty() {
+                    candidates = fresh;
+                }
             }
-        }
-        let addr = match &cluster.policy.load_balancer {
+            candidates
+        });
+        let candidates = Candidates {
+            cluster,
+            indices: filtered.as_deref(),
+        };
+        let index = match &cluster.policy.load_balancer {
             LoadBalancer::RoundRobin => {
                 let i = self.round_robin.fetch_add(1, Ordering::Relaxed);
-                let first = candidates[0].1;
-                if candidates.iter().all(|(_, w)| (w - first).abs() < 1e-12) {
-                    candidates[(i % candidates.len() as u64) as usize].0
+                if candidates.equal_weights() {
+                    candidates.index((i % candidates.len() as u64) as usize)
                 } else {
                     // Weighted rotation: the golden-ratio sequence visits [0, 1) evenly, so each
                     // endpoint's share of picks converges to its weight without randomness.
                     let x = (i as f64 * 0.618_033_988_749_894_9).fract();
-                    weighted_index(&candidates, x * total(&candidates))?
+                    candidates.weighted(x * candidates.total())
                 }
             }
-            LoadBalancer::Random => {
-                weighted_index(&candidates, fastrand::f64() * total(&candidates))?
-            }
+            LoadBalancer::Random => candidates.weighted(fastrand::f64() * candidates.total()),
             LoadBalancer::LeastRequest => {
                 // Power of two choices, Envoy's default for LEAST_REQUEST.
-                let a = candidates[fastrand::usize(..candidates.len())].0;
-                let b = candidates[fastrand::usize(..candidates.len())].0;
-                let load = |x: SocketAddr| self.endpoint(x).in_flight.load(Ordering::Acquire);
+                let a = candidates.index(fastrand::usize(..candidates.len()));
+                let b = candidates.index(fastrand::usize(..candidates.len()));
+                let load = |x: usize| {
+                    self.endpoint(endpoints[x].addr)
+                        .in_flight
+                        .load(Ordering::Acquire)
+                };
                 if load(b) < load(a) { b } else { a }
             }
             LoadBalancer::Hash(key) => {
-                let value: Option<String> = match key {
-                    HashKey::Header(_) => hash.header.map(str::to_string),
-                    HashKey::Cookie { .. } => hash.cookie.map(str::to_string),
-                    HashKey::SourceIp => hash.source_ip.map(|ip| ip.to_string()),
-                    HashKey::QueryParam(_) => hash.query_param.map(str::to_string),
+                let value: Option<std::borrow::Cow<'_, str>> = match key {
+                    HashKey::Header(_) => hash.header.map(Into::into),
+                    HashKey::Cookie { .. } => hash.cookie.map(Into::into),
+                    HashKey::SourceIp => hash.source_ip.map(|ip| ip.to_string().into()),
+                    HashKey::QueryParam(_) => hash.query_param.map(Into::into),
                 };
                 match value {
-                    Some(v) => rendezvous(&candidates, &v),
+                    Some(v) => candidates.rendezvous(&v),
                     // No hash key in the request: Envoy picks randomly.
-                    None => weighted_index(&candidates, fastrand::f64() * total(&candidates))?,
+                    None => candidates.weighted(fastrand::f64() * candidates.total()),
                 }
             }
         };
+        let addr = endpoints[index].addr;
         let endpoint = self.endpoint(addr);
         endpoint.in_flight.fetch_add(1, Ordering::AcqRel);
-        Some((addr, InFlight { endpoint }))
+        Some(Picked {
+            index,
+            addr,
+            in_flight: InFlight { endpoint },
+        })
     }
 
     /// Feeds an attempt's outcome to outlier detection.
@@ -234,15 +335,9 @@ impl ClusterState {
         let now = Instant::now();
         let ejected_now = self
             .endpoints
-            .lock()
-            .expect("endpoint state lock")
             .values()
-            .filter(|e| {
-                e.ejected_until
-                    .lock()
-                    .expect("ejection lock")
-                    .is_some_and(|t| t > now)
-            })
+            .iter()
+            .filter(|e| e.is_ejected(now))
             .count();
         // maxEjectionPercent caps how much of the cluster can be out (at least one host may go,
         // as in Envoy when the percentage rounds down to zero only if it is 0).
@@ -256,68 +351,104 @@ impl ClusterState {
             return;
         }
         let n = ep.ejections.fetch_add(1, Ordering::Relaxed) + 1;
-        *until = Some(now + policy.base_ejection_time * n.min(10));
+        let end = now + policy.base_ejection_time * n.min(10);
+        *until = Some(end);
+        // Rounded up, so that picks check ejections for as long as this one lasts.
+        self.ejections_end_ms
+            .fetch_max(self.millis(end) + 1, Ordering::AcqRel);
         ep.consecutive_5xx.store(0, Ordering::Relaxed);
         ep.consecutive_gateway.store(0, Ordering::Relaxed);
     }
 
     /// Whether `addr` is ejected now (for `inspect endpoints`).
     pub fn is_ejected(&self, addr: SocketAddr) -> bool {
-        self.endpoint(addr)
-            .ejected_until
-            .lock()
-            .expect("ejection lock")
-            .is_some_and(|t| t > Instant::now())
+        self.endpoint(addr).is_ejected(Instant::now())
     }
-}
 
-fn total(c: &[(SocketAddr, f64)]) -> f64 {
-    c.iter().map(|(_, w)| w).sum()
-}
-
-/// The candidate whose cumulative weight covers `x`.
-fn weighted_index(c: &[(SocketAddr, f64)], x: f64) -> Option<SocketAddr> {
-    let mut x = x;
-    for (a, w) in c {
-        if x < *w {
-            return Some(*a);
+    /// Closes upstream connections that have been idle for longer than their idle timeout.
+    pub fn evict_idle_connections(&self) {
+        for endpoint in self.endpoints.values() {
+            endpoint.pool.evict_idle();
         }
-        x -= w;
     }
-    c.last().map(|(a, _)| *a)
 }
 
-/// Rendezvous (highest random weight) hashing: stable per key, and only keys of a removed
-/// endpoint move when the endpoint set changes — the property Istio's ring hash provides.
-fn rendezvous(c: &[(SocketAddr, f64)], key: &str) -> SocketAddr {
-    c.iter()
-        .map(|(a, w)| {
-            let mut h = std::collections::hash_map::DefaultHasher::new();
-            key.hash(&mut h);
-            a.hash(&mut h);
-            let u = (h.finish() >> 11) as f64 / (1u64 << 53) as f64;
-            // Weighted rendezvous: -w / ln(u).
-            (a, -w / u.max(f64::MIN_POSITIVE).ln())
-        })
-        .max_by(|x, y| x.1.total_cmp(&y.1))
-        .map(|(a, _)| *a)
-        .expect("candidates are not empty")
+/// The endpoints a pick chooses among: all of a cluster's, or the listed indices.
+struct Candidates<'a> {
+    cluster: &'a Cluster,
+    indices: Option<&'a [usize]>,
+}
+
+impl Candidates<'_> {
+    fn len(&self) -> usize {
+        self.indices
+            .map_or(self.cluster.endpoints.len(), <[usize]>::len)
+    }
+
+    /// The endpoint index of the `k`-th candidate.
+    fn index(&self, k: usize) -> usize {
+        self.indices.map_or(k, |i| i[k])
+    }
+
+    fn weight(&self, k: usize) -> f64 {
+        self.cluster.endpoints[self.index(k)].weight
+    }
+
+    fn total(&self) -> f64 {
+        (0..self.len()).map(|k| self.weight(k)).sum()
+    }
+
+    fn equal_weights(&self) -> bool {
+        let first = self.weight(0);
+        (1..self.len()).all(|k| (self.weight(k) - first).abs() < 1e-12)
+    }
+
+    /// The candidate whose cumulative weight covers `x`.
+    fn weighted(&self, mut x: f64) -> usize {
+        for k in 0..self.len() {
+            let w = self.weight(k);
+            if x < w {
+                return self.index(k);
+            }
+            x -= w;
+        }
+        self.index(self.len() - 1)
+    }
+
+    /// Rendezvous (highest random weight) hashing: stable per key, and only keys of a removed
+    /// endpoint move when the endpoint set changes — the property Istio's ring hash provides.
+    fn rendezvous(&self, key: &str) -> usize {
+        // Fixed seeds: the same key must land on the same endpoint after an agent restart.
+        let hasher = foldhash::fast::FixedState::with_seed(0x5eed_57ee_d000_0001);
+        (0..self.len())
+            .map(|k| {
+                let i = self.index(k);
+                let e = &self.cluster.endpoints[i];
+                let h = hasher.hash_one((key, e.addr));
+                let u = (h >> 11) as f64 / (1u64 << 53) as f64;
+                // Weighted rendezvous: -w / ln(u).
+                (i, -e.weight / u.max(f64::MIN_POSITIVE).ln())
+            })
+            .max_by(|x, y| x.1.total_cmp(&y.1))
+            .map(|(i, _)| i)
+            .expect("candidates are not empty")
+    }
 }
 
 /// All clusters' state, by cluster name.
 #[derive(Debug, Default)]
 pub struct Clusters {
-    states: Mutex<HashMap<String, Arc<ClusterState>>>,
+    states: SwapMap<String, ClusterState>,
 }
 
 impl Clusters {
     pub fn get(&self, name: &str) -> Arc<ClusterState> {
-        self.states
-            .lock()
-            .expect("cluster state lock")
-            .entry(name.to_string())
-            .or_default()
-            .clone()
+        self.states.get_or_default(name)
+    }
+
+    /// Every cluster seen so far.
+    pub fn all(&self) -> Vec<Arc<ClusterState>> {
+        self.states.values()
     }
 }
 
@@ -356,7 +487,7 @@ mod tests {
         let s = Arc::new(ClusterState::default());
         let mut seen = std::collections::HashMap::new();
         for _ in 0..300 {
-            let (a, _) = s.pick(&c, &HashInput::default(), &[]).unwrap();
+            let a = s.pick(&c, &HashInput::default(), &[]).unwrap().addr;
             *seen.entry(a).or_insert(0) += 1;
         }
         assert_eq!(seen.len(), 3);
@@ -377,7 +508,7 @@ mod tests {
                 &[],
             )
             .unwrap()
-            .0
+            .addr
         };
         for u in ["alice", "bob", "carol"] {
             let first = pick(u);
@@ -410,7 +541,7 @@ mod tests {
         assert!(!s.is_ejected(bad));
         s.record(bad, Outcome::ServerError, Some(&policy), 2);
         assert!(s.is_ejected(bad));
-        assert!((0..20).all(|_| s.pick(&c, &HashInput::default(), &[]).unwrap().0 == good));
+        assert!((0..20).all(|_| s.pick(&c, &HashInput::default(), &[]).unwrap().addr == good));
         // 50% of 2 = 1: the second host cannot be ejected while the first is out.
         for _ in 0..3 {
             s.record(good, Outcome::GatewayError, Some(&policy), 2);
@@ -440,6 +571,8 @@ mod tests {
         let c = cluster(2, LoadBalancer::Random);
         let s = Arc::new(ClusterState::default());
         let tried: SocketAddr = "10.0.0.1:80".parse().unwrap();
-        assert!((0..50).all(|_| s.pick(&c, &HashInput::default(), &[tried]).unwrap().0 != tried));
+        assert!(
+            (0..50).all(|_| s.pick(&c, &HashInput::default(), &[tried]).unwrap().addr != tried)
+        );
     }
 }

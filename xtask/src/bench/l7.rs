@@ -93,6 +93,11 @@ pub struct Options {
     /// Also write every run (counts, CPU, wrk's latency histogram) to this JSON file.
     #[arg(long)]
     raw: Option<PathBuf>,
+    /// Record the agent with `perf record` (DWARF call graphs) during each of its timed runs,
+    /// into `DIR/steerd-roundN.data` and `DIR/steerd-mirror-roundN.data`, for
+    /// `perf report -i FILE`.
+    #[arg(long, value_name = "DIR")]
+    perf: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -954,6 +959,61 @@ impl Drop for Daemon {
     }
 }
 
+/// `perf record` on the agent for one timed run (`--perf`). perf's own CPU time is not counted
+/// as the proxy's, but its sampling and unwinding slow the agent down: recorded runs measure
+/// less than unrecorded ones.
+struct AgentRecording {
+    child: ChildGuard,
+    data: PathBuf,
+}
+
+impl AgentRecording {
+    fn start(pid: u32, data: &Path) -> Result<AgentRecording> {
+        if let Some(dir) = data.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let child = Command::new("perf")
+            .args([
+                "record",
+                "--quiet",
+                "--call-graph",
+                "dwarf,16384",
+                "-F",
+                "499",
+                "-p",
+            ])
+            .arg(pid.to_string())
+            .arg("-o")
+            .arg(data)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning `perf record` (is perf installed?)")?;
+        Ok(AgentRecording {
+            child: ChildGuard::new(child),
+            data: data.to_owned(),
+        })
+    }
+
+    fn stop(mut self) -> Result<()> {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let stopped = wait_until(Duration::from_secs(60), || {
+            self.child.child_mut().try_wait().ok().flatten().is_some()
+        });
+        ensure!(
+            stopped,
+            "`perf record` into {} did not stop",
+            self.data.display()
+        );
+        eprintln!("  perf data: {}", self.data.display());
+        Ok(())
+    }
+}
+
 /// `taskset -c CPUS program args...` in `netns`, in a fresh cgroup, output to `log`.
 fn start_daemon(
     name: &'static str,
@@ -1257,7 +1317,7 @@ fn measure(options: &Options, bins: &Binaries, tools: &Tools, cpus: &Cpus) -> Re
     let unsteered = TestCgroup::new();
     let bpffs = BpffsDir::new();
 
-    // steerd: the agent, pinned to the proxy CPU (both of its runtime's worker threads).
+    // steerd: the agent, pinned to the proxy CPU (its runtime then starts one worker thread).
     let steerd_cgroup = TestCgroup::new();
     let admin = admin_addr().to_string();
     let source = format!("files:{}", manifests.as_str());
@@ -1442,8 +1502,22 @@ fn measure(options: &Options, bins: &Binaries, tools: &Tools, cpus: &Cpus) -> Re
             let children_before = children_cpu_s();
             let proxy_core_before = cpu_ticks(cpus.proxy);
             let load_core_before = cpu_ticks(cpus.load);
+            let recording = match (&options.perf, case.proxy) {
+                (Some(dir), Proxy::Steerd) => Some(AgentRecording::start(
+                    agent_pid,
+                    &dir.join(format!(
+                        "steerd{}-round{}.data",
+                        if case.mirror { "-mirror" } else { "" },
+                        round + 1
+                    )),
+                )?),
+                _ => None,
+            };
             let wrk = run_wrk(&load, &client.netns, cgroup, &url, false, options.duration)
                 .with_context(context)?;
+            if let Some(recording) = recording {
+                recording.stop()?;
+            }
             let proxy_cpu_busy = busy_share(proxy_core_before, cpu_ticks(cpus.proxy));
             let load_cpu_busy = busy_share(load_core_before, cpu_ticks(cpus.load));
             let got = servers.settle()?.since(before);
@@ -1851,8 +1925,8 @@ fn section(results: &Results, options: &Options, ctx: &ReportContext) -> String 
     let _ = writeln!(
         w,
         "- **Core budget.** Each proxy is confined to CPU {} (`taskset -c`): nginx's master and \
-         worker, all of Envoy's threads, and the whole steerd agent, whose tokio runtime has 2 \
-         worker threads time-sharing that one core. wrk (`-t1 -c{}`) runs on CPU {}; the backend \
+         worker, all of Envoy's threads, and the whole steerd agent, whose tokio runtime sizes \
+         itself to the CPUs it may use (one worker thread here). wrk (`-t1 -c{}`) runs on CPU {}; the backend \
          threads on {}. Only one proxy carries load at a time (the others idle).{}",
         ctx.cpus.proxy,
         options.connections,
