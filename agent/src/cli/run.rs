@@ -311,6 +311,12 @@ impl PlanWriter {
         started: Instant,
     ) {
         let dirty: Dirty = compiler.take_dirty();
+        if dirty.unknown_removals > 0 {
+            warn!(
+                count = dirty.unknown_removals,
+                "a source removed objects it had not sent; ignored"
+            );
+        }
         if dirty.is_empty() && !self.first {
             return;
         }

@@ -530,6 +530,8 @@ pub struct Dirty {
     pub authz: bool,
     /// Service hosts recompiled.
     pub hosts: usize,
+    /// Removals of objects the source had not sent (a source bug; counted, then ignored).
+    pub unknown_removals: usize,
 }
 
 impl Dirty {
@@ -662,7 +664,9 @@ impl IncrementalCompiler {
                 Change::Removed(object) => {
                     self.affected_by(&object, &mut effects);
                     if !self.store.remove(source, &object) {
-                        tracing::debug!(?source, "removal of an object the store does not hold");
+                        // A source's changes that do not match what it sent before; the agent
+                        // reports it (the compiler stays free of I/O).
+                        self.dirty.unknown_removals += 1;
                     }
                 }
                 Change::Added(object) => {
