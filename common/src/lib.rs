@@ -48,8 +48,13 @@ pub const MAX_SERVICES: u32 = 65_536;
 /// Maximum number of alias-table slots over all services (one slot per backend per service, plus
 /// the slots of superseded tables awaiting garbage collection).
 pub const MAX_SLOTS: u32 = 262_144;
-/// Reverse-translation entries (one per steered socket and backend); LRU-evicted.
+/// Reverse-translation entries (one per steered socket and backend); LRU-evicted. The object's
+/// size; the agent sizes the map at load time (`--max-tracked-sockets`, default
+/// [`DEFAULT_TRACKED_SOCKETS`]).
 pub const MAX_REVNAT: u32 = 262_144;
+/// The agent's default size of the reverse-translation map: 7.5 MiB of kernel memory, enough
+/// for a busy node's concurrent connections (the previous 262,144 took 30 MiB on every node).
+pub const DEFAULT_TRACKED_SOCKETS: u32 = 65_536;
 /// Registered destination prefixes (VIPs, endpoint addresses, ServiceEntry address ranges).
 pub const MAX_REGISTRY: u32 = 262_144;
 /// Distinct refused destinations counted; LRU-evicted beyond this.

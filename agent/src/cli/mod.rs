@@ -163,6 +163,12 @@ pub struct RunArgs {
     /// off (the L7 proxy still enforces HTTP). Needs Linux ≥ 6.6 (TCX).
     #[arg(long = "policy-interface", value_name = "GLOB")]
     pub policy_interfaces: Vec<String>,
+    /// How many steered sockets the kernel remembers the dialled VIP of (for `getpeername`,
+    /// UDP replies and telemetry); the least recently used are forgotten beyond it, and such a
+    /// socket then sees its backend's address. 120 bytes each. Takes effect when the map is
+    /// first created (after `steerd cleanup`); a running node keeps its pinned map's size.
+    #[arg(long, env = "STEERD_MAX_TRACKED_SOCKETS", default_value_t = steerd_common::DEFAULT_TRACKED_SOCKETS)]
+    pub max_tracked_sockets: u32,
     /// Nameserver (`IP[:PORT]`) for ServiceEntries with `resolution: DNS`/`DNS_ROUND_ROBIN`.
     /// Default: the system's (/etc/resolv.conf).
     #[arg(long, value_parser = crate::sources::dns::parse_server)]

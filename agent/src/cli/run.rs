@@ -42,8 +42,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .cloned()
             .collect()
     };
-    let mut dataplane = Dataplane::start(&pins, &cgroup, policy_interfaces)
-        .with_context(|| format!("starting the dataplane (bpffs {})", args.bpffs.display()))?;
+    let mut dataplane =
+        Dataplane::start(&pins, &cgroup, policy_interfaces, args.max_tracked_sockets)
+            .with_context(|| format!("starting the dataplane (bpffs {})", args.bpffs.display()))?;
 
     let state = Arc::new(AdminState::default());
     let proxy = start_proxy(&args, &mut dataplane, state.metrics.clone()).await?;

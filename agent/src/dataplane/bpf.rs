@@ -164,10 +164,12 @@ impl Dataplane {
         pins: &Pins,
         cgroup: &Path,
         policy_interfaces: Vec<String>,
+        tracked_sockets: u32,
     ) -> Result<Self, DataplaneError> {
         prepare_bpffs(pins)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins.maps())
+            .map_max_entries(map_names::REVNAT, tracked_sockets.max(1024))
             .load(EBPF_OBJECT)?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
