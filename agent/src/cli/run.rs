@@ -324,7 +324,7 @@ impl PlanWriter {
         let plan = compiler.plan();
         // The proxy learns new L7 services before the kernel starts sending it their connections.
         if let Some(proxy) = proxy
-            && (self.first || dirty.l7 || dirty.sources)
+            && (self.first || dirty.l7 || dirty.sources || dirty.authz)
         {
             proxy.update(ProxyTable::from_plan(plan));
         }
