@@ -31,6 +31,9 @@ struct Input {
     source_labels: Vec<(String, String)>,
     gateway: Option<Pick>,
     namespace: Option<String>,
+    /// The client: an address (authorization looks up its Pod) and/or a namespace.
+    source_ip: Option<[u8; 4]>,
+    source_namespace: Option<String>,
     extra: Option<Extra>,
 }
 
@@ -378,6 +381,8 @@ fuzz_target!(|input: Input| {
         query: input.query,
         source_labels: input.source_labels.into_iter().collect::<BTreeMap<_, _>>(),
         gateway: input.gateway.as_ref().map(|g| pick(g, &gateways)),
+        source_ip: input.source_ip.map(|a| std::net::IpAddr::from(a)),
+        source_namespace: input.source_namespace,
     };
     match explain(cfg, &q) {
         Ok(e) => {
