@@ -193,7 +193,7 @@ type CounterFamily = (&'static str, &'static str, fn(&BackendStats) -> u64);
 
 /// Reads the kernel's traffic counters when scraped.
 struct TcpCollector {
-    stats: Mutex<Option<PerCpuHashMap<MapData, StatsKey, BackendStats>>>,
+    stats: Mutex<Option<aya::maps::HashMap<MapData, StatsKey, BackendStats>>>,
     /// REGISTRY_ONLY refusals per destination.
     denied: Mutex<Option<aya::maps::HashMap<MapData, steerd_common::Addr, u64>>>,
     /// AuthorizationPolicy refusals per destination (per CPU).
@@ -213,7 +213,7 @@ impl prometheus_client::collector::Collector for TcpCollector {
         let mut totals: HashMap<IstioLabels, BackendStats> = HashMap::new();
         if let Some(map) = self.stats.lock().expect("stats map lock").as_ref() {
             for entry in map.iter().flatten() {
-                let (key, per_cpu) = entry;
+                let (key, s) = entry;
                 let Some(vip) = kernel::vip_of(&key.service) else {
                     continue;
                 };
@@ -225,12 +225,10 @@ impl prometheus_client::collector::Collector for TcpCollector {
                     .unwrap_or_else(|| ServiceLabels::from_host(&vip.ip.to_string()));
                 let l = IstioLabels::new(None, &service, labels.workloads.get(&backend), "tcp");
                 let t = totals.entry(l).or_default();
-                for s in per_cpu.iter() {
-                    t.connections_opened += s.connections_opened;
-                    t.connections_closed += s.connections_closed;
-                    t.bytes_sent += s.bytes_sent;
-                    t.bytes_received += s.bytes_received;
-                }
+                t.connections_opened += s.connections_opened;
+                t.connections_closed += s.connections_closed;
+                t.bytes_sent += s.bytes_sent;
+                t.bytes_received += s.bytes_received;
             }
         }
         let families: [CounterFamily; 4] = [
@@ -449,7 +447,7 @@ impl Metrics {
     }
 
     /// Hands the kernel's counter map to the scraper.
-    pub fn attach_stats(&self, map: PerCpuHashMap<MapData, StatsKey, BackendStats>) {
+    pub fn attach_stats(&self, map: aya::maps::HashMap<MapData, StatsKey, BackendStats>) {
         *self.tcp.stats.lock().expect("stats map lock") = Some(map);
     }
 

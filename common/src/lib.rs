@@ -27,8 +27,9 @@ pub mod map_names {
     pub const PROXY: &str = "sd_proxy_v1";
     /// [`crate::ClientKey`] → [`crate::RevNatValue`].
     pub const L7CONN: &str = "sd_l7conn_v1";
-    /// [`crate::StatsKey`] → [`crate::BackendStats`] (per CPU).
-    pub const STATS: &str = "sd_stats_v1";
+    /// [`crate::StatsKey`] → [`crate::BackendStats`] (shared by all CPUs, atomic adds;
+    /// `sd_stats_v1` was per CPU).
+    pub const STATS: &str = "sd_stats_v2";
     /// index 0 → [`crate::EgressPolicy`].
     pub const EGRESS: &str = "sd_egress_v1";
     /// LPM `{prefix_len, Addr}` → `u32` (unused): registered destinations.
@@ -248,9 +249,10 @@ pub struct ClientKey {
 /// Key of the traffic counters: which service a connection dialled and which backend it was
 /// sent to.
 ///
-/// Map `sd_stats_v1` (LRU per-CPU hash): [`StatsKey`] → [`BackendStats`]. Counted by the
-/// `sock_ops` program for steered TCP connections that the kernel balances (not the ones sent to
-/// the L7 proxy, which counts requests itself); the agent sums the CPUs when it is scraped.
+/// Map `sd_stats_v2` (LRU hash): [`StatsKey`] → [`BackendStats`]. Counted by the `sock_ops`
+/// program, with atomic adds, for steered TCP connections that the kernel balances (not the ones
+/// sent to the L7 proxy, which counts requests itself). One entry for all CPUs: the per-CPU
+/// `sd_stats_v1` took `MAX_STATS` × value size × CPUs (11 MiB on 2 CPUs, over 350 MiB on 64).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct StatsKey {

@@ -15,6 +15,9 @@
 //! `steerd-common` for every key and value).
 #![no_std]
 #![no_main]
+// Atomic adds to shared counters (`count`): the BPF target lacks `AtomicU64::fetch_add`.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 use aya_ebpf::{
     bindings::{
@@ -28,6 +31,7 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext, TcContext},
 };
 use aya_log_ebpf::debug;
+use core::intrinsics::AtomicOrdering;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use steerd_common::{
     AUTHZ_DENY, AUTHZ_TABLE_BITS, Addr, AuthzDestKey, AuthzDestValue, AuthzSourceKey, Backend,
@@ -63,8 +67,8 @@ static REGISTRY: LpmTrie<Addr, u32> = LpmTrie::pinned(MAX_REGISTRY, 0);
 #[map(name = "sd_denied_v1")]
 static DENIED: LruHashMap<Addr, u64> = LruHashMap::pinned(MAX_DENIED, 0);
 
-#[map(name = "sd_stats_v1")]
-static STATS: LruPerCpuHashMap<StatsKey, BackendStats> = LruPerCpuHashMap::pinned(MAX_STATS, 0);
+#[map(name = "sd_stats_v2")]
+static STATS: LruHashMap<StatsKey, BackendStats> = LruHashMap::pinned(MAX_STATS, 0);
 
 #[map(name = "sd_authz_dst_v1")]
 static AUTHZ_DEST: HashMap<AuthzDestKey, AuthzDestValue> =
@@ -446,7 +450,7 @@ pub fn sd_sockops(ctx: SockOpsContext) -> u32 {
         if is_proxy(&key.backend) {
             claim_for_proxy(ops, key.service);
         } else {
-            count(&key, |s| s.connections_opened += 1);
+            count(&key, 1, 0, 0, 0);
             // Ask for state changes of this socket only, to count its close and bytes.
             let flags = rd(unsafe { addr_of!((*ops).bpf_sock_ops_cb_flags) });
             let _ = ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
@@ -468,11 +472,7 @@ pub fn sd_sockops(ctx: SockOpsContext) -> u32 {
                 sent = sent.saturating_sub(1);
                 received = received.saturating_sub(1);
             }
-            count(&key, |s| {
-                s.connections_closed += 1;
-                s.bytes_sent += sent;
-                s.bytes_received += received;
-            });
+            count(&key, 0, 1, sent, received);
         }
     }
     1
@@ -554,14 +554,31 @@ fn sock_ops_addr(ops: *const bpf_sock_ops, ip4: *const u32, ip6: *const u32) -> 
     }
 }
 
+/// Adds to one (service, backend) pair's counters. The entry is shared by all CPUs (a per-CPU
+/// map's memory grows with the CPU count), so the adds are atomic.
 #[inline(always)]
-fn count(key: &StatsKey, update: impl FnOnce(&mut BackendStats)) {
+fn count(key: &StatsKey, opened: u64, closed: u64, sent: u64, received: u64) {
     if STATS.get_ptr_mut(key).is_none() {
         let _ = STATS.insert(key, &BackendStats::default(), BPF_NOEXIST);
     }
     if let Some(stats) = STATS.get_ptr_mut(key) {
-        // Per-CPU values: no other CPU writes this copy.
-        update(unsafe { &mut *stats });
+        let add = |field: *mut u64, n: u64| {
+            if n != 0 {
+                // SAFETY: `field` points into a live map value, 8-byte aligned (repr(C) u64s).
+                // The BPF target has no `AtomicU64::fetch_add`; the intrinsic with an unused
+                // result is the kernel's atomic add (BPF_ATOMIC | BPF_ADD).
+                unsafe {
+                    core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, n)
+                };
+            }
+        };
+        // SAFETY: the map value outlives this call; only field addresses are taken.
+        unsafe {
+            add(addr_of_mut!((*stats).connections_opened), opened);
+            add(addr_of_mut!((*stats).connections_closed), closed);
+            add(addr_of_mut!((*stats).bytes_sent), sent);
+            add(addr_of_mut!((*stats).bytes_received), received);
+        }
     }
 }
 

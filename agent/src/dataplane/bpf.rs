@@ -142,7 +142,7 @@ pub struct Dataplane {
     /// Connects refused by REGISTRY_ONLY, per destination (taken by the metrics scraper).
     pub denied: Option<HashMap<MapData, steerd_common::Addr, u64>>,
     /// Per-(service, backend) traffic counters (taken by the metrics scraper).
-    pub stats: Option<PerCpuHashMap<MapData, StatsKey, BackendStats>>,
+    pub stats: Option<HashMap<MapData, StatsKey, BackendStats>>,
     /// AuthorizationPolicy tables for TCP.
     pub authz: super::authz::AuthzWriter,
     /// Connections refused by AuthorizationPolicies, per destination (taken by the scraper).
@@ -155,6 +155,10 @@ pub struct Dataplane {
     // holds the authorization program for interfaces that appear later.
     ebpf: Ebpf,
 }
+
+/// Pinned maps earlier versions created and this one no longer uses (`sd_stats_v1`: per-CPU
+/// counters, now `sd_stats_v2`).
+const RETIRED_MAPS: &[&str] = &["sd_stats_v1"];
 
 impl Dataplane {
     /// Loads the programs against the pinned maps (creating them on first start), attaches
@@ -231,7 +235,7 @@ impl Dataplane {
             .map_err(map_err(map_names::PROXY))?;
         let l7_connections = HashMap::try_from(take(&mut ebpf, map_names::L7CONN)?)
             .map_err(map_err(map_names::L7CONN))?;
-        let stats = PerCpuHashMap::try_from(take(&mut ebpf, map_names::STATS)?)
+        let stats = HashMap::try_from(take(&mut ebpf, map_names::STATS)?)
             .map_err(map_err(map_names::STATS))?;
         let egress = super::egress::EgressWriter::new(
             Array::try_from(take(&mut ebpf, map_names::EGRESS)?)
@@ -270,6 +274,19 @@ impl Dataplane {
             ebpf,
         };
         dataplane.rescan_policy_interfaces();
+        // Maps of earlier layouts that this generation replaced: their programs' links are
+        // replaced above, so unpinning frees them once the last program lets go.
+        for stale in RETIRED_MAPS {
+            let path = pins.maps().join(stale);
+            if path.exists() {
+                match fs::remove_file(&path) {
+                    Ok(()) => info!(map = stale, "removed a retired map's pin"),
+                    Err(e) => {
+                        warn!(map = stale, error = %e, "could not remove a retired map's pin")
+                    }
+                }
+            }
+        }
         Ok(dataplane)
     }
 
