@@ -130,6 +130,33 @@ fn idx(base: &str, field: &str, i: usize) -> String {
 }
 
 /// `base.key`, or `base["key"]` when the key is not a plain identifier.
+/// Istio's checks of a `matchLabels` selector's entries (at `path`): no empty keys, no
+/// wildcards, values of at most 63 characters.
+fn validate_match_labels(
+    report: &mut Report,
+    path: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+) {
+    for (k, v) in labels {
+        let kp = key(path, k);
+        if k.is_empty() {
+            report.error(
+                &kp,
+                format!("empty key is not supported in selector: \"{k}={v}\""),
+            );
+        }
+        if k.contains('*') || v.contains('*') {
+            report.error(
+                &kp,
+                format!("wildcard is not supported in selector: \"{k}={v}\""),
+            );
+        }
+        if v.len() > 63 {
+            report.error(&kp, "Too long: may not be longer than 63");
+        }
+    }
+}
+
 fn key(base: &str, k: &str) -> String {
     if !k.is_empty()
         && k.chars()
@@ -1967,24 +1994,7 @@ pub fn validate_destination_rule(r: &Resource<DestinationRule>) -> Vec<Diagnosti
     );
     if let Some(sel) = &dr.workload_selector {
         let p = "spec.workloadSelector.matchLabels";
-        for (k, v) in &sel.match_labels {
-            let kp = key(p, k);
-            if k.is_empty() {
-                report.error(
-                    &kp,
-                    format!("empty key is not supported in selector: \"{k}={v}\""),
-                );
-            }
-            if k.contains('*') || v.contains('*') {
-                report.error(
-                    &kp,
-                    format!("wildcard is not supported in selector: \"{k}={v}\""),
-                );
-            }
-            if v.len() > 63 {
-                report.error(&kp, "Too long: may not be longer than 63");
-            }
-        }
+        validate_match_labels(&mut report, p, &sel.match_labels);
         if sel.match_labels.is_empty() {
             report.warning(p, "workload selector specified without labels");
         }

@@ -13,7 +13,7 @@
 //! What steerd cannot enforce (principals, JWT attributes, CUSTOM, ...) is valid Istio and is
 //! reported by the compiler (`compile::authz`), not here.
 
-use super::{Report, at, idx, key};
+use super::{Report, at, idx, validate_match_labels};
 use crate::compile::Diagnostic;
 use crate::model::security::{
     Action, AuthorizationPolicy, Operation, PolicyTargetReference, Source,
@@ -76,25 +76,11 @@ pub fn validate_authorization_policy(r: &Resource<AuthorizationPolicy>) -> Vec<D
         );
     }
     if let Some(selector) = &ap.selector {
-        let path = "spec.selector.matchLabels";
-        for (k, v) in &selector.match_labels {
-            let kp = key(path, k);
-            if k.is_empty() {
-                report.error(
-                    &kp,
-                    format!("empty key is not supported in selector: \"{k}={v}\""),
-                );
-            }
-            if k.contains('*') || v.contains('*') {
-                report.error(
-                    &kp,
-                    format!("wildcard is not supported in selector: \"{k}={v}\""),
-                );
-            }
-            if v.len() > 63 {
-                report.error(&kp, "Too long: may not be longer than 63");
-            }
-        }
+        validate_match_labels(
+            &mut report,
+            "spec.selector.matchLabels",
+            &selector.match_labels,
+        );
         if selector.match_labels.is_empty() {
             report.warning(
                 "spec.selector",
