@@ -259,14 +259,27 @@ impl ApiServer {
     fn install_istio_crds(&self) {
         let crds = shared("istio/crds/crd-all.gen.yaml");
         self.kubectl(&["apply", "--validate=false", "-f", crds.to_str().unwrap()]);
-        self.kubectl(&[
-            "wait",
-            "--for",
-            "condition=established",
-            "--timeout=60s",
-            "crd",
-            "--all",
-        ]);
+        // kubectl 1.20's `wait` fails, instead of waiting, on a CRD the API server has not
+        // given status conditions yet (right after creation): ask again until all are there.
+        let mut last = String::new();
+        let established = wait_until(Duration::from_secs(60), || {
+            let wait = [
+                "wait",
+                "--for",
+                "condition=established",
+                "--timeout=60s",
+                "crd",
+                "--all",
+            ];
+            match self.try_kubectl(&wait, None) {
+                Ok(_) => true,
+                Err(e) => {
+                    last = e;
+                    false
+                }
+            }
+        });
+        assert!(established, "the Istio CRDs were not established: {last}");
     }
 
     /// `deploy/` applied for real (nothing runs it: this API server has no controllers), and a
