@@ -93,6 +93,13 @@ fn copies<'m, T>(map: &'m ByKey<T>, key: &Key) -> impl Iterator<Item = &'m Resou
         .flat_map(|c| c.iter().map(|(_, r)| r))
 }
 
+/// Every copy of every object of one kind, in key order.
+fn all<T: Clone>(map: &ByKey<T>) -> Vec<Resource<T>> {
+    map.values()
+        .flat_map(|c| c.iter().map(|(_, r)| r.clone()))
+        .collect()
+}
+
 /// Points `key` at exactly the index entries `now` (it was at `before`).
 fn reindex<I: std::hash::Hash + Eq + Ord + Clone>(
     index: &mut HashMap<I, BTreeSet<Key>>,
@@ -364,11 +371,6 @@ impl Store {
 
     /// The whole configuration, every kind in key order.
     pub fn to_config(&self) -> ConfigSet {
-        fn all<T: Clone>(map: &ByKey<T>) -> Vec<Resource<T>> {
-            map.values()
-                .flat_map(|c| c.iter().map(|(_, r)| r.clone()))
-                .collect()
-        }
         ConfigSet {
             services: all(&self.services),
             endpoint_slices: all(&self.endpoint_slices),
@@ -388,11 +390,6 @@ impl Store {
     /// What authorization reads: the policies and the workloads they select (Pods,
     /// WorkloadEntries). Empty without policies.
     fn authz_config(&self) -> ConfigSet {
-        fn all<T: Clone>(map: &ByKey<T>) -> Vec<Resource<T>> {
-            map.values()
-                .flat_map(|c| c.iter().map(|(_, r)| r.clone()))
-                .collect()
-        }
         if self.authorization_policies.is_empty() {
             return ConfigSet::default();
         }
@@ -408,16 +405,8 @@ impl Store {
     /// WorkloadEntries.
     pub fn dns_config(&self) -> ConfigSet {
         ConfigSet {
-            service_entries: self
-                .service_entries
-                .values()
-                .flat_map(|c| c.iter().map(|(_, r)| r.clone()))
-                .collect(),
-            workload_entries: self
-                .workload_entries
-                .values()
-                .flat_map(|c| c.iter().map(|(_, r)| r.clone()))
-                .collect(),
+            service_entries: all(&self.service_entries),
+            workload_entries: all(&self.workload_entries),
             resolved: self.resolved(),
             ..Default::default()
         }
@@ -698,12 +687,7 @@ impl IncrementalCompiler {
         }
         if effects.sidecars {
             let policy = mesh_registry_only(&ConfigSet {
-                sidecars: self
-                    .store
-                    .sidecars
-                    .values()
-                    .flat_map(|c| c.iter().map(|(_, r)| r.clone()))
-                    .collect(),
+                sidecars: all(&self.store.sidecars),
                 ..Default::default()
             });
             if policy != self.plan.egress.registry_only {

@@ -203,6 +203,23 @@ pub(crate) fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
     ips
 }
 
+/// A usable pod's addresses as endpoints serving `ports` (service port → pod port).
+fn pod_endpoints(
+    pod: &Resource<Pod>,
+    ports: BTreeMap<u16, u16>,
+) -> impl Iterator<Item = Endpoint> + '_ {
+    let source = format!("Pod {}", pod.meta.key());
+    let workload = Workload::new("Pod", &pod.meta.namespace, &pod.meta.name, &pod.meta.labels);
+    pod_ips(&pod.spec).into_iter().map(move |ip| Endpoint {
+        ip,
+        labels: pod.meta.labels.clone(),
+        ports: ports.clone(),
+        weight: 1,
+        source: source.clone(),
+        workload: workload.clone(),
+    })
+}
+
 /// Resolves a Service `targetPort` on one pod: a number, or a container port name.
 fn pod_target_port(pod: &Pod, target: &IntOrString) -> Option<u16> {
     match target {
@@ -431,21 +448,7 @@ impl Builder<'_> {
                 .zip(targets)
                 .filter_map(|(sp, t)| pod_target_port(&pod.spec, t).map(|tp| (sp.port, tp)))
                 .collect();
-            for ip in pod_ips(&pod.spec) {
-                out.push(Endpoint {
-                    ip,
-                    labels: pod.meta.labels.clone(),
-                    ports: port_map.clone(),
-                    weight: 1,
-                    source: format!("Pod {}", pod.meta.key()),
-                    workload: Workload::new(
-                        "Pod",
-                        &pod.meta.namespace,
-                        &pod.meta.name,
-                        &pod.meta.labels,
-                    ),
-                });
-            }
+            out.extend(pod_endpoints(pod, port_map));
         }
         out
     }
@@ -568,21 +571,7 @@ impl Builder<'_> {
                     .flatten()
                 {
                     if labels_match(&sel.labels, &pod.meta.labels) {
-                        for ip in pod_ips(&pod.spec) {
-                            endpoints.push(Endpoint {
-                                ip,
-                                labels: pod.meta.labels.clone(),
-                                ports: port_map_for(&BTreeMap::new()),
-                                weight: 1,
-                                source: format!("Pod {}", pod.meta.key()),
-                                workload: Workload::new(
-                                    "Pod",
-                                    &pod.meta.namespace,
-                                    &pod.meta.name,
-                                    &pod.meta.labels,
-                                ),
-                            });
-                        }
+                        endpoints.extend(pod_endpoints(pod, port_map_for(&BTreeMap::new())));
                     }
                 }
             }
@@ -648,21 +637,7 @@ impl Builder<'_> {
                     .flatten()
                     .filter(|p| labels_match(&sel.labels, &p.meta.labels))
                 {
-                    for ip in pod_ips(&pod.spec) {
-                        endpoints.push(Endpoint {
-                            ip,
-                            labels: pod.meta.labels.clone(),
-                            ports: port_map_for(&BTreeMap::new()),
-                            weight: 1,
-                            source: format!("Pod {}", pod.meta.key()),
-                            workload: Workload::new(
-                                "Pod",
-                                &pod.meta.namespace,
-                                &pod.meta.name,
-                                &pod.meta.labels,
-                            ),
-                        });
-                    }
+                    endpoints.extend(pod_endpoints(pod, port_map_for(&BTreeMap::new())));
                 }
             } else {
                 // Each host is its own service whose one endpoint is the host itself (Istio
