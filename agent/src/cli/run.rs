@@ -328,18 +328,21 @@ impl PlanWriter {
         {
             proxy.update(ProxyTable::from_plan(plan));
         }
-        for d in plan
-            .diagnostics
-            .iter()
-            .filter(|d| !self.logged.contains(*d))
-        {
-            match d.level {
-                Level::Error => warn!(diagnostic = %d, "configuration error"),
-                Level::Warning => warn!(diagnostic = %d, "configuration warning"),
-                Level::Info => info!(diagnostic = %d, "configuration note"),
+        // Only new findings are logged; the set is rebuilt only when the findings changed.
+        if self.first || dirty.diagnostics {
+            for d in plan
+                .diagnostics
+                .iter()
+                .filter(|d| !self.logged.contains(*d))
+            {
+                match d.level {
+                    Level::Error => warn!(diagnostic = %d, "configuration error"),
+                    Level::Warning => warn!(diagnostic = %d, "configuration warning"),
+                    Level::Info => info!(diagnostic = %d, "configuration note"),
+                }
             }
+            self.logged = plan.diagnostics.iter().cloned().collect();
         }
-        self.logged = plan.diagnostics.iter().cloned().collect();
         let metrics = &state.metrics;
         // Policies go in before the services that make their workloads reachable.
         if (self.first || self.authz_failed || dirty.authz)
