@@ -173,13 +173,13 @@ pub struct RunArgs {
     /// Default: the system's (/etc/resolv.conf).
     #[arg(long, value_parser = crate::sources::dns::parse_server)]
     pub dns_server: Option<SocketAddr>,
-    /// Worker threads of the agent's runtime (the L7 proxy's request handlers). Default: the
-    /// CPUs the agent may use (its CPU affinity and cgroup CPU quota).
+    /// Worker threads of the L7 proxy (each a single-threaded event loop with its own listener).
+    /// Default: the CPUs the agent may use (its CPU affinity and cgroup CPU quota).
     #[arg(long, env = "STEERD_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
 }
 
-/// Worker threads for the runtime: `configured`, else what [`std::thread::available_parallelism`]
+/// Worker threads for the L7 proxy: `configured`, else what [`std::thread::available_parallelism`]
 /// reports (which honours `sched_setaffinity`/`taskset` and the cgroup v2 `cpu.max` quota, so a
 /// DaemonSet with a CPU limit of 1 gets one worker: more threads than cores only add wake-ups
 /// and context switches on the request path).
