@@ -751,3 +751,229 @@ fn destination_rule_connect_timeout_bounds_a_silent_backend() {
         r.latency_ms
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// DestinationRule load balancing through the kernel redirect. Every pod serves on its IPv4 and
+// IPv6 address, so the service's cluster has six endpoints, two per pod identity.
+// ---------------------------------------------------------------------------------------------
+
+fn load_balancer_dr(lb: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews}}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer: {lb}\n"
+    )
+}
+
+/// The one backend that answered all of `r` (panics if several did or none did).
+fn only_backend(r: &HttpProbeResult) -> String {
+    assert_eq!(r.failures, 0, "{r:?}");
+    assert_eq!(r.counts.len(), 1, "requests moved between backends: {r:?}");
+    r.counts.keys().next().unwrap().clone()
+}
+
+#[test]
+fn consistent_hash_cookie_is_generated_then_sticky() {
+    let dr =
+        load_balancer_dr("{consistentHash: {httpCookie: {name: session, ttl: 120s, path: /}}}");
+    let m = Mesh::start(&[("dr.yaml", &dr)]);
+    // A new connection per request: each request without the cookie gets a fresh one (Envoy
+    // derives it from the connection's addresses), so first visits spread over the backends.
+    let first = m.http(&["--url", &url("/"), "--count", "30"]);
+    assert_eq!(first.status(200), 30, "{first:?}\n{}", m.agent.log());
+    assert!(
+        first.counts.len() >= 2,
+        "generated cookies all hashed to one backend: {first:?}"
+    );
+    let sample = first.sample.expect("a response");
+    let set_cookie = sample
+        .headers
+        .get("set-cookie")
+        .unwrap_or_else(|| panic!("no cookie generated: {:?}", sample.headers));
+    let value = set_cookie
+        .strip_prefix("session=\"")
+        .and_then(|v| v.split_once("\"; Max-Age=120; Path=/; HttpOnly"))
+        .map(|(v, rest)| {
+            assert!(rest.is_empty(), "{set_cookie}");
+            v
+        })
+        .unwrap_or_else(|| panic!("not Envoy's Set-Cookie: {set_cookie}"));
+    assert_eq!(value.len(), 16, "{set_cookie}");
+    let first_backend = sample.headers["x-backend-id"].clone();
+    // Requests that carry it (quoted, as browsers send it back) stick to that backend, on new
+    // connections too, and get no new cookie.
+    for cookie in [
+        format!("session=\"{value}\""),
+        format!("a=1; session={value}"),
+    ] {
+        let r = m.http(&[
+            "--url",
+            &url("/"),
+            "--count",
+            "20",
+            "--header",
+            &format!("cookie:{cookie}"),
+        ]);
+        assert_eq!(only_backend(&r), first_backend, "{cookie}");
+        let headers = &r.sample.unwrap().headers;
+        assert!(!headers.contains_key("set-cookie"), "{headers:?}");
+    }
+    // Any value of the cookie sticks, even one the proxy did not generate.
+    let mut seen = std::collections::HashSet::new();
+    for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
+        let r = m.http(&[
+            "--url",
+            &url("/"),
+            "--count",
+            "10",
+            "--header",
+            &format!("cookie:session={user}"),
+        ]);
+        seen.insert(only_backend(&r));
+    }
+    assert!(
+        seen.len() >= 2,
+        "all cookies hashed to one backend: {seen:?}"
+    );
+}
+
+#[test]
+fn consistent_hash_on_the_source_ip_sticks_per_client() {
+    let dr = load_balancer_dr("{consistentHash: {useSourceIp: true}}");
+    let m = Mesh::start(&[("dr.yaml", &dr)]);
+    // More client pods, each with an address of its own, all in the steered cgroup.
+    let clients: Vec<Pod> = (0..5)
+        .map(|i| m.node.add_pod(&format!("client{i}")))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for client in std::iter::once(&m.client).chain(&clients) {
+        // A new connection (and source port) per request: only the address is the key.
+        let r = run_http_probe(
+            Some(&client.netns),
+            Some(&m.client_cgroup),
+            &["--url", &url("/"), "--count", "20"],
+        );
+        let backend = only_backend(&r);
+        // Sticky over time and over HTTP/2 too.
+        let again = run_http_probe(
+            Some(&client.netns),
+            Some(&m.client_cgroup),
+            &["--url", &url("/"), "--count", "20", "--h2"],
+        );
+        assert_eq!(only_backend(&again), backend, "{}", client.ipv4);
+        seen.insert(backend);
+    }
+    assert!(
+        seen.len() >= 2,
+        "six client addresses all hashed to one backend: {seen:?}"
+    );
+}
+
+#[test]
+fn consistent_hash_on_a_query_parameter_is_sticky() {
+    let dr = load_balancer_dr("{consistentHash: {httpQueryParameterName: user}}");
+    let m = Mesh::start(&[("dr.yaml", &dr)]);
+    let mut seen = std::collections::HashSet::new();
+    for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
+        let r = m.http(&[
+            "--url",
+            &url(&format!("/reviews?x=1&user={user}")),
+            "--count",
+            "20",
+        ]);
+        seen.insert(only_backend(&r));
+    }
+    assert!(seen.len() >= 2, "all users hashed to one backend: {seen:?}");
+    // Without the parameter there is no key: requests spread (Envoy picks at random).
+    let r = m.http(&["--url", &url("/reviews?x=1"), "--count", "60"]);
+    assert!(r.counts.len() >= 2, "{r:?}");
+}
+
+#[test]
+fn ring_hash_and_maglev_settings_keep_hashing_sticky() {
+    for lb in [
+        "{consistentHash: {httpHeaderName: x-user, ringHash: {minimumRingSize: 1024}}}",
+        "{consistentHash: {httpHeaderName: x-user, maglev: {tableSize: 65537}}}",
+    ] {
+        let dr = load_balancer_dr(lb);
+        let m = Mesh::start(&[("dr.yaml", &dr)]);
+        let mut seen = std::collections::HashSet::new();
+        for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
+            let r = m.http(&[
+                "--url",
+                &url("/"),
+                "--count",
+                "15",
+                "--header",
+                &format!("x-user:{user}"),
+            ]);
+            seen.insert(only_backend(&r));
+        }
+        assert!(seen.len() >= 2, "{lb}: {seen:?}");
+    }
+}
+
+#[test]
+fn random_spreads_over_every_endpoint() {
+    let dr = load_balancer_dr("{simple: RANDOM}");
+    let m = Mesh::start(&[("dr.yaml", &dr)]);
+    let r = m.http(&["--url", &url("/"), "--count", "300", "--keepalive"]);
+    assert_eq!(r.status(200), 300, "{r:?}\n{}", m.agent.log());
+    // Expected 100 each; below 30 is more than 8 standard deviations away.
+    for pod in ["reviews-v1", "reviews-v2", "reviews-v3"] {
+        assert!(r.count(pod) >= 30, "{pod}: {r:?}");
+    }
+}
+
+#[test]
+fn least_request_sends_new_requests_to_idle_backends() {
+    let dr = load_balancer_dr("{simple: LEAST_REQUEST}");
+    let m = Mesh::start(&[("dr.yaml", &dr)]);
+    // v1 (both of its endpoints) holds every request it gets for 8 s.
+    m.servers[0].set_delay(Duration::from_secs(8));
+    m.servers[1].set_delay(Duration::from_secs(8));
+    // Concurrent load for a moment: with every endpoint idle at first, v1's endpoints get
+    // requests too, which they then hold.
+    let load = steerd_e2e::spawn_http_probe(
+        Some(&m.client.netns),
+        Some(&m.client_cgroup),
+        &[
+            "--url",
+            &url("/load"),
+            "--duration-ms",
+            "500",
+            "--concurrency",
+            "8",
+            "--timeout-ms",
+            "12000",
+        ],
+    );
+    let holding = steerd_e2e::wait_until(Duration::from_secs(5), || {
+        m.servers[0].in_flight() >= 1 && m.servers[1].in_flight() >= 1
+    });
+    assert!(
+        holding,
+        "v1 never got a request to hold:\n{}",
+        m.agent.log()
+    );
+    // Past the load's 500 ms its other requests finish: only v1 has requests in flight.
+    std::thread::sleep(Duration::from_millis(700));
+    let settled = steerd_e2e::wait_until(Duration::from_secs(5), || {
+        m.servers[2..].iter().all(|s| s.in_flight() == 0)
+    });
+    assert!(settled, "the load did not stop");
+    let r = m.http(&["--url", &url("/new"), "--count", "60", "--keepalive"]);
+    assert_eq!(r.status(200), 60, "{r:?}\n{}", m.agent.log());
+    assert_eq!(
+        r.count("reviews-v1"),
+        0,
+        "a new request went to the busy v1: {r:?}"
+    );
+    assert!(
+        r.count("reviews-v2") > 0 && r.count("reviews-v3") > 0,
+        "idle backends share the load: {r:?}"
+    );
+    assert!(
+        m.servers[0].in_flight() + m.servers[1].in_flight() >= 2,
+        "v1 still held its requests while the new ones were served"
+    );
+    drop(load);
+}

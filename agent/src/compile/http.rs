@@ -146,6 +146,8 @@ impl RequestView<'_> {
     }
 
     /// A cookie's value from the `cookie` header(s) (HTTP/2 clients may send one per cookie).
+    /// A quoted value is unquoted, as Envoy's cookie parser does (the cookies it generates are
+    /// quoted).
     pub fn cookie(&self, name: &str) -> Option<&str> {
         self.headers
             .get_all(COOKIE)
@@ -154,6 +156,10 @@ impl RequestView<'_> {
             .flat_map(|v| v.split(';'))
             .find_map(|c| {
                 let (k, v) = c.trim().split_once('=')?;
+                let v = v
+                    .strip_prefix('"')
+                    .and_then(|v| v.strip_suffix('"'))
+                    .unwrap_or(v);
                 (k == name).then_some(v)
             })
     }
@@ -263,7 +269,15 @@ pub enum LoadBalancer {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub enum HashKey {
     Header(String),
-    Cookie { name: String, ttl: Option<Duration> },
+    /// With a `ttl`, a request without the cookie gets one generated (and set on its response),
+    /// as Envoy does; a zero ttl makes it a session cookie.
+    Cookie {
+        name: String,
+        ttl: Option<Duration>,
+        path: Option<String>,
+        /// Extra `Set-Cookie` attributes (`name` or `name=value`).
+        attributes: Vec<(String, Option<String>)>,
+    },
     SourceIp,
     QueryParam(String),
 }
@@ -766,6 +780,13 @@ mod tests {
             "a second cookie header is read too"
         );
         assert_eq!(r.header_value("x-USER").as_deref(), Some("mike"));
+        let quoted = req("/", &[("cookie", "session=\"0123abcd\"; x=\"")]);
+        assert_eq!(
+            quoted.cookie("session"),
+            Some("0123abcd"),
+            "a quoted value (as generated) is unquoted"
+        );
+        assert_eq!(quoted.cookie("x"), Some("\""), "a lone quote stays");
     }
 
     #[test]

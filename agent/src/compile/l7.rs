@@ -161,7 +161,14 @@ fn cluster_policy(
             }
             Some(istio::HashKey::HttpCookie(c)) => LoadBalancer::Hash(HashKey::Cookie {
                 name: c.name.clone(),
-                ttl: duration(c.ttl),
+                // A zero ttl still generates the cookie (a session cookie), so it is kept.
+                ttl: c.ttl.and_then(|d| d.as_std()),
+                path: c.path.clone().filter(|p| !p.is_empty()),
+                attributes: c
+                    .attributes
+                    .iter()
+                    .map(|a| (a.name.clone(), a.value.clone().filter(|v| !v.is_empty())))
+                    .collect(),
             }),
             Some(istio::HashKey::UseSourceIp(true)) => LoadBalancer::Hash(HashKey::SourceIp),
             Some(istio::HashKey::HttpQueryParameterName(q)) => {
@@ -510,6 +517,9 @@ impl<'a> Ctx<'a> {
                 )
             });
         let dr = self.destination_rules.get(host).copied();
+        if let Some(dr) = dr {
+            self.report_hash_algorithms(dr);
+        }
         let cluster = Arc::new(Cluster {
             name: name.clone(),
             host: host.to_string(),
@@ -524,9 +534,180 @@ impl<'a> Ctx<'a> {
     }
 }
 
+impl Ctx<'_> {
+    /// `consistentHash.ringHash`/`maglev`/`minimumRingSize` choose Envoy's hashing algorithm;
+    /// steerd hashes every key with rendezvous hashing, which gives the same guarantees (a key
+    /// sticks to its endpoint, and only a removed endpoint's keys move), so the settings are
+    /// reported as not used rather than silently dropped.
+    fn report_hash_algorithms(&mut self, dr: &Resource<istio::DestinationRule>) {
+        fn collect<'d>(
+            policies: &mut Vec<(String, &'d istio::LoadBalancerSettings)>,
+            path: String,
+            tp: Option<&'d istio::TrafficPolicy>,
+        ) {
+            let Some(tp) = tp else { return };
+            if let Some(lb) = &tp.load_balancer {
+                policies.push((format!("{path}.loadBalancer"), lb));
+            }
+            for (i, pl) in tp.port_level_settings.iter().enumerate() {
+                if let Some(lb) = &pl.load_balancer {
+                    policies.push((format!("{path}.portLevelSettings[{i}].loadBalancer"), lb));
+                }
+            }
+        }
+        let mut policies = Vec::new();
+        collect(
+            &mut policies,
+            "spec.trafficPolicy".into(),
+            dr.spec.traffic_policy.as_ref(),
+        );
+        for (i, subset) in dr.spec.subsets.iter().enumerate() {
+            collect(
+                &mut policies,
+                format!("spec.subsets[{i}].trafficPolicy"),
+                subset.traffic_policy.as_ref(),
+            );
+        }
+        let mut found = Vec::new();
+        for (path, lb) in policies {
+            let Some(ch) = lb.consistent_hash() else {
+                continue;
+            };
+            let field = match (&ch.hash_algorithm, ch.minimum_ring_size) {
+                (Some(istio::HashAlgorithm::RingHash(_)), _) => "ringHash",
+                (Some(istio::HashAlgorithm::Maglev(_)), _) => "maglev",
+                (None, Some(n)) if n > 0 => "minimumRingSize",
+                _ => continue,
+            };
+            found.push(format!("{path}.consistentHash.{field}"));
+        }
+        for field in found {
+            self.diags.push(super::Diagnostic {
+                level: super::Level::Info,
+                code: None,
+                kind: "DestinationRule".into(),
+                object: dr.meta.key(),
+                origin: dr.origin.clone(),
+                field,
+                message: "steerd's L7 proxy hashes with rendezvous hashing (a key sticks to its \
+                          endpoint, only a removed endpoint's keys move); the ring hash or maglev \
+                          settings are not used"
+                    .into(),
+            });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compile::{Plan, VipKey, compile, registry::Transport};
+    use crate::model::{ConfigSet, parse_documents};
+
+    /// `reviews` (HTTP on 9080, VIP 10.96.2.2) with pods v1, v2, v3, plus `extra` documents.
+    pub(crate) fn reviews_plan(extra: &[&str]) -> Plan {
+        let mut texts = vec![REVIEWS.to_string()];
+        texts.extend(extra.iter().map(|t| t.to_string()));
+        let mut cfg = ConfigSet::default();
+        for (i, t) in texts.iter().enumerate() {
+            let (objs, errs) = parse_documents(&format!("test{i}.yaml"), t);
+            assert!(errs.is_empty(), "{errs:?}");
+            cfg.extend(objs);
+        }
+        compile(&cfg)
+    }
+
+    const REVIEWS: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: default}\nspec: {clusterIP: 10.96.2.2, selector: {app: reviews}, ports: [{name: http, port: 9080}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: r1, labels: {app: reviews, version: v1}}\nstatus: {podIP: 10.244.4.1}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: r2, labels: {app: reviews, version: v2}}\nstatus: {podIP: 10.244.4.2}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: r3, labels: {app: reviews, version: v3}}\nstatus: {podIP: 10.244.4.3}\n";
+
+    pub(crate) fn routes(plan: &Plan) -> &HttpRoutes {
+        let key = VipKey {
+            ip: "10.96.2.2".parse().unwrap(),
+            port: 9080,
+            transport: Transport::Tcp,
+        };
+        plan.services[&key].http.as_deref().expect("an HTTP port")
+    }
+
+    fn default_cluster(plan: &Plan) -> &Cluster {
+        let RouteAction::Forward(d) = &routes(plan).rules[0].action else {
+            panic!("a forward rule");
+        };
+        &d[0].cluster
+    }
+
+    #[test]
+    fn load_balancer_modes_compile() {
+        let dr = |lb: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews}}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer: {lb}\n"
+            )
+        };
+        let lb = |text: &str| {
+            default_cluster(&reviews_plan(&[&dr(text)]))
+                .policy
+                .load_balancer
+                .clone()
+        };
+        assert_eq!(
+            lb(
+                "{consistentHash: {httpCookie: {name: user, ttl: 60s, path: /, attributes: [{name: SameSite, value: Strict}, {name: Secure}]}}}"
+            ),
+            LoadBalancer::Hash(HashKey::Cookie {
+                name: "user".into(),
+                ttl: Some(Duration::from_secs(60)),
+                path: Some("/".into()),
+                attributes: vec![
+                    ("SameSite".into(), Some("Strict".into())),
+                    ("Secure".into(), None)
+                ],
+            })
+        );
+        assert_eq!(
+            lb("{consistentHash: {httpCookie: {name: user, ttl: 0s}}}"),
+            LoadBalancer::Hash(HashKey::Cookie {
+                name: "user".into(),
+                ttl: Some(Duration::ZERO),
+                path: None,
+                attributes: vec![],
+            }),
+            "a zero ttl generates a session cookie"
+        );
+        assert_eq!(
+            lb("{consistentHash: {useSourceIp: true}}"),
+            LoadBalancer::Hash(HashKey::SourceIp)
+        );
+        assert_eq!(
+            lb("{consistentHash: {httpQueryParameterName: user}}"),
+            LoadBalancer::Hash(HashKey::QueryParam("user".into()))
+        );
+        assert_eq!(lb("{simple: RANDOM}"), LoadBalancer::Random);
+        assert_eq!(lb("{simple: LEAST_REQUEST}"), LoadBalancer::LeastRequest);
+        assert_eq!(lb("{simple: ROUND_ROBIN}"), LoadBalancer::RoundRobin);
+    }
+
+    #[test]
+    fn ring_hash_and_maglev_are_reported_as_not_used() {
+        let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer: {consistentHash: {httpHeaderName: x-user, ringHash: {minimumRingSize: 1024}}}\n  subsets:\n  - name: v1\n    labels: {version: v1}\n    trafficPolicy:\n      loadBalancer: {consistentHash: {useSourceIp: true, maglev: {tableSize: 65537}}}\n";
+        let plan = reviews_plan(&[dr]);
+        let fields: Vec<&str> = plan
+            .diagnostics
+            .iter()
+            .filter(|d| d.kind == "DestinationRule" && d.message.contains("not used"))
+            .map(|d| d.field.as_str())
+            .collect();
+        assert_eq!(
+            fields,
+            vec![
+                "spec.subsets[0].trafficPolicy.loadBalancer.consistentHash.maglev",
+                "spec.trafficPolicy.loadBalancer.consistentHash.ringHash",
+            ]
+        );
+        // The hash key still applies: the algorithm is the only thing not used.
+        assert_eq!(
+            default_cluster(&plan).policy.load_balancer,
+            LoadBalancer::Hash(HashKey::Header("x-user".into()))
+        );
+    }
 
     #[test]
     fn numeric_retry_on_becomes_status_codes() {

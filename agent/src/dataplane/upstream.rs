@@ -16,6 +16,11 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+/// Up to this many candidate endpoints, LEAST_REQUEST compares all of them; beyond, two random
+/// ones (Envoy's power of two choices). With few endpoints two random picks are often the same
+/// busy one, while checking a handful of counters costs next to nothing.
+const LEAST_REQUEST_FULL_SCAN: usize = 8;
+
 /// What the load balancer needs from the request for consistent hashing.
 #[derive(Debug, Default)]
 pub struct HashInput<'a> {
@@ -263,15 +268,27 @@ impl ClusterState {
             }
             LoadBalancer::Random => candidates.weighted(fastrand::f64() * candidates.total()),
             LoadBalancer::LeastRequest => {
-                // Power of two choices, Envoy's default for LEAST_REQUEST.
-                let a = candidates.index(fastrand::usize(..candidates.len()));
-                let b = candidates.index(fastrand::usize(..candidates.len()));
                 let load = |x: usize| {
                     self.endpoint(endpoints[x].addr)
                         .in_flight
                         .load(Ordering::Acquire)
                 };
-                if load(b) < load(a) { b } else { a }
+                let n = candidates.len();
+                if n <= LEAST_REQUEST_FULL_SCAN {
+                    // Few endpoints: the least loaded of all of them (Envoy's full scan), ties
+                    // broken by a random starting point so idle endpoints share the load.
+                    let start = fastrand::usize(..n);
+                    (0..n)
+                        .map(|k| candidates.index((start + k) % n))
+                        .min_by_key(|&i| load(i))
+                        .expect("candidates are not empty")
+                } else {
+                    // Power of two distinct choices, Envoy's default for LEAST_REQUEST.
+                    let a = fastrand::usize(..n);
+                    let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+                    let (a, b) = (candidates.index(a), candidates.index(b));
+                    if load(b) < load(a) { b } else { a }
+                }
             }
             LoadBalancer::Hash(key) => {
                 let value: Option<std::borrow::Cow<'_, str>> = match key {
@@ -520,6 +537,34 @@ mod tests {
             distinct.len() >= 3,
             "keys spread over endpoints: {distinct:?}"
         );
+    }
+
+    #[test]
+    fn least_request_avoids_busy_endpoints() {
+        for n in [3, 20] {
+            let c = cluster(n, LoadBalancer::LeastRequest);
+            let s = Arc::new(ClusterState::default());
+            let busy: SocketAddr = "10.0.0.1:80".parse().unwrap();
+            // Requests in flight everywhere, then all but the first endpoint's finish.
+            let all: Vec<Picked> = (0..4 * n)
+                .map(|_| s.pick(&c, &HashInput::default(), &[]).unwrap())
+                .collect();
+            let held: Vec<Picked> = all.into_iter().filter(|p| p.addr == busy).collect();
+            assert!(!held.is_empty());
+            let picks: Vec<SocketAddr> = (0..100)
+                .map(|_| s.pick(&c, &HashInput::default(), &[]).unwrap().addr)
+                .collect();
+            let to_busy = picks.iter().filter(|a| **a == busy).count();
+            if n <= LEAST_REQUEST_FULL_SCAN {
+                assert_eq!(to_busy, 0, "full scan never picks the busy endpoint");
+                let distinct: std::collections::HashSet<_> = picks.iter().collect();
+                assert_eq!(distinct.len(), n - 1, "idle endpoints share: {distinct:?}");
+            } else {
+                // Two distinct choices: the busy one only wins against another with as many
+                // requests in flight, which no idle endpoint has.
+                assert_eq!(to_busy, 0);
+            }
+        }
     }
 
     #[test]
