@@ -977,3 +977,91 @@ fn least_request_sends_new_requests_to_idle_backends() {
     );
     drop(load);
 }
+
+#[test]
+fn cors_preflights_are_answered_and_allowed_origins_get_cors_headers() {
+    let http = "  - match: [{uri: {prefix: /ignore}}]\n    corsPolicy:\n      allowOrigins: [{exact: 'https://a.example'}]\n      unmatchedPreflights: IGNORE\n    route: [{destination: {host: reviews, subset: v1}}]\n  - corsPolicy:\n      allowOrigins: [{exact: 'https://a.example'}, {prefix: 'https://dev.'}, {regex: 'https://[a-z]+\\.b\\.example'}]\n      allowMethods: [GET, POST]\n      allowHeaders: [x-token]\n      exposeHeaders: [x-backend-id]\n      maxAge: 10m\n      allowCredentials: true\n    route: [{destination: {host: reviews, subset: v1}}]\n";
+    let m = Mesh::start(&[("dr.yaml", REVIEWS_DR), ("vs.yaml", &virtual_service(http))]);
+    let v1_requests = || m.servers[0].requests() + m.servers[1].requests();
+    let preflight = |path: &str, origin: &str| {
+        m.http(&[
+            "--url",
+            &url(path),
+            "--count",
+            "1",
+            "--method",
+            "OPTIONS",
+            "--header",
+            &format!("origin:{origin}"),
+            "--header",
+            "access-control-request-method:POST",
+            "--header",
+            "access-control-request-headers:x-token",
+        ])
+    };
+
+    // A preflight from an allowed origin is answered by the proxy, never forwarded.
+    for origin in [
+        "https://a.example",
+        "https://dev.local",
+        "https://shop.b.example",
+    ] {
+        let r = preflight("/api", origin);
+        assert_eq!(r.status(200), 1, "{origin}: {r:?}\n{}", m.agent.log());
+        let h = &r.sample.unwrap().headers;
+        assert!(!h.contains_key("x-backend-id"), "forwarded: {h:?}");
+        assert_eq!(h["access-control-allow-origin"], origin);
+        assert_eq!(h["access-control-allow-credentials"], "true");
+        assert_eq!(h["access-control-allow-methods"], "GET,POST");
+        assert_eq!(h["access-control-allow-headers"], "x-token");
+        assert_eq!(h["access-control-max-age"], "600");
+    }
+    assert_eq!(v1_requests(), 0, "preflights reached a backend");
+
+    // Another origin's preflight goes on to the backend (unmatchedPreflights FORWARD, the
+    // default) and its response gets no CORS headers.
+    let r = preflight("/api", "https://evil.example");
+    assert_eq!(r.count("reviews-v1"), 1, "{r:?}");
+    let sample = r.sample.unwrap();
+    assert_eq!(sample.body["method"], "OPTIONS");
+    assert!(
+        !sample.headers.contains_key("access-control-allow-origin"),
+        "{:?}",
+        sample.headers
+    );
+    assert_eq!(v1_requests(), 1);
+
+    // With IGNORE the proxy answers it without CORS headers and does not forward it.
+    let r = preflight("/ignore", "https://evil.example");
+    assert_eq!(r.status(200), 1, "{r:?}");
+    let h = &r.sample.unwrap().headers;
+    assert!(!h.contains_key("x-backend-id"), "{h:?}");
+    assert!(!h.contains_key("access-control-allow-origin"), "{h:?}");
+    assert_eq!(v1_requests(), 1, "an ignored preflight was forwarded");
+
+    // Actual requests are forwarded; an allowed origin's response gets the CORS headers.
+    let r = m.http(&[
+        "--url",
+        &url("/api"),
+        "--count",
+        "3",
+        "--method",
+        "POST",
+        "--header",
+        "origin:https://a.example",
+    ]);
+    assert_eq!(r.count("reviews-v1"), 3, "{r:?}");
+    let h = &r.sample.unwrap().headers;
+    assert_eq!(h["access-control-allow-origin"], "https://a.example");
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    assert_eq!(h["access-control-expose-headers"], "x-backend-id");
+    for headers in [&["--header", "origin:https://evil.example"][..], &[][..]] {
+        let target = url("/api");
+        let mut args = vec!["--url", &target, "--count", "1"];
+        args.extend_from_slice(headers);
+        let r = m.http(&args);
+        assert_eq!(r.count("reviews-v1"), 1, "{r:?}");
+        let h = &r.sample.unwrap().headers;
+        assert!(!h.contains_key("access-control-allow-origin"), "{h:?}");
+    }
+}

@@ -94,6 +94,9 @@ pub struct Explanation {
     pub retries: Option<String>,
     pub fault: Option<String>,
     pub rewrite: Option<String>,
+    /// What the rule's `corsPolicy` does with the request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cors: Option<String>,
     /// What the AuthorizationPolicies of each destination endpoint decide.
     pub authorization: Vec<AuthorizationView>,
     /// Findings of the compiler about the objects involved.
@@ -210,6 +213,7 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
         retries: None,
         fault: None,
         rewrite: None,
+        cors: None,
         authorization: Vec::new(),
         diagnostics: Vec::new(),
     };
@@ -271,6 +275,13 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
                     },
                 });
                 out.matched = rule.describe_matches();
+                let cors = rule.cors.as_ref().map(|c| c.evaluate(&view));
+                if let (Some(policy), Some(decision)) = (&rule.cors, &cors) {
+                    out.cors = Some(format!(
+                        "allow origins [{}]: {decision}",
+                        policy.describe_origins().join(", ")
+                    ));
+                }
                 match &rule.action {
                     RouteAction::Forward(dests) => {
                         out.action = "route".into();
@@ -293,6 +304,9 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
                             body.as_ref().map(|b| format!(" {b:?}")).unwrap_or_default()
                         );
                     }
+                }
+                if let Some(http::CorsDecision::Preflight { .. }) = cors {
+                    out.action = "CORS preflight answered 200 by the proxy (not forwarded)".into();
                 }
                 out.mirrors = rule
                     .mirrors
@@ -587,6 +601,7 @@ pub fn render_text(e: &Explanation) -> String {
         ("Retries", &e.retries),
         ("Fault", &e.fault),
         ("Rewrite", &e.rewrite),
+        ("CORS", &e.cors),
     ] {
         if let Some(v) = v {
             line(&mut s, format!("{label}: {v}"));
@@ -729,6 +744,50 @@ mod tests {
             Some(
                 "2 attempts on connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
             )
+        );
+    }
+
+    #[test]
+    fn cors_preflights_and_allowed_origins() {
+        let mut cfg = samples(&["bookinfo/platform/kube/bookinfo.yaml"]);
+        let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ratings}\nspec:\n  hosts: [ratings]\n  http:\n  - corsPolicy:\n      allowOrigins: [{exact: 'https://a.example'}]\n      allowMethods: [GET, POST]\n      maxAge: 1m\n    route: [{destination: {host: ratings}}]\n";
+        let (objs, errs) = parse_documents("vs.yaml", vs);
+        assert!(errs.is_empty(), "{errs:?}");
+        cfg.extend(objs);
+        let mut query = q(
+            "ratings",
+            &[
+                ("origin", "https://a.example"),
+                ("access-control-request-method", "POST"),
+            ],
+        );
+        query.method = Some("OPTIONS".into());
+        let e = explain(&cfg, &query).unwrap();
+        assert_eq!(
+            e.action,
+            "CORS preflight answered 200 by the proxy (not forwarded)"
+        );
+        assert_eq!(
+            e.cors.as_deref(),
+            Some(
+                "allow origins [exact \"https://a.example\"]: preflight answered 200 by the proxy (access-control-allow-origin: https://a.example, access-control-allow-methods: GET,POST, access-control-max-age: 60)"
+            )
+        );
+        let e = explain(&cfg, &q("ratings", &[("origin", "https://a.example")])).unwrap();
+        assert_eq!(e.action, "route");
+        assert_eq!(
+            e.cors.as_deref(),
+            Some(
+                "allow origins [exact \"https://a.example\"]: origin allowed; the response gets access-control-allow-origin: https://a.example"
+            )
+        );
+        query.headers[0].1 = "https://evil.example".into();
+        let e = explain(&cfg, &query).unwrap();
+        assert_eq!(e.action, "route", "forwarded (unmatchedPreflights FORWARD)");
+        assert!(
+            e.cors
+                .unwrap()
+                .ends_with("origin not allowed: forwarded without CORS headers")
         );
     }
 

@@ -14,6 +14,7 @@ use regex::Regex;
 use serde::Serialize;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -379,6 +380,158 @@ pub struct Mirror {
     pub percentage: f64,
 }
 
+/// A rule's `corsPolicy`, as Istio configures Envoy's CORS filter for the route.
+#[derive(Debug, Clone, Serialize)]
+pub struct CorsPolicy {
+    /// `allowOrigins` (or the deprecated exact `allowOrigin` list).
+    #[serde(skip)]
+    pub allow_origins: Vec<StrMatch>,
+    /// Joined with `,` as Istio joins them; `*` echoes the preflight's requested method.
+    pub allow_methods: String,
+    /// Joined with `,`; `*` echoes the preflight's requested headers.
+    pub allow_headers: String,
+    pub expose_headers: String,
+    /// Whole seconds, as Istio writes it.
+    pub max_age: Option<String>,
+    pub allow_credentials: bool,
+    /// `unmatchedPreflights`: FORWARD (default) sends a preflight from an origin that is not
+    /// allowed on to the upstream; IGNORE answers it with a 200 without CORS headers.
+    pub forward_unmatched_preflights: bool,
+}
+
+/// What the CORS filter does with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsDecision {
+    /// No `Origin` header: not a CORS request.
+    NotCors,
+    /// The origin is not allowed: the request is forwarded and its response gets no CORS
+    /// headers (for a preflight: `unmatchedPreflights: FORWARD`).
+    OriginNotAllowed,
+    /// A preflight answered by the proxy with 200 and these headers, not forwarded.
+    Preflight {
+        origin_allowed: bool,
+        headers: Vec<(&'static str, String)>,
+    },
+    /// A request from an allowed origin: forwarded, and these headers are set on its response.
+    Allowed {
+        headers: Vec<(&'static str, String)>,
+    },
+}
+
+impl CorsPolicy {
+    /// Envoy's `isOriginAllowed`: an origin matcher that accepts `*` allows every origin.
+    pub fn origin_allowed(&self, origin: &str) -> bool {
+        self.allow_origins
+            .iter()
+            .any(|m| m.matches("*", false) || m.matches(origin, false))
+    }
+
+    /// Envoy's CORS filter on one request (decodeHeaders for preflights, encodeHeaders for the
+    /// headers an actual request's response gets).
+    pub fn evaluate(&self, req: &RequestView<'_>) -> CorsDecision {
+        let Some(origin) = req.header("origin").filter(|o| !o.is_empty()) else {
+            return CorsDecision::NotCors;
+        };
+        let allowed = self.origin_allowed(&origin);
+        let requested_method = req
+            .header("access-control-request-method")
+            .filter(|m| !m.is_empty());
+        let preflight = req.method == "OPTIONS" && requested_method.is_some();
+        if !preflight {
+            if !allowed {
+                return CorsDecision::OriginNotAllowed;
+            }
+            let mut headers = vec![("access-control-allow-origin", origin.into_owned())];
+            if self.allow_credentials {
+                headers.push(("access-control-allow-credentials", "true".into()));
+            }
+            if !self.expose_headers.is_empty() {
+                headers.push(("access-control-expose-headers", self.expose_headers.clone()));
+            }
+            return CorsDecision::Allowed { headers };
+        }
+        if !allowed && self.forward_unmatched_preflights {
+            return CorsDecision::OriginNotAllowed;
+        }
+        let mut headers = Vec::new();
+        if allowed {
+            headers.push(("access-control-allow-origin", origin.into_owned()));
+        }
+        // As Envoy does, an IGNOREd preflight still gets the policy's other headers (without
+        // an allowed origin, browsers fail it anyway).
+        if self.allow_credentials {
+            headers.push(("access-control-allow-credentials", "true".into()));
+        }
+        if !self.allow_methods.is_empty() {
+            let methods = if self.allow_methods == "*" {
+                requested_method.map(Cow::into_owned).unwrap_or_default()
+            } else {
+                self.allow_methods.clone()
+            };
+            headers.push(("access-control-allow-methods", methods));
+        }
+        if !self.allow_headers.is_empty() {
+            let names = if self.allow_headers == "*" {
+                req.header("access-control-request-headers")
+                    .map(Cow::into_owned)
+                    .unwrap_or_default()
+            } else {
+                self.allow_headers.clone()
+            };
+            headers.push(("access-control-allow-headers", names));
+        }
+        if let Some(max_age) = &self.max_age {
+            headers.push(("access-control-max-age", max_age.clone()));
+        }
+        CorsDecision::Preflight {
+            origin_allowed: allowed,
+            headers,
+        }
+    }
+
+    /// The allowed origins, for explain and inspect.
+    pub fn describe_origins(&self) -> Vec<String> {
+        self.allow_origins.iter().map(StrMatch::describe).collect()
+    }
+}
+
+impl fmt::Display for CorsDecision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |headers: &[(&str, String)]| {
+            headers
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match self {
+            CorsDecision::NotCors => f.write_str("not a CORS request (no Origin)"),
+            CorsDecision::OriginNotAllowed => {
+                f.write_str("origin not allowed: forwarded without CORS headers")
+            }
+            CorsDecision::Preflight {
+                origin_allowed: true,
+                headers,
+            } => write!(f, "preflight answered 200 by the proxy ({})", list(headers)),
+            CorsDecision::Preflight {
+                origin_allowed: false,
+                headers,
+            } => write!(
+                f,
+                "preflight from an origin not allowed, answered 200 without allow-origin (unmatchedPreflights: IGNORE){}",
+                if headers.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", list(headers))
+                }
+            ),
+            CorsDecision::Allowed { headers } => {
+                write!(f, "origin allowed; the response gets {}", list(headers))
+            }
+        }
+    }
+}
+
 /// One `http` rule of a VirtualService.
 #[derive(Debug, Clone, Serialize)]
 pub struct HttpRule {
@@ -395,6 +548,7 @@ pub struct HttpRule {
     pub mirrors: Vec<Mirror>,
     pub headers_request: HeaderOps,
     pub headers_response: HeaderOps,
+    pub cors: Option<Arc<CorsPolicy>>,
 }
 
 impl HttpRule {
@@ -552,6 +706,7 @@ mod tests {
             mirrors: vec![],
             headers_request: HeaderOps::default(),
             headers_response: HeaderOps::default(),
+            cors: None,
         }
     }
 
@@ -836,6 +991,144 @@ mod tests {
         assert_eq!(
             rewrite_path(&rx, None, "/service/foo/v1/api"),
             "/v1/api/instance/foo"
+        );
+    }
+
+    fn cors(forward: bool) -> CorsPolicy {
+        CorsPolicy {
+            allow_origins: vec![
+                StrMatch::Exact("https://a.example".into()),
+                StrMatch::Prefix("https://dev.".into()),
+                StrMatch::regex(r"https://[a-z]+\.b\.example").unwrap(),
+            ],
+            allow_methods: "GET,POST".into(),
+            allow_headers: "x-token,content-type".into(),
+            expose_headers: "x-served-by".into(),
+            max_age: Some("86400".into()),
+            allow_credentials: true,
+            forward_unmatched_preflights: forward,
+        }
+    }
+
+    fn preflight<'a>(origin: &'a str, extra: &[(&'a str, &'a str)]) -> RequestView<'a> {
+        let mut headers = vec![
+            ("origin", origin),
+            ("access-control-request-method", "POST"),
+        ];
+        headers.extend_from_slice(extra);
+        let mut r = req("/", &headers);
+        r.method = "OPTIONS";
+        r
+    }
+
+    #[test]
+    fn cors_preflight_from_an_allowed_origin_is_answered() {
+        let policy = cors(true);
+        for origin in [
+            "https://a.example",
+            "https://dev.anything",
+            "https://shop.b.example",
+        ] {
+            assert_eq!(
+                policy.evaluate(&preflight(origin, &[])),
+                CorsDecision::Preflight {
+                    origin_allowed: true,
+                    headers: vec![
+                        ("access-control-allow-origin", origin.to_string()),
+                        ("access-control-allow-credentials", "true".into()),
+                        ("access-control-allow-methods", "GET,POST".into()),
+                        (
+                            "access-control-allow-headers",
+                            "x-token,content-type".into()
+                        ),
+                        ("access-control-max-age", "86400".into()),
+                    ],
+                },
+                "{origin}"
+            );
+        }
+        // Exact is exact and case-sensitive; a regex matches the whole origin.
+        for origin in [
+            "https://A.example",
+            "https://a.example.evil",
+            "https://x.b.example.evil",
+            "http://dev.x",
+        ] {
+            assert!(!policy.origin_allowed(origin), "{origin}");
+        }
+    }
+
+    #[test]
+    fn cors_unmatched_preflights_forward_or_ignore() {
+        let r = preflight("https://evil.example", &[]);
+        assert_eq!(cors(true).evaluate(&r), CorsDecision::OriginNotAllowed);
+        let CorsDecision::Preflight {
+            origin_allowed: false,
+            headers,
+        } = cors(false).evaluate(&r)
+        else {
+            panic!("IGNORE answers the preflight itself");
+        };
+        assert!(
+            headers
+                .iter()
+                .all(|(k, _)| *k != "access-control-allow-origin"),
+            "{headers:?}"
+        );
+    }
+
+    #[test]
+    fn cors_actual_requests_and_wildcards() {
+        let policy = cors(true);
+        let mut get = req("/", &[("origin", "https://a.example")]);
+        assert_eq!(
+            policy.evaluate(&get),
+            CorsDecision::Allowed {
+                headers: vec![
+                    ("access-control-allow-origin", "https://a.example".into()),
+                    ("access-control-allow-credentials", "true".into()),
+                    ("access-control-expose-headers", "x-served-by".into()),
+                ]
+            }
+        );
+        // OPTIONS without Access-Control-Request-Method is not a preflight: it is forwarded.
+        get.method = "OPTIONS";
+        assert!(matches!(
+            policy.evaluate(&get),
+            CorsDecision::Allowed { .. }
+        ));
+        assert_eq!(policy.evaluate(&req("/", &[])), CorsDecision::NotCors);
+        assert_eq!(
+            policy.evaluate(&req("/", &[("origin", "https://evil.example")])),
+            CorsDecision::OriginNotAllowed
+        );
+        // `*` methods/headers echo the preflight's request; an origin matcher accepting "*"
+        // allows every origin.
+        let any = CorsPolicy {
+            allow_origins: vec![StrMatch::Exact("*".into())],
+            allow_methods: "*".into(),
+            allow_headers: "*".into(),
+            expose_headers: String::new(),
+            max_age: None,
+            allow_credentials: false,
+            forward_unmatched_preflights: true,
+        };
+        assert_eq!(
+            any.evaluate(&preflight(
+                "https://whoever.example",
+                &[("access-control-request-headers", "x-a,x-b")]
+            )),
+            CorsDecision::Preflight {
+                origin_allowed: true,
+                headers: vec![
+                    (
+                        "access-control-allow-origin",
+                        "https://whoever.example".into()
+                    ),
+                    ("access-control-allow-methods", "POST".into()),
+                    ("access-control-allow-headers", "x-a,x-b".into()),
+                ],
+            }
         );
     }
 

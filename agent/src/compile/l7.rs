@@ -2,9 +2,9 @@
 //! [`HttpRoutes`] the L7 proxy evaluates (Istio's semantics, field by field).
 
 use super::http::{
-    Cluster, ClusterPolicy, Fault, HashKey, HeaderOps, HttpDestination, HttpRoutes, HttpRule,
-    LoadBalancer, Mirror, OutlierPolicy, Redirect, RequestMatch, RetryPolicy, Rewrite, RouteAction,
-    StrMatch,
+    Cluster, ClusterPolicy, CorsPolicy, Fault, HashKey, HeaderOps, HttpDestination, HttpRoutes,
+    HttpRule, LoadBalancer, Mirror, OutlierPolicy, Redirect, RequestMatch, RetryPolicy, Rewrite,
+    RouteAction, StrMatch,
 };
 use super::registry::{self, RegistryService, resolve_host};
 use super::{Ctx, cluster_name};
@@ -253,6 +253,7 @@ impl<'a> Ctx<'a> {
                 mirrors: Vec::new(),
                 headers_request: HeaderOps::default(),
                 headers_response: HeaderOps::default(),
+                cors: None,
             }],
         }
     }
@@ -294,13 +295,10 @@ impl<'a> Ctx<'a> {
             );
             return None;
         }
-        if route.cors_policy.is_some() {
-            self.info(
-                vs,
-                format!("{field}.corsPolicy"),
-                "corsPolicy is not supported yet; requests pass through unchanged".into(),
-            );
-        }
+        let cors = route
+            .cors_policy
+            .as_ref()
+            .map(|c| Arc::new(self.cors_policy(vs, &format!("{field}.corsPolicy"), c)));
         let action = if let Some(r) = &route.redirect {
             RouteAction::Redirect(Redirect {
                 uri: r.uri.clone().or_else(|| r.prefix_rewrite.clone()),
@@ -415,7 +413,50 @@ impl<'a> Ctx<'a> {
             mirrors,
             headers_request: header_ops(route.headers.as_ref().and_then(|h| h.request.as_ref())),
             headers_response: header_ops(route.headers.as_ref().and_then(|h| h.response.as_ref())),
+            cors,
         })
+    }
+
+    /// Istio's translation of a `corsPolicy` for Envoy's CORS filter: `allowOrigins` as string
+    /// matchers (or the deprecated `allowOrigin` list as exact ones), the lists joined with `,`,
+    /// `maxAge` in whole seconds.
+    fn cors_policy(
+        &mut self,
+        vs: &Resource<istio::VirtualService>,
+        field: &str,
+        c: &istio::CorsPolicy,
+    ) -> CorsPolicy {
+        let mut allow_origins = Vec::new();
+        if c.allow_origins.is_empty() {
+            allow_origins.extend(c.allow_origin.iter().cloned().map(StrMatch::Exact));
+        } else {
+            for (i, m) in c.allow_origins.iter().enumerate() {
+                match str_match(m) {
+                    // An empty matcher is refused by validation; it never allows anything.
+                    Ok(StrMatch::Present) => {}
+                    Ok(m) => allow_origins.push(m),
+                    Err(e) => self.warn(
+                        vs,
+                        format!("{field}.allowOrigins[{i}]"),
+                        None,
+                        format!("invalid regex, the origin is not allowed: {e}"),
+                    ),
+                }
+            }
+        }
+        CorsPolicy {
+            allow_origins,
+            allow_methods: c.allow_methods.join(","),
+            allow_headers: c.allow_headers.join(","),
+            expose_headers: c.expose_headers.join(","),
+            max_age: c
+                .max_age
+                .and_then(|d| d.as_std())
+                .map(|d| d.as_secs().to_string()),
+            allow_credentials: c.allow_credentials == Some(true),
+            forward_unmatched_preflights: c.unmatched_preflights
+                != Some(istio::UnmatchedPreflights::Ignore),
+        }
     }
 
     fn request_match(&self, m: &istio::HttpMatchRequest) -> Result<RequestMatch, regex::Error> {
@@ -683,6 +724,51 @@ mod tests {
         assert_eq!(lb("{simple: RANDOM}"), LoadBalancer::Random);
         assert_eq!(lb("{simple: LEAST_REQUEST}"), LoadBalancer::LeastRequest);
         assert_eq!(lb("{simple: ROUND_ROBIN}"), LoadBalancer::RoundRobin);
+    }
+
+    fn virtual_service(http: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews}}\nspec:\n  hosts: [reviews]\n  http:\n{http}"
+        )
+    }
+
+    #[test]
+    fn cors_policy_compiles_as_istio_translates_it() {
+        let vs = virtual_service(
+            "  - corsPolicy:\n      allowOrigins: [{exact: 'https://a.example'}, {prefix: 'https://dev.'}, {regex: 'https://.*\\.b\\.example'}]\n      allowMethods: [GET, POST]\n      allowHeaders: [x-token]\n      exposeHeaders: [x-a, x-b]\n      maxAge: 24h\n      allowCredentials: true\n      unmatchedPreflights: IGNORE\n    route: [{destination: {host: reviews}}]\n  - corsPolicy: {allowOrigin: ['https://old.example'], allowCredentials: false}\n    route: [{destination: {host: reviews}}]\n",
+        );
+        let plan = reviews_plan(&[&vs]);
+        assert!(
+            plan.diagnostics
+                .iter()
+                .all(|d| !d.field.contains("corsPolicy")),
+            "{:?}",
+            plan.diagnostics
+        );
+        let rules = &routes(&plan).rules;
+        let c = rules[0].cors.as_ref().expect("compiled");
+        assert_eq!(
+            c.describe_origins(),
+            vec![
+                "exact \"https://a.example\"",
+                "prefix \"https://dev.\"",
+                "regex \"https://.*\\\\.b\\\\.example\""
+            ]
+        );
+        assert_eq!(c.allow_methods, "GET,POST");
+        assert_eq!(c.allow_headers, "x-token");
+        assert_eq!(c.expose_headers, "x-a,x-b");
+        assert_eq!(c.max_age.as_deref(), Some("86400"));
+        assert!(c.allow_credentials);
+        assert!(!c.forward_unmatched_preflights);
+        let old = rules[1].cors.as_ref().expect("compiled");
+        assert_eq!(
+            old.describe_origins(),
+            vec!["exact \"https://old.example\""]
+        );
+        assert!(!old.allow_credentials);
+        assert!(old.forward_unmatched_preflights, "FORWARD is the default");
+        assert_eq!(old.max_age, None);
     }
 
     #[test]

@@ -499,18 +499,6 @@ impl<'a> Ctx<'a> {
         });
     }
 
-    fn info(&mut self, vs: &Resource<istio::VirtualService>, field: String, message: String) {
-        self.diags.push(Diagnostic {
-            level: Level::Info,
-            code: None,
-            kind: "VirtualService".into(),
-            object: vs.meta.key(),
-            origin: vs.origin.clone(),
-            field,
-            message,
-        });
-    }
-
     /// The mesh VirtualService for a host: an exact host match beats a wildcard, a longer
     /// wildcard beats a shorter one, and among equals the first by namespace/name wins.
     fn virtual_service_for(&self, hostname: &str) -> Option<&'a Resource<istio::VirtualService>> {

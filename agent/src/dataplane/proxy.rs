@@ -9,8 +9,8 @@
 
 use crate::compile::authz::{self, AuthzPlan, HttpAttributes};
 use crate::compile::http::{
-    self, Cluster, ClusterPolicy, HashKey, HeaderOps, HttpRoutes, LoadBalancer, Redirect,
-    RequestView, RetryPolicy, RouteAction,
+    self, Cluster, ClusterPolicy, CorsDecision, HashKey, HeaderOps, HttpRoutes, LoadBalancer,
+    Redirect, RequestView, RetryPolicy, RouteAction,
 };
 use crate::compile::registry::Workload;
 use crate::compile::{Plan, Source, VipKey};
@@ -304,9 +304,26 @@ impl Proxy {
         scheme: &'static str,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
-        let served = self
-            .route(service, source, peer, req, gateway, scheme)
+        let mut cors_headers = Vec::new();
+        let mut served = self
+            .route(
+                service,
+                source,
+                peer,
+                req,
+                gateway,
+                scheme,
+                &mut cors_headers,
+            )
             .await;
+        // Envoy's CORS filter sets these on every response to an allowed origin's request,
+        // the proxy's own replies (faults, timeouts, 503s) included.
+        for (name, value) in cors_headers {
+            served
+                .response
+                .headers_mut()
+                .insert(name, header_value(&value));
+        }
         let series = self.metrics.request_series(&RequestKey {
             source: source.map(|s| &s.workload),
             service: &service.host,
@@ -321,6 +338,9 @@ impl Proxy {
         served.response
     }
 
+    /// Routes and forwards one request. `cors_headers` receives the CORS headers the response
+    /// is to carry (the rule's `corsPolicy`, for an allowed origin).
+    #[allow(clippy::too_many_arguments)]
     async fn route<'s>(
         &self,
         service: &'s ProxyService,
@@ -329,6 +349,7 @@ impl Proxy {
         req: Request<Incoming>,
         gateway: &str,
         scheme: &'static str,
+        cors_headers: &mut Vec<(&'static str, String)>,
     ) -> Served<'s> {
         let (mut parts, body) = req.into_parts();
         let view = RequestView {
@@ -346,6 +367,24 @@ impl Proxy {
         let Some(rule) = service.routes.select(&view) else {
             return Served::local(StatusCode::NOT_FOUND, "", "NR");
         };
+        // The CORS filter runs before faults and routing: it answers preflights itself.
+        if let Some(cors) = &rule.cors {
+            match cors.evaluate(&view) {
+                CorsDecision::Preflight { headers, .. } => {
+                    let mut response = Response::new(full(Bytes::new()));
+                    for (name, value) in headers {
+                        response.headers_mut().insert(name, header_value(&value));
+                    }
+                    return Served {
+                        response,
+                        destination: None,
+                        flags: "-",
+                    };
+                }
+                CorsDecision::Allowed { headers } => *cors_headers = headers,
+                CorsDecision::NotCors | CorsDecision::OriginNotAllowed => {}
+            }
+        }
 
         // Faults first; as in Istio, a faulted route gets no retries and no timeout.
         let (retries, timeout) = if rule.fault.is_some() {
