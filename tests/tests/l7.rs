@@ -1065,3 +1065,64 @@ fn cors_preflights_are_answered_and_allowed_origins_get_cors_headers() {
         assert!(!h.contains_key("access-control-allow-origin"), "{h:?}");
     }
 }
+
+#[test]
+fn delegate_virtual_service_routes_under_the_root_prefix() {
+    let root = "  - name: productpage\n    match: [{uri: {prefix: /productpage}}]\n    delegate: {name: reviews-split}\n  - route: [{destination: {host: reviews, subset: v1}}]\n";
+    let split = |rest: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews-split}}\nspec:\n  http:\n  - match: [{{headers: {{end-user: {{exact: jason}}}}}}]\n    route: [{{destination: {{host: reviews, subset: v2}}}}]\n  - route: [{{destination: {{host: reviews, subset: {rest}}}}}]\n"
+        )
+    };
+    let m = Mesh::start(&[
+        ("dr.yaml", REVIEWS_DR),
+        ("vs.yaml", &virtual_service(root)),
+        ("split.yaml", &split("v3")),
+    ]);
+    let get = |path: &str, user: Option<&str>| {
+        let mut args = vec![
+            "--url".to_string(),
+            url(path),
+            "--count".into(),
+            "10".into(),
+        ];
+        if let Some(u) = user {
+            args.extend(["--header".into(), format!("end-user:{u}")]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        m.http(&args)
+    };
+    let r = get("/productpage/1", Some("jason"));
+    assert_eq!(r.count("reviews-v2"), 10, "{r:?}\n{}", m.agent.log());
+    assert_eq!(get("/productpage", None).count("reviews-v3"), 10);
+    // Outside the root's prefix the delegate does not apply.
+    assert_eq!(get("/other", Some("jason")).count("reviews-v1"), 10);
+
+    // A change of the delegate alone re-routes the root's host.
+    m.manifests.write("split.yaml", split("v1"));
+    let applied = steerd_e2e::wait_until(Duration::from_secs(10), || {
+        get("/productpage", None).count("reviews-v1") == 10
+    });
+    assert!(
+        applied,
+        "the delegate's change never applied:\n{}",
+        m.agent.log()
+    );
+    assert_eq!(get("/productpage", Some("jason")).count("reviews-v2"), 10);
+
+    // Without its delegate the route is dropped: the next route takes /productpage.
+    std::fs::remove_file(m.manifests.path().join("split.yaml")).unwrap();
+    let dropped = steerd_e2e::wait_until(Duration::from_secs(10), || {
+        get("/productpage", Some("jason")).count("reviews-v1") == 10
+    });
+    assert!(
+        dropped,
+        "the delegating route still applies:\n{}",
+        m.agent.log()
+    );
+    assert!(
+        m.agent.log().contains("reviews-split"),
+        "the missing delegate is reported:\n{}",
+        m.agent.log()
+    );
+}

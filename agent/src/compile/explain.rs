@@ -59,6 +59,10 @@ pub struct RouteRef {
     pub name: Option<String>,
     /// `http`, `tcp`, `tls`, or `default` (no VirtualService rule).
     pub kind: String,
+    /// For a rule of a delegate VirtualService: `ns/name http[i]` (`index` is then the
+    /// delegating route's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delegate: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -268,6 +272,10 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
                 out.route = Some(RouteRef {
                     index: rule.index,
                     name: rule.name.clone(),
+                    delegate: rule
+                        .delegate
+                        .as_ref()
+                        .map(|d| format!("{} http[{}]", d.virtual_service, d.index)),
                     kind: if routes.virtual_service.is_some() {
                         "http".into()
                     } else {
@@ -452,12 +460,20 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
             })
             .collect();
     }
+    let delegates: Vec<String> = vs
+        .map(super::delegate::delegate_keys)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(ns, name)| format!("{ns}/{name}"))
+        .collect();
     diags.sort();
     diags.dedup();
     out.diagnostics = diags
         .iter()
         .filter(|d| {
-            out.virtual_service.as_deref() == Some(d.object.as_str()) || d.object == svc.object
+            out.virtual_service.as_deref() == Some(d.object.as_str())
+                || d.object == svc.object
+                || (d.kind == "VirtualService" && delegates.contains(&d.object))
         })
         .map(|d| d.to_string())
         .collect();
@@ -527,6 +543,7 @@ fn route_ref(desc: &str) -> RouteRef {
         index,
         name: None,
         kind,
+        delegate: None,
     }
 }
 
@@ -563,7 +580,15 @@ pub fn render_text(e: &Explanation) -> String {
                 .as_ref()
                 .map(|n| format!(" {n:?}"))
                 .unwrap_or_default();
-            line(&mut s, format!("Route: {}[{}]{name}", r.kind, r.index));
+            let delegate = r
+                .delegate
+                .as_ref()
+                .map(|d| format!(", delegated to VirtualService {d}"))
+                .unwrap_or_default();
+            line(
+                &mut s,
+                format!("Route: {}[{}]{name}{delegate}", r.kind, r.index),
+            );
             for m in &e.matched {
                 line(&mut s, format!("  matched: {m}"));
             }
@@ -788,6 +813,28 @@ mod tests {
             e.cors
                 .unwrap()
                 .ends_with("origin not allowed: forwarded without CORS headers")
+        );
+    }
+
+    #[test]
+    fn delegated_rules_name_their_delegate() {
+        let mut cfg = bookinfo("virtual-service-reviews-v3.yaml");
+        let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\nspec:\n  hosts: [reviews]\n  http:\n  - match: [{uri: {prefix: /r}}]\n    delegate: {name: split}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: split}\nspec:\n  http:\n  - match: [{headers: {end-user: {exact: jason}}}]\n    route: [{destination: {host: reviews, subset: v2}}]\n";
+        cfg.virtual_services.clear();
+        let (objs, errs) = parse_documents("vs.yaml", vs);
+        assert!(errs.is_empty(), "{errs:?}");
+        cfg.extend(objs);
+        let mut query = q("reviews", &[("end-user", "jason")]);
+        query.path = Some("/r/1".into());
+        let e = explain(&cfg, &query).unwrap();
+        let route = e.route.as_ref().unwrap();
+        assert_eq!(route.delegate.as_deref(), Some("default/split http[0]"));
+        assert_eq!(e.destinations[0].subset.as_deref(), Some("v2"));
+        assert!(
+            render_text(&e)
+                .contains("Route: http[0], delegated to VirtualService default/split http[0]"),
+            "{}",
+            render_text(&e)
         );
     }
 

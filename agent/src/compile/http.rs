@@ -549,6 +549,18 @@ pub struct HttpRule {
     pub headers_request: HeaderOps,
     pub headers_response: HeaderOps,
     pub cors: Option<Arc<CorsPolicy>>,
+    /// For a rule that comes from a delegate VirtualService: which (`index` is then the
+    /// delegating route's index in the root's `spec.http`).
+    pub delegate: Option<DelegateRef>,
+}
+
+/// Where a delegated rule is written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DelegateRef {
+    /// `ns/name` of the delegate VirtualService.
+    pub virtual_service: String,
+    /// Index in its `spec.http`.
+    pub index: usize,
 }
 
 impl HttpRule {
@@ -707,6 +719,7 @@ mod tests {
             headers_request: HeaderOps::default(),
             headers_response: HeaderOps::default(),
             cors: None,
+            delegate: None,
         }
     }
 

@@ -299,6 +299,7 @@ fn rule(index: usize, blocks: &[Block], weights: &[u32]) -> HttpRule {
         headers_request: HeaderOps::default(),
         headers_response: HeaderOps::default(),
         cors: None,
+        delegate: None,
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Clusters built for one port's routes, shared by every rule that names them.
-type ClusterCache = HashMap<String, Arc<Cluster>>;
+pub(super) type ClusterCache = HashMap<String, Arc<Cluster>>;
 
 fn duration(d: Option<crate::model::duration::Duration>) -> Option<Duration> {
     d.and_then(|d| d.as_std())
@@ -223,8 +223,8 @@ impl<'a> Ctx<'a> {
         let mut cache = ClusterCache::new();
         if let Some(vs) = vs.filter(|vs| !vs.spec.http.is_empty()) {
             let mut rules = Vec::new();
-            for (i, route) in vs.spec.http.iter().enumerate() {
-                if let Some(rule) = self.http_rule(vs, i, route, port.port, &mut cache) {
+            for r in self.expanded_http(vs) {
+                if let Some(rule) = self.expanded_rule(&r, port.port, &mut cache) {
                     rules.push(rule);
                 }
             }
@@ -254,6 +254,7 @@ impl<'a> Ctx<'a> {
                 headers_request: HeaderOps::default(),
                 headers_response: HeaderOps::default(),
                 cors: None,
+                delegate: None,
             }],
         }
     }
@@ -287,12 +288,8 @@ impl<'a> Ctx<'a> {
             return None;
         }
         if route.delegate.is_some() {
-            self.warn(
-                vs,
-                format!("{field}.delegate"),
-                None,
-                "delegate is not supported yet; the rule is skipped".into(),
-            );
+            // Delegation is expanded before rules are compiled (`expanded_http`); a route that
+            // still delegates has nothing to route to.
             return None;
         }
         let cors = route
@@ -414,7 +411,27 @@ impl<'a> Ctx<'a> {
             headers_request: header_ops(route.headers.as_ref().and_then(|h| h.request.as_ref())),
             headers_response: header_ops(route.headers.as_ref().and_then(|h| h.response.as_ref())),
             cors,
+            delegate: None,
         })
+    }
+
+    /// The rule of one route after delegation: a delegated route is compiled as written in its
+    /// delegate (diagnostics name it there) and numbered by the root route that delegated.
+    pub(super) fn expanded_rule(
+        &mut self,
+        r: &super::delegate::ExpandedRoute<'_>,
+        port: u16,
+        cache: &mut ClusterCache,
+    ) -> Option<HttpRule> {
+        let mut rule = self.http_rule(r.owner, r.index, &r.route, port, cache)?;
+        if let Some(root_index) = r.delegated_by {
+            rule.delegate = Some(super::http::DelegateRef {
+                virtual_service: r.owner.meta.key(),
+                index: r.index,
+            });
+            rule.index = root_index;
+        }
+        Some(rule)
     }
 
     /// Istio's translation of a `corsPolicy` for Envoy's CORS filter: `allowOrigins` as string
@@ -769,6 +786,165 @@ mod tests {
         assert!(!old.allow_credentials);
         assert!(old.forward_unmatched_preflights, "FORWARD is the default");
         assert_eq!(old.max_age, None);
+    }
+
+    const SUBSETS: &str = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n  - {name: v3, labels: {version: v3}}\n";
+
+    fn delegate_vs(namespace: &str, extra: &str, http: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews-split, namespace: {namespace}}}\nspec:\n{extra}  http:\n{http}"
+        )
+    }
+
+    /// The cluster a request to `path` with `headers` goes to (None: 404).
+    fn routed(plan: &Plan, path: &str, headers: &[(&str, &str)]) -> Option<String> {
+        let mut map = http::HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let view = super::super::http::RequestView {
+            method: "GET",
+            scheme: "http",
+            authority: "reviews:9080",
+            path,
+            headers: std::borrow::Cow::Owned(map),
+            port: 9080,
+            gateway: "mesh",
+            ..Default::default()
+        };
+        let rule = routes(plan).select(&view)?;
+        let RouteAction::Forward(d) = &rule.action else {
+            return None;
+        };
+        Some(d[0].cluster.name.clone())
+    }
+
+    const ROOT: &str = "  - name: pp\n    match: [{uri: {prefix: /productpage}}]\n    timeout: 3s\n    delegate: {name: reviews-split}\n  - route: [{destination: {host: reviews, subset: v1}}]\n";
+    const SPLIT: &str = "  - name: jason\n    match: [{headers: {end-user: {exact: jason}}}]\n    route: [{destination: {host: reviews, subset: v2}}]\n  - route: [{destination: {host: reviews, subset: v3}}]\n";
+
+    #[test]
+    fn delegate_routes_merge_under_the_root_route() {
+        let plan = reviews_plan(&[
+            SUBSETS,
+            &virtual_service(ROOT),
+            &delegate_vs("default", "", SPLIT),
+        ]);
+        assert!(
+            plan.diagnostics
+                .iter()
+                .all(|d| d.level < super::super::Level::Warning),
+            "{:?}",
+            plan.diagnostics
+        );
+        let cluster = |s: &str| format!("outbound|9080|{s}|reviews.default.svc.cluster.local");
+        assert_eq!(
+            routed(&plan, "/productpage/1", &[("end-user", "jason")]),
+            Some(cluster("v2"))
+        );
+        assert_eq!(routed(&plan, "/productpage", &[]), Some(cluster("v3")));
+        assert_eq!(
+            routed(&plan, "/other", &[("end-user", "jason")]),
+            Some(cluster("v1")),
+            "the root's match still applies to the delegate's routes"
+        );
+        let rules = &routes(&plan).rules;
+        assert_eq!(rules.len(), 3);
+        assert_eq!(rules[0].name.as_deref(), Some("pp-jason"));
+        assert_eq!(rules[0].index, 0, "numbered by the delegating route");
+        assert_eq!(
+            rules[0].delegate,
+            Some(super::super::http::DelegateRef {
+                virtual_service: "default/reviews-split".into(),
+                index: 0
+            })
+        );
+        assert_eq!(rules[1].timeout, Some(Duration::from_secs(3)), "inherited");
+        assert_eq!(
+            rules[1].describe_matches(),
+            vec!["uri prefix \"/productpage\""]
+        );
+        assert_eq!((rules[2].index, rules[2].delegate.as_ref()), (1, None));
+    }
+
+    #[test]
+    fn a_missing_or_hidden_delegate_drops_the_route() {
+        let missing = reviews_plan(&[SUBSETS, &virtual_service(ROOT)]);
+        let warning = missing
+            .diagnostics
+            .iter()
+            .find(|d| d.field == "spec.http[0].delegate")
+            .expect("reported");
+        assert!(
+            warning.message.contains("default/reviews-split"),
+            "{warning}"
+        );
+        assert_eq!(routes(&missing).rules.len(), 1);
+        assert_eq!(
+            routed(&missing, "/productpage", &[]),
+            Some("outbound|9080|v1|reviews.default.svc.cluster.local".into()),
+            "the next route takes the requests"
+        );
+        // A VirtualService with hosts is no delegate; one exported elsewhere is not visible.
+        let cross_namespace = virtual_service(&ROOT.replace(
+            "{name: reviews-split}",
+            "{name: reviews-split, namespace: other}",
+        ));
+        for (root, delegate) in [
+            (
+                virtual_service(ROOT),
+                delegate_vs("default", "  hosts: [ratings]\n", SPLIT),
+            ),
+            (
+                cross_namespace,
+                delegate_vs("other", "  exportTo: [.]\n", SPLIT),
+            ),
+        ] {
+            let plan = reviews_plan(&[SUBSETS, &root, &delegate]);
+            assert_eq!(routes(&plan).rules.len(), 1, "{delegate}");
+            assert!(
+                plan.diagnostics
+                    .iter()
+                    .any(|d| d.field == "spec.http[0].delegate"
+                        && d.level == super::super::Level::Warning),
+                "{:?}",
+                plan.diagnostics
+            );
+        }
+    }
+
+    #[test]
+    fn delegate_hosts_resolve_in_its_namespace_and_conflicts_are_dropped() {
+        let root = virtual_service(&ROOT.replace(
+            "{name: reviews-split}",
+            "{name: reviews-split, namespace: team}",
+        ));
+        let split = "  - match: [{uri: {prefix: /api}}]\n    route: [{destination: {host: reviews.default.svc.cluster.local, subset: v2}}]\n  - route: [{destination: {host: reviews}}]\n";
+        let plan = reviews_plan(&[SUBSETS, &root, &delegate_vs("team", "", split)]);
+        let conflict = plan
+            .diagnostics
+            .iter()
+            .find(|d| d.object == "team/reviews-split" && d.field == "spec.http[0].match")
+            .expect("the /api route is outside /productpage");
+        assert!(conflict.message.contains("conflict"), "{conflict}");
+        let rules = &routes(&plan).rules;
+        assert_eq!(rules.len(), 2);
+        let RouteAction::Forward(d) = &rules[0].action else {
+            panic!()
+        };
+        assert_eq!(
+            d[0].cluster.host, "reviews.team.svc.cluster.local",
+            "the delegate's short name is in its own namespace"
+        );
+        assert!(
+            plan.diagnostics
+                .iter()
+                .any(|d| d.object == "team/reviews-split" && d.code.as_deref() == Some("IST0101")),
+            "the missing host is reported on the delegate: {:?}",
+            plan.diagnostics
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod alias;
 pub mod analyze;
 pub mod authz;
+pub mod delegate;
 pub mod explain;
 pub mod gateway;
 pub mod http;
@@ -299,6 +300,12 @@ pub fn compile_hosts(
             let vs = ctx.virtual_service_for(&svc.hostname);
             if let Some(vs) = vs {
                 references = destination_hosts(vs);
+                // Delegated routes send where their delegates say.
+                for (ns, name) in delegate::delegate_keys(vs) {
+                    if let Some(d) = delegate::find_delegate(&config.virtual_services, &ns, &name) {
+                        references.extend(destination_hosts(d));
+                    }
+                }
             }
             for port in &svc.ports {
                 let (route, backends, needs_l7) = ctx.route_port(svc, port, vs);
