@@ -28,9 +28,9 @@ struct Mesh {
     node: Node,
 }
 
-fn pod_manifest(name: &str, version: &str, pod: &Pod) -> String {
+fn pod_manifest(name: &str, labels: &str, pod: &Pod) -> String {
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: reviews, version: {version}}}}}\nstatus: {{phase: Running, podIP: {}, podIPs: [{{ip: {}}}, {{ip: \"{}\"}}]}}\n---\n",
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: reviews, {labels}}}}}\nstatus: {{phase: Running, podIP: {}, podIPs: [{{ip: {}}}, {{ip: \"{}\"}}]}}\n---\n",
         pod.ipv4, pod.ipv4, pod.ipv6
     )
 }
@@ -38,6 +38,16 @@ fn pod_manifest(name: &str, version: &str, pod: &Pod) -> String {
 impl Mesh {
     /// A client pod and backends `reviews` v1/v2/v3 (HTTP on 9080), plus `extra` manifests.
     fn start(extra: &[(&str, &str)]) -> Mesh {
+        Mesh::start_with(extra, &[None, None, None], &[])
+    }
+
+    /// [`Mesh::start`] with the pods v1/v2/v3 in `localities` (their `istio-locality` label)
+    /// and more agent arguments.
+    fn start_with(
+        extra: &[(&str, &str)],
+        localities: &[Option<&str>; 3],
+        agent_args: &[&str],
+    ) -> Mesh {
         let node = Node::new();
         // The node's own address, reachable from every pod through its default route (on the
         // node's loopback: this kernel has no dummy interfaces).
@@ -59,7 +69,7 @@ impl Mesh {
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: client, labels: {{app: client, version: v1}}}}\nstatus: {{podIP: {}, podIPs: [{{ip: {}}}, {{ip: \"{}\"}}]}}\n---\n",
             client.ipv4, client.ipv4, client.ipv6
         );
-        for version in ["v1", "v2", "v3"] {
+        for (version, locality) in ["v1", "v2", "v3"].into_iter().zip(localities) {
             let pod = node.add_pod(&format!("reviews-{version}"));
             servers.push(HttpIdentityServer::start(
                 &pod,
@@ -71,9 +81,13 @@ impl Mesh {
                 pod.sock_v6(9080),
                 &format!("reviews-{version}"),
             ));
+            let labels = match locality {
+                Some(l) => format!("version: {version}, istio-locality: {l}"),
+                None => format!("version: {version}"),
+            };
             pods += &pod_manifest(
                 &format!("reviews-{version}-5b9c8d7f6d-abcde"),
-                version,
+                &labels,
                 &pod,
             );
             backends.push(pod);
@@ -92,24 +106,23 @@ impl Mesh {
         let bpffs = BpffsDir::new();
         let source = format!("files:{}", manifests.as_str());
         let admin = admin_addr().to_string();
-        let mut agent = Agent::spawn(
-            &node,
-            &[
-                "run",
-                "--source",
-                &source,
-                "--bpffs",
-                bpffs.as_str(),
-                "--cgroup",
-                client_cgroup.path().to_str().unwrap(),
-                "--admin",
-                &admin,
-                "--node-ip",
-                NODE_IP4,
-                "--node-ip",
-                NODE_IP6,
-            ],
-        );
+        let mut args = vec![
+            "run",
+            "--source",
+            &source,
+            "--bpffs",
+            bpffs.as_str(),
+            "--cgroup",
+            client_cgroup.path().to_str().unwrap(),
+            "--admin",
+            &admin,
+            "--node-ip",
+            NODE_IP4,
+            "--node-ip",
+            NODE_IP6,
+        ];
+        args.extend_from_slice(agent_args);
+        let mut agent = Agent::spawn(&node, &args);
         agent.wait_ready(admin_addr(), Duration::from_secs(20));
         Mesh {
             agent,
@@ -1125,4 +1138,49 @@ fn delegate_virtual_service_routes_under_the_root_prefix() {
         "the missing delegate is reported:\n{}",
         m.agent.log()
     );
+}
+
+#[test]
+fn locality_failover_prefers_the_local_zone_then_the_region_then_elsewhere() {
+    // The node is in us-east/zone1: v1 is local, v2 in the same region, v3 in another one.
+    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer: {simple: ROUND_ROBIN}\n    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100}\n";
+    let m = Mesh::start_with(
+        &[("dr.yaml", dr)],
+        &[
+            Some("us-east.zone1"),
+            Some("us-east.zone2"),
+            Some("us-west.zone1"),
+        ],
+        &["--locality", "us-east/zone1"],
+    );
+    let r = m.http(&["--url", &url("/"), "--count", "40", "--keepalive"]);
+    assert_eq!(r.count("reviews-v1"), 40, "{r:?}\n{}", m.agent.log());
+
+    // v1 fails: outlier detection ejects its endpoints and traffic fails over to the same
+    // region's other zone, never to the other region while that one is healthy.
+    m.servers[0].fail_next(1000, 503);
+    m.servers[1].fail_next(1000, 503);
+    let ejected = steerd_e2e::wait_until(Duration::from_secs(10), || {
+        m.http(&["--url", &url("/"), "--count", "20", "--keepalive"])
+            .count("reviews-v2")
+            == 20
+    });
+    assert!(ejected, "v1 never failed over to v2:\n{}", m.agent.log());
+    let r = m.http(&["--url", &url("/"), "--count", "40", "--keepalive"]);
+    assert_eq!(r.count("reviews-v2"), 40, "{r:?}");
+    let v3_before = m.servers[4].requests() + m.servers[5].requests();
+    assert_eq!(
+        v3_before, 0,
+        "the other region got requests while us-east was healthy"
+    );
+
+    // The whole region down: the other region takes over.
+    m.servers[2].fail_next(1000, 503);
+    m.servers[3].fail_next(1000, 503);
+    let moved = steerd_e2e::wait_until(Duration::from_secs(10), || {
+        m.http(&["--url", &url("/"), "--count", "20", "--keepalive"])
+            .count("reviews-v3")
+            == 20
+    });
+    assert!(moved, "never failed over to us-west:\n{}", m.agent.log());
 }

@@ -253,7 +253,12 @@ async fn start_proxy(
         dataplane.set_proxy(None, None, None)?;
         return Ok(None);
     };
-    let proxy = Proxy::new(connections, metrics);
+    let locality = args
+        .locality
+        .as_deref()
+        .filter(|l| !l.is_empty())
+        .map(crate::compile::http::Locality::parse);
+    let proxy = Proxy::new(connections, metrics, locality);
     for ip in [
         ipv4.map(std::net::IpAddr::V4),
         ipv6.map(std::net::IpAddr::V6),

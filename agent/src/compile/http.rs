@@ -255,6 +255,135 @@ pub struct ClusterPolicy {
     pub outlier: Option<OutlierPolicy>,
     /// Upstream speaks HTTP/2 (service port protocol HTTP2/GRPC, or `h2UpgradePolicy: UPGRADE`).
     pub http2: bool,
+    /// Locality load balancing (None: `localityLbSetting.enabled: false`).
+    pub locality: Option<LocalityPolicy>,
+}
+
+/// `localityLbSetting` as Istio applies it for a client in some locality.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LocalityPolicy {
+    /// `distribute`: (from, [(to, weight)]); the first `from` matching the client applies.
+    pub distribute: Vec<(String, Vec<(String, u32)>)>,
+    /// `failover`: (from region, to region).
+    pub failover: Vec<(String, String)>,
+    /// Priority failover applies: Istio enables it only with outlier detection (without health
+    /// information traffic would never fail over).
+    pub failover_enabled: bool,
+}
+
+/// A `region/zone/subzone` locality.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Locality {
+    pub region: String,
+    pub zone: String,
+    pub subzone: String,
+}
+
+impl Locality {
+    /// `region/zone/subzone`, each part optional from the right.
+    pub fn parse(s: &str) -> Self {
+        let mut parts = s.splitn(3, '/').map(str::to_string);
+        Self {
+            region: parts.next().unwrap_or_default(),
+            zone: parts.next().unwrap_or_default(),
+            subzone: parts.next().unwrap_or_default(),
+        }
+    }
+
+    /// Istio's `LocalityMatch`: a rule locality (`region/zone/subzone`, `*` wildcards, missing
+    /// parts match anything) covers this one.
+    pub fn matches_rule(&self, rule: &str) -> bool {
+        let rule = Locality::parse(rule);
+        let part = |r: &str, mine: &str, optional: bool| {
+            r == "*" || (optional && r.is_empty()) || r == mine
+        };
+        part(&rule.region, &self.region, false)
+            && part(&rule.zone, &self.zone, true)
+            && part(&rule.subzone, &self.subzone, true)
+    }
+
+    /// Istio's `LbPriority`: 0 same subzone, 1 same zone, 2 same region, 3 elsewhere.
+    pub fn priority_of(&self, endpoint: &Locality) -> u32 {
+        match (
+            self.region == endpoint.region,
+            self.zone == endpoint.zone,
+            self.subzone == endpoint.subzone,
+        ) {
+            (true, true, true) => 0,
+            (true, true, false) => 1,
+            (true, false, _) => 2,
+            (false, _, _) => 3,
+        }
+    }
+}
+
+impl LocalityPolicy {
+    /// Each endpoint's failover priority for a client in `client` (Istio's
+    /// applyLocalityFailover, priorities renumbered to 0..N without gaps), or None when no
+    /// failover applies.
+    pub fn priorities(&self, client: &Locality, endpoints: &[WeightedBackend]) -> Option<Vec<u32>> {
+        if !self.failover_enabled {
+            return None;
+        }
+        let raw: Vec<u32> = endpoints
+            .iter()
+            .map(|e| {
+                let locality = Locality::parse(&e.locality);
+                let p = client.priority_of(&locality);
+                if p < 3 {
+                    return p;
+                }
+                // A failover rule for the client's region: its `to` region next, others last.
+                match self
+                    .failover
+                    .iter()
+                    .find(|(from, _)| *from == client.region)
+                {
+                    Some((_, to)) if *to != locality.region => 4,
+                    _ => 3,
+                }
+            })
+            .collect();
+        let mut levels: Vec<u32> = raw.clone();
+        levels.sort_unstable();
+        levels.dedup();
+        Some(
+            raw.iter()
+                .map(|p| levels.iter().position(|l| l == p).unwrap_or(0) as u32)
+                .collect(),
+        )
+    }
+
+    /// The `distribute` weight of each endpoint for a client in `client` (Istio's
+    /// applyLocalityWeights: a locality's weight shared by its endpoints, endpoints of no
+    /// listed locality get none), or None when no `from` matches.
+    pub fn distribution(
+        &self,
+        client: &Locality,
+        endpoints: &[WeightedBackend],
+    ) -> Option<Vec<f64>> {
+        let (_, to) = self
+            .distribute
+            .iter()
+            .find(|(from, _)| client.matches_rule(from))?;
+        let mut weights = vec![0.0; endpoints.len()];
+        let mut taken = vec![false; endpoints.len()];
+        for (locality, weight) in to {
+            let members: Vec<usize> = (0..endpoints.len())
+                .filter(|&i| {
+                    !taken[i] && Locality::parse(&endpoints[i].locality).matches_rule(locality)
+                })
+                .collect();
+            let total: f64 = members.iter().map(|&i| endpoints[i].weight).sum();
+            for &i in &members {
+                taken[i] = true;
+                if total > 0.0 {
+                    weights[i] = *weight as f64 * endpoints[i].weight / total;
+                }
+            }
+        }
+        Some(weights)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -1142,6 +1271,33 @@ mod tests {
                     ("access-control-allow-headers", "x-a,x-b".into()),
                 ],
             }
+        );
+    }
+
+    #[test]
+    fn localities_match_and_rank_like_istio() {
+        let me = Locality::parse("us-east/z1/rack1");
+        for rule in [
+            "us-east",
+            "us-east/*",
+            "us-east/z1",
+            "us-east/z1/rack1",
+            "*",
+        ] {
+            assert!(me.matches_rule(rule), "{rule}");
+        }
+        for rule in ["us-west", "us-east/z2", "us-east/z1/rack2"] {
+            assert!(!me.matches_rule(rule), "{rule}");
+        }
+        let rank = |l: &str| me.priority_of(&Locality::parse(l));
+        assert_eq!(
+            [
+                rank("us-east/z1/rack1"),
+                rank("us-east/z1/rack2"),
+                rank("us-east/z2"),
+                rank("eu/z1")
+            ],
+            [0, 1, 2, 3]
         );
     }
 

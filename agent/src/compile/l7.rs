@@ -3,8 +3,8 @@
 
 use super::http::{
     Cluster, ClusterPolicy, CorsPolicy, Fault, HashKey, HeaderOps, HttpDestination, HttpRoutes,
-    HttpRule, LoadBalancer, Mirror, OutlierPolicy, Redirect, RequestMatch, RetryPolicy, Rewrite,
-    RouteAction, StrMatch,
+    HttpRule, LoadBalancer, LocalityPolicy, Mirror, OutlierPolicy, Redirect, RequestMatch,
+    RetryPolicy, Rewrite, RouteAction, StrMatch,
 };
 use super::registry::{self, RegistryService, resolve_host};
 use super::{Ctx, cluster_name};
@@ -103,6 +103,47 @@ fn retry_policy(r: Option<&istio::HttpRetry>) -> RetryPolicy {
     policy
 }
 
+/// A DestinationRule's `localityLbSetting` (Istio's mesh default: enabled, with failover by
+/// locality once outlier detection is set).
+fn locality_policy(
+    setting: Option<&istio::LocalityLbSetting>,
+    outlier: bool,
+) -> Option<LocalityPolicy> {
+    let Some(s) = setting else {
+        return Some(LocalityPolicy {
+            failover_enabled: outlier,
+            ..Default::default()
+        });
+    };
+    if s.enabled == Some(false) {
+        return None;
+    }
+    Some(LocalityPolicy {
+        distribute: s
+            .distribute
+            .iter()
+            .map(|d| {
+                (
+                    d.from.clone().unwrap_or_default(),
+                    d.to.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                )
+            })
+            .collect(),
+        failover: s
+            .failover
+            .iter()
+            .map(|f| {
+                (
+                    f.from.clone().unwrap_or_default(),
+                    f.to.clone().unwrap_or_default(),
+                )
+            })
+            .collect(),
+        // Distribute and failover exclude each other in Istio: distribute wins.
+        failover_enabled: outlier && s.distribute.is_empty(),
+    })
+}
+
 /// Merges a DestinationRule's policies for one subset and port: subset-level settings override
 /// host-level ones, port-level settings override both, each at the level of whole sections
 /// (loadBalancer, connectionPool, outlierDetection), as Istio does.
@@ -179,6 +220,7 @@ fn cluster_policy(
         // Istio's default (and LEAST_CONN's modern meaning).
         _ => LoadBalancer::LeastRequest,
     };
+    let outlier_set = outlier.is_some();
     let tcp = pool.as_ref().and_then(|p| p.tcp.as_ref());
     let http = pool.as_ref().and_then(|p| p.http.as_ref());
     let positive = |v: Option<i32>| v.filter(|v| *v > 0).map(|v| v as u32);
@@ -207,6 +249,10 @@ fn cluster_policy(
                 http.and_then(|h| h.h2_upgrade_policy),
                 Some(istio::H2UpgradePolicy::Upgrade)
             ),
+        locality: locality_policy(
+            lb.as_ref().and_then(|l| l.locality_lb_setting.as_ref()),
+            outlier_set,
+        ),
     }
 }
 
@@ -627,6 +673,29 @@ impl Ctx<'_> {
             );
         }
         let mut found = Vec::new();
+        let mut priorities = Vec::new();
+        for (path, lb) in &policies {
+            if lb
+                .locality_lb_setting
+                .as_ref()
+                .is_some_and(|l| !l.failover_priority.is_empty())
+            {
+                priorities.push(format!("{path}.localityLbSetting.failoverPriority"));
+            }
+        }
+        for field in priorities {
+            self.diags.push(super::Diagnostic {
+                level: super::Level::Info,
+                code: None,
+                kind: "DestinationRule".into(),
+                object: dr.meta.key(),
+                origin: dr.origin.clone(),
+                field,
+                message: "failoverPriority is not used (steerd's proxy has no workload labels to \
+                          compare); failover follows region/zone/subzone"
+                    .into(),
+            });
+        }
         for (path, lb) in policies {
             let Some(ch) = lb.consistent_hash() else {
                 continue;
@@ -945,6 +1014,81 @@ mod tests {
             "the missing host is reported on the delegate: {:?}",
             plan.diagnostics
         );
+    }
+
+    #[test]
+    fn locality_settings_and_endpoint_localities_compile() {
+        let dr = |tp: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews}}\nspec:\n  host: reviews\n  trafficPolicy:\n{tp}"
+            )
+        };
+        let policy = |tp: &str| {
+            default_cluster(&reviews_plan(&[&dr(tp)]))
+                .policy
+                .locality
+                .clone()
+        };
+        let outlier = "    outlierDetection: {consecutive5xxErrors: 1}\n";
+        assert_eq!(
+            policy("    connectionPool: {tcp: {maxConnections: 10}}\n"),
+            Some(LocalityPolicy::default()),
+            "enabled by default, but no failover without outlier detection"
+        );
+        assert_eq!(
+            policy(outlier).map(|p| p.failover_enabled),
+            Some(true),
+            "Istio's default failover once outlier detection is set"
+        );
+        assert_eq!(
+            policy(&format!(
+                "{outlier}    loadBalancer:\n      localityLbSetting:\n        failover: [{{from: us-east, to: eu-west}}]\n"
+            )),
+            Some(LocalityPolicy {
+                distribute: vec![],
+                failover: vec![("us-east".into(), "eu-west".into())],
+                failover_enabled: true,
+            })
+        );
+        let distribute = policy(&format!(
+            "{outlier}    loadBalancer:\n      localityLbSetting:\n        distribute: [{{from: us-east/*, to: {{us-east/z1: 80, us-west/*: 20}}}}]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            distribute.distribute,
+            vec![(
+                "us-east/*".to_string(),
+                vec![
+                    ("us-east/z1".to_string(), 80),
+                    ("us-west/*".to_string(), 20)
+                ]
+            )]
+        );
+        assert!(!distribute.failover_enabled, "distribute excludes failover");
+        assert_eq!(
+            policy(&format!(
+                "{outlier}    loadBalancer:\n      localityLbSetting: {{enabled: false}}\n"
+            )),
+            None
+        );
+        // Endpoint localities: a Pod's istio-locality label, a WorkloadEntry's locality.
+        let extra = "apiVersion: v1\nkind: Pod\nmetadata: {name: r9, labels: {app: reviews, istio-locality: us-east.z1.rack2}}\nstatus: {podIP: 10.244.4.9}\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: vm}\nspec:\n  hosts: [vm.example.com]\n  addresses: [240.0.0.9]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: STATIC\n  endpoints: [{address: 10.9.0.1, locality: eu-west/z2}]\n";
+        let plan = reviews_plan(&[extra]);
+        let localities: Vec<(String, String)> = default_cluster(&plan)
+            .endpoints
+            .iter()
+            .map(|e| (e.addr.to_string(), e.locality.clone()))
+            .collect();
+        assert!(
+            localities.contains(&("10.244.4.9:9080".into(), "us-east/z1/rack2".into())),
+            "{localities:?}"
+        );
+        let vm = plan
+            .services
+            .values()
+            .find(|s| s.host == "vm.example.com")
+            .unwrap();
+        assert_eq!(vm.backends[0].locality, "eu-west/z2");
     }
 
     #[test]

@@ -102,6 +102,9 @@ pub struct WeightedBackend {
     pub clusters: Vec<String>,
     /// Who serves this address, for telemetry.
     pub workload: registry::Workload,
+    /// `region/zone/subzone` of the endpoint (empty: unknown), for locality load balancing.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub locality: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -724,6 +727,7 @@ impl<'a> Ctx<'a> {
                 weight: share * e.weight as f64 / total,
                 clusters: Vec::new(),
                 workload: e.workload.clone(),
+                locality: e.locality.clone(),
             })
             .collect()
     }

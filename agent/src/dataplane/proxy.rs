@@ -135,6 +135,8 @@ pub struct Proxy {
     mirrors: Arc<tokio::sync::Semaphore>,
     metrics: Arc<Metrics>,
     idle_sweeper: Once,
+    /// This node's locality (`--locality`), for locality load balancing.
+    locality: Option<http::Locality>,
 }
 
 /// What became of a request, for telemetry.
@@ -168,6 +170,7 @@ impl Proxy {
     pub fn new(
         connections: BpfHashMap<MapData, ClientKey, RevNatValue>,
         metrics: Arc<Metrics>,
+        locality: Option<http::Locality>,
     ) -> Arc<Self> {
         Arc::new(Self {
             table: ArcSwap::from_pointee(ProxyTable::default()),
@@ -176,6 +179,7 @@ impl Proxy {
             mirrors: Arc::new(tokio::sync::Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
             metrics,
             idle_sweeper: Once::new(),
+            locality,
         })
     }
 
@@ -576,6 +580,7 @@ impl Proxy {
             };
         };
         let hash = HashInput {
+            client_locality: self.locality.as_ref(),
             header: hash_key.as_deref(),
             cookie: hash_key.as_deref(),
             query_param: hash_key.as_deref(),
