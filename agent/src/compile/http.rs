@@ -279,41 +279,61 @@ pub struct Locality {
     pub subzone: String,
 }
 
+/// `region/zone/subzone` as its three parts (missing ones empty), without copying.
+fn locality_parts(s: &str) -> [&str; 3] {
+    let mut it = s.splitn(3, '/');
+    [
+        it.next().unwrap_or(""),
+        it.next().unwrap_or(""),
+        it.next().unwrap_or(""),
+    ]
+}
+
+/// Istio's `LocalityMatch`: a rule locality (`*` wildcards, missing zone/subzone match
+/// anything) covers `locality`.
+fn rule_covers(rule: &str, locality: [&str; 3]) -> bool {
+    let rule = locality_parts(rule);
+    (0..3).all(|i| rule[i] == "*" || (i > 0 && rule[i].is_empty()) || rule[i] == locality[i])
+}
+
+/// Istio's `LbPriority`: 0 same subzone, 1 same zone, 2 same region, 3 elsewhere.
+fn lb_priority(client: [&str; 3], endpoint: [&str; 3]) -> u32 {
+    match (
+        client[0] == endpoint[0],
+        client[1] == endpoint[1],
+        client[2] == endpoint[2],
+    ) {
+        (true, true, true) => 0,
+        (true, true, false) => 1,
+        (true, false, _) => 2,
+        (false, _, _) => 3,
+    }
+}
+
 impl Locality {
     /// `region/zone/subzone`, each part optional from the right.
     pub fn parse(s: &str) -> Self {
-        let mut parts = s.splitn(3, '/').map(str::to_string);
+        let [region, zone, subzone] = locality_parts(s).map(str::to_string);
         Self {
-            region: parts.next().unwrap_or_default(),
-            zone: parts.next().unwrap_or_default(),
-            subzone: parts.next().unwrap_or_default(),
+            region,
+            zone,
+            subzone,
         }
     }
 
-    /// Istio's `LocalityMatch`: a rule locality (`region/zone/subzone`, `*` wildcards, missing
-    /// parts match anything) covers this one.
+    fn parts(&self) -> [&str; 3] {
+        [&self.region, &self.zone, &self.subzone]
+    }
+
+    /// Whether a rule locality (`region/zone/subzone`, `*` wildcards, missing parts match
+    /// anything) covers this one.
     pub fn matches_rule(&self, rule: &str) -> bool {
-        let rule = Locality::parse(rule);
-        let part = |r: &str, mine: &str, optional: bool| {
-            r == "*" || (optional && r.is_empty()) || r == mine
-        };
-        part(&rule.region, &self.region, false)
-            && part(&rule.zone, &self.zone, true)
-            && part(&rule.subzone, &self.subzone, true)
+        rule_covers(rule, self.parts())
     }
 
-    /// Istio's `LbPriority`: 0 same subzone, 1 same zone, 2 same region, 3 elsewhere.
+    /// 0 same subzone, 1 same zone, 2 same region, 3 elsewhere.
     pub fn priority_of(&self, endpoint: &Locality) -> u32 {
-        match (
-            self.region == endpoint.region,
-            self.zone == endpoint.zone,
-            self.subzone == endpoint.subzone,
-        ) {
-            (true, true, true) => 0,
-            (true, true, false) => 1,
-            (true, false, _) => 2,
-            (false, _, _) => 3,
-        }
+        lb_priority(self.parts(), endpoint.parts())
     }
 }
 
@@ -328,8 +348,8 @@ impl LocalityPolicy {
         let raw: Vec<u32> = endpoints
             .iter()
             .map(|e| {
-                let locality = Locality::parse(&e.locality);
-                let p = client.priority_of(&locality);
+                let locality = locality_parts(&e.locality);
+                let p = lb_priority(client.parts(), locality);
                 if p < 3 {
                     return p;
                 }
@@ -339,7 +359,7 @@ impl LocalityPolicy {
                     .iter()
                     .find(|(from, _)| *from == client.region)
                 {
-                    Some((_, to)) if *to != locality.region => 4,
+                    Some((_, to)) if to != locality[0] => 4,
                     _ => 3,
                 }
             })
@@ -371,7 +391,7 @@ impl LocalityPolicy {
         for (locality, weight) in to {
             let members: Vec<usize> = (0..endpoints.len())
                 .filter(|&i| {
-                    !taken[i] && Locality::parse(&endpoints[i].locality).matches_rule(locality)
+                    !taken[i] && rule_covers(locality, locality_parts(&endpoints[i].locality))
                 })
                 .collect();
             let total: f64 = members.iter().map(|&i| endpoints[i].weight).sum();

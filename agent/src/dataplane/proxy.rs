@@ -487,7 +487,8 @@ impl Proxy {
                 ttl,
                 path,
                 attributes,
-            }) => match (view.cookie(name), ttl) {
+            }) => match (view.cookie(name).filter(|v| !v.is_empty()), ttl) {
+                // An empty cookie counts as none, as in Envoy.
                 (Some(v), _) => Some(v.to_string()),
                 (None, Some(ttl)) => {
                     let value = generated_cookie_value(peer, &service.host, service.port);
