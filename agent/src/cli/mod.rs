@@ -139,6 +139,11 @@ pub struct RunArgs {
     /// address the L7 proxy is off and HTTP services are balanced per connection.
     #[arg(long = "node-ip")]
     pub node_ips: Vec<std::net::IpAddr>,
+    /// This node's locality, `region/zone/subzone` (in the DaemonSet: from the Node's
+    /// `topology.kubernetes.io/region` and `zone` labels), for locality load balancing in the
+    /// L7 proxy. Without it, endpoints are balanced without regard to locality.
+    #[arg(long, env = "STEERD_LOCALITY")]
+    pub locality: Option<String>,
     /// The mesh's default `outboundTrafficPolicy` (meshConfig). A Sidecar without
     /// workloadSelector in the root namespace (istio-system) overrides it, as in Istio.
     #[arg(long, value_enum)]

@@ -257,7 +257,12 @@ fn start_proxy(
         dataplane.set_proxy(None, None, None)?;
         return Ok(None);
     };
-    let proxy = Proxy::new(connections, metrics);
+    let locality = args
+        .locality
+        .as_deref()
+        .filter(|l| !l.is_empty())
+        .map(crate::compile::http::Locality::parse);
+    let proxy = Proxy::new(connections, metrics, locality);
     let workers = ProxyWorkers::start(super::worker_threads(args.worker_threads))
         .context("starting the L7 proxy's worker threads")?;
     for ip in [
