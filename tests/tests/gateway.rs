@@ -8,7 +8,7 @@
 
 use base64::Engine;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -155,155 +155,9 @@ impl Edge {
 // Certificates and a small rustls client/server.
 // ---------------------------------------------------------------------------------------------
 
-struct Ca {
-    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-}
-
-/// PEM certificate and key of a leaf.
-struct Leaf {
-    cert_pem: String,
-    key_pem: String,
-    der: Vec<u8>,
-}
-
-impl Ca {
-    fn new() -> Ca {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "steerd e2e CA");
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
-        let key = rcgen::KeyPair::generate().unwrap();
-        Ca {
-            issuer: rcgen::CertifiedIssuer::self_signed(params, key).unwrap(),
-        }
-    }
-
-    fn der(&self) -> rustls::pki_types::CertificateDer<'static> {
-        self.issuer.der().clone()
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    fn leaf(&self, name: &str) -> Leaf {
-        let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &*self.issuer).unwrap();
-        Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().to_vec(),
-        }
-    }
-}
-
-fn tls_secret(name: &str, leaf: &Leaf) -> String {
-    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}}}\ntype: kubernetes.io/tls\ndata:\n  tls.crt: {}\n  tls.key: {}\n",
-        b64(&leaf.cert_pem),
-        b64(&leaf.key_pem)
-    )
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// What an HTTPS request got.
-#[derive(Debug)]
-struct HttpsReply {
-    status: u16,
-    head: String,
-    body: String,
-    /// The end-entity certificate the server presented.
-    peer_cert: Vec<u8>,
-}
-
-impl HttpsReply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-}
-
-/// `GET path` over TLS to `addr` with `sni`, from inside `pod`, trusting only `ca`, presenting
-/// `client` as the client certificate if given.
-fn https_get(
-    pod: &Pod,
-    addr: SocketAddr,
-    sni: &str,
-    path: &str,
-    ca: &rustls::pki_types::CertificateDer<'static>,
-    client: Option<&Leaf>,
-) -> Result<HttpsReply, String> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.clone()).map_err(|e| e.to_string())?;
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    let config = match client {
-        None => builder.with_no_client_auth(),
-        Some(leaf) => builder
-            .with_client_auth_cert(
-                vec![leaf.der.clone().into()],
-                rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-    };
-    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n");
-    pod.netns.run_in(move || {
-        let mut conn =
-            rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
-        let mut sock = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        sock.set_write_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let mut tls = rustls::Stream::new(&mut conn, &mut sock);
-        tls.write_all(request.as_bytes())
-            .map_err(|e| format!("handshake/request: {e}"))?;
-        let mut out = Vec::new();
-        match tls.read_to_end(&mut out) {
-            Ok(_) => {}
-            // A peer that closes without close_notify after a complete response.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !out.is_empty() => {}
-            Err(e) => return Err(format!("reading: {e}")),
-        }
-        let peer_cert = conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .map(|c| c.to_vec())
-            .unwrap_or_default();
-        let text = String::from_utf8_lossy(&out).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("not an HTTP response: {text:?}"))?;
-        Ok(HttpsReply {
-            status,
-            head: head.to_string(),
-            body: body.to_string(),
-            peer_cert,
-        })
-    })
-}
+#[path = "support/tls.rs"]
+mod tls;
+use tls::{Ca, Leaf, https_get, provider, tls_secret};
 
 /// A TLS server (rustls, blocking) in a pod that answers every request with a fixed HTTP
 /// response naming itself: the PASSTHROUGH backend.

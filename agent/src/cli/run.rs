@@ -108,9 +108,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 tokio::spawn(forward(index, snap_rx, tx));
             }
             SourceSpec::Kube => {
+                // Gateways read their `credentialName` Secrets from their own namespace.
+                let secret_namespaces = args.gateways.iter().filter_map(|g| {
+                    let key = compile::gateway_ref(g, compile::gateway::DEFAULT_NAMESPACE);
+                    key.split_once('/').map(|(ns, _)| ns.to_string())
+                });
                 let source = KubeSource::connect(args.kubeconfig.as_deref())
                     .await
-                    .context("--source kube")?;
+                    .context("--source kube")?
+                    .watch_secrets_in(secret_namespaces);
                 let (snap_tx, snap_rx) = mpsc::channel(4);
                 tokio::spawn(source.watch(snap_tx));
                 tokio::spawn(forward(index, snap_rx, tx));

@@ -67,8 +67,32 @@ const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 11
 struct ServerState {
     plan: Arc<ServerPlan>,
     tls: Option<Result<Arc<ServerConfig>, String>>,
+    /// What `inspect listeners` shows of its certificate.
+    status: Option<CertificateStatus>,
     /// Seconds since `epoch` of the last refusal warning.
     last_refusal_log: AtomicU64,
+}
+
+/// The state of a terminating server's certificate, for the admin API.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CertificateStatus {
+    /// `secret default/a-cert`, `files /etc/a.crt /etc/a.key`, or `missing`.
+    pub source: String,
+    /// Whether handshakes are being served (with the current or the last good certificate).
+    pub loaded: bool,
+    /// `notAfter` of the leaf certificate being served (RFC 3339).
+    pub not_after: Option<String>,
+    /// Why the configured credential does not load (None: it does).
+    pub error: Option<String>,
+    /// The error above is being ridden out with the last certificate that loaded.
+    pub serving_last_good: bool,
+}
+
+/// A certificate that loaded for a server, kept while its successor does not load.
+#[derive(Clone)]
+struct LastGood {
+    config: Arc<ServerConfig>,
+    not_after: Option<String>,
 }
 
 /// What one bound address serves; replaced as a whole on each plan.
@@ -108,6 +132,32 @@ struct Inner {
     files: Vec<(PathBuf, Option<SystemTime>)>,
     /// Diagnostics and per-server TLS errors already logged, so each is logged once.
     logged: BTreeSet<String>,
+    /// By [`server_key`]: the last certificate that loaded, served while a rotated Secret or
+    /// file is deleted or malformed.
+    last_good: HashMap<String, LastGood>,
+}
+
+/// A server's identity across plans: `ns/gateway spec.servers[i]`.
+fn server_key(server: &ServerPlan) -> String {
+    format!("{} spec.servers[{}]", server.gateway, server.index)
+}
+
+/// The field of a server that names its certificate, for error messages.
+fn credential_field(server: &ServerPlan) -> String {
+    let field = match server.tls.as_ref().map(|t| &t.credential) {
+        Some(Credential::Files { .. }) => "serverCertificate",
+        _ => "credentialName",
+    };
+    format!("{}.tls.{field}", server_key(server))
+}
+
+fn credential_source(credential: &Credential) -> String {
+    match credential {
+        Credential::Secret { name, .. } => format!("secret {name}"),
+        Credential::Files { cert, key } => format!("files {} {}", cert.display(), key.display()),
+        Credential::Missing(_) => "missing".into(),
+        Credential::None => "none".into(),
+    }
 }
 
 /// The gateway listeners of the agent.
@@ -179,6 +229,7 @@ impl Gateways {
         }
 
         let mut files = Vec::new();
+        let mut last_good = HashMap::new();
         let mut desired: HashMap<SocketAddr, Arc<PortState>> = HashMap::new();
         for listener in &plan.listeners {
             let mut servers = Vec::new();
@@ -192,27 +243,78 @@ impl Gateways {
                     if let Some(ClientCa::File(ca)) = &tls.client_ca {
                         files.push((ca.clone(), modified(ca)));
                     }
-                    let config = server_config(server);
-                    let line = match &config {
+                    let key = server_key(server);
+                    let loaded = server_config(server)
+                        .map(|(config, leaf)| LastGood {
+                            config,
+                            not_after: not_after(&leaf),
+                        })
+                        .map_err(|e| format!("{}: {e}", credential_field(server)));
+                    let previous = inner.last_good.get(&key).cloned();
+                    let line = match &loaded {
                         Ok(_) => format!("ok {}", server.describe()),
                         Err(e) => format!("err {}: {e}", server.describe()),
                     };
                     if !inner.logged.contains(&line) {
-                        match &config {
-                            Err(e) => error!(
+                        match (&loaded, &previous) {
+                            (Err(e), Some(_)) => error!(
+                                server = %server.describe(),
+                                error = %e,
+                                "gateway certificate does not load; the last good certificate keeps serving"
+                            ),
+                            (Err(e), None) => error!(
                                 server = %server.describe(),
                                 error = %e,
                                 "gateway server has no usable certificate; its TLS handshakes are refused while the other servers serve"
                             ),
-                            Ok(_) => info!(server = %server.describe(), "gateway certificate loaded"),
+                            (Ok(_), _) => info!(server = %server.describe(), "gateway certificate loaded"),
                         }
                     }
                     logged.insert(line);
-                    config
+                    let source = credential_source(&tls.credential);
+                    match (loaded, previous) {
+                        (Ok(good), _) => {
+                            last_good.insert(key, good.clone());
+                            let status = CertificateStatus {
+                                source,
+                                loaded: true,
+                                not_after: good.not_after,
+                                error: None,
+                                serving_last_good: false,
+                            };
+                            (Ok(good.config), status)
+                        }
+                        (Err(e), Some(good)) => {
+                            last_good.insert(key, good.clone());
+                            let status = CertificateStatus {
+                                source,
+                                loaded: true,
+                                not_after: good.not_after,
+                                error: Some(e),
+                                serving_last_good: true,
+                            };
+                            (Ok(good.config), status)
+                        }
+                        (Err(e), None) => {
+                            let status = CertificateStatus {
+                                source,
+                                loaded: false,
+                                not_after: None,
+                                error: Some(e.clone()),
+                                serving_last_good: false,
+                            };
+                            (Err(e), status)
+                        }
+                    }
                 });
+                let (tls, status) = match tls {
+                    Some((tls, status)) => (Some(tls), Some(status)),
+                    None => (None, None),
+                };
                 servers.push(ServerState {
                     plan: server.clone(),
                     tls,
+                    status,
                     last_refusal_log: AtomicU64::new(0),
                 });
             }
@@ -269,8 +371,28 @@ impl Gateways {
             }
         }
         inner.logged = logged;
+        inner.last_good = last_good;
         inner.files = files;
         inner.plan = Some(plan);
+    }
+
+    /// Every server of every bound address, with its certificate state (terminating servers),
+    /// by address then server order: what `inspect listeners` shows.
+    pub fn served(&self) -> Vec<(SocketAddr, Arc<ServerPlan>, Option<CertificateStatus>)> {
+        let inner = self.lock();
+        let mut out = Vec::new();
+        for (addr, running) in &inner.listeners {
+            let state = running
+                .state
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            for s in &state.servers {
+                out.push((*addr, s.plan.clone(), s.status.clone()));
+            }
+        }
+        out.sort_by_key(|s| (s.0, s.1.index));
+        out
     }
 
     /// Addresses currently listening.
@@ -285,8 +407,21 @@ fn modified(path: &std::path::Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-/// The rustls configuration of a terminating server, or why it cannot have one.
-fn server_config(server: &ServerPlan) -> Result<Arc<ServerConfig>, String> {
+/// `notAfter` of a DER certificate, RFC 3339.
+fn not_after(der: &CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    cert.validity()
+        .not_after
+        .to_datetime()
+        .format(&time::format_description::well_known::Rfc3339)
+        .ok()
+}
+
+/// The rustls configuration of a terminating server and its leaf certificate, or why it cannot
+/// have one.
+fn server_config(
+    server: &ServerPlan,
+) -> Result<(Arc<ServerConfig>, CertificateDer<'static>), String> {
     let tls = server.tls.as_ref().ok_or("no tls settings")?;
     let (cert, key, what) = match &tls.credential {
         Credential::Secret { name, cert, key } => {
@@ -311,6 +446,7 @@ fn server_config(server: &ServerPlan) -> Result<Arc<ServerConfig>, String> {
     if chain.is_empty() {
         return Err(format!("{what}: no CERTIFICATE in the certificate PEM"));
     }
+    let leaf = chain[0].clone();
     let key =
         PrivateKeyDer::from_pem_slice(&key).map_err(|e| format!("{what}: private key: {e}"))?;
     let all = [&rustls::version::TLS12, &rustls::version::TLS13];
@@ -378,7 +514,7 @@ fn server_config(server: &ServerPlan) -> Result<Arc<ServerConfig>, String> {
     if server.protocol == "HTTPS" {
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     }
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), leaf))
 }
 
 fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -876,7 +1012,9 @@ mod tests {
             cert: pem(&c),
             key: pem(&k),
         });
-        let config = server_config(&ok).expect("a valid pair loads");
+        let (config, leaf) = server_config(&ok).expect("a valid pair loads");
+        let not_after = not_after(&leaf).expect("rcgen's default validity");
+        assert!(not_after.starts_with("4096-01-01"), "{not_after}");
         assert_eq!(
             config.alpn_protocols,
             vec![b"h2".to_vec(), b"http/1.1".to_vec()]
