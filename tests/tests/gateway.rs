@@ -646,3 +646,89 @@ spec:
     );
     let _ = &edge.node;
 }
+
+/// MUTUAL with `subjectAltNames`: of two client certificates signed by the same CA, only the one
+/// carrying a listed SAN gets through.
+#[test]
+fn mutual_subject_alt_names_admit_only_listed_client_certificates() {
+    let ca = Ca::new();
+    let server_cert = ca.leaf("m.example.com");
+    let secret = format!(
+        "{}  ca.crt: {}\n",
+        tls_secret("m-cert", &server_cert),
+        base64::engine::general_purpose::STANDARD.encode(ca.pem())
+    );
+    let gateway = r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: edge}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 443, name: https-mutual, protocol: HTTPS}
+    hosts: [m.example.com]
+    tls:
+      mode: MUTUAL
+      credentialName: m-cert
+      subjectAltNames: [spiffe://cluster.local/ns/default/sa/allowed, partner.example.com]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: m}
+spec:
+  hosts: [m.example.com]
+  gateways: [edge]
+  http:
+  - route: [{destination: {host: web-a}}]
+"#;
+    let (edge, _) = Edge::start(
+        &[("web-a", 8080)],
+        &[
+            (
+                "services.yaml",
+                service_manifest("web-a", "10.96.0.21", 80, 8080),
+            ),
+            ("gateway.yaml", gateway.to_string()),
+            ("m-cert.yaml", secret),
+        ],
+        &["edge"],
+        &[],
+    );
+    let node443: SocketAddr = format!("{NODE_IP4}:443").parse().unwrap();
+    let ca_der = ca.der();
+    let get = |client: &Leaf| {
+        https_get(
+            &edge.client,
+            node443,
+            "m.example.com",
+            "/",
+            &ca_der,
+            Some(client),
+        )
+    };
+    let by_uri = ca.leaf_with_sans(
+        "allowed",
+        vec!["spiffe://cluster.local/ns/default/sa/allowed".into()],
+    );
+    let by_dns = ca.leaf("partner.example.com");
+    let other_uri = ca.leaf_with_sans(
+        "other",
+        vec!["spiffe://cluster.local/ns/default/sa/other".into()],
+    );
+    let other_dns = ca.leaf("intruder.example.com");
+    for allowed in [&by_uri, &by_dns] {
+        let r = get(allowed).unwrap_or_else(|e| panic!("{e}\n{}", edge.agent.log()));
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.header("x-backend-id"), Some("web-a"), "{r:?}");
+    }
+    for refused in [&other_uri, &other_dns] {
+        let r = get(refused);
+        assert!(r.is_err(), "a certificate without a listed SAN: {r:?}");
+    }
+    // Not a "not checked" warning any more.
+    assert!(
+        !edge.agent.log().contains("subjectAltNames are not checked"),
+        "{}",
+        edge.agent.log()
+    );
+}

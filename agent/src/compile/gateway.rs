@@ -133,6 +133,10 @@ pub struct TlsPlan {
     pub credential: Credential,
     /// MUTUAL and OPTIONAL_MUTUAL: the CA client certificates must chain to.
     pub client_ca: Option<ClientCa>,
+    /// MUTUAL and OPTIONAL_MUTUAL: a client certificate must carry one of these SANs (exact
+    /// match on its DNS, URI, email or IP SANs); empty: any certificate the CA signed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
     pub min_version: Option<TlsProtocolVersion>,
     pub max_version: Option<TlsProtocolVersion>,
 }
@@ -560,18 +564,18 @@ impl<'a> Ctx<'a> {
                 let client_ca =
                     matches!(mode, ServerTlsMode::Mutual | ServerTlsMode::OptionalMutual)
                         .then(|| self.client_ca(gw, &field, t));
-                if client_ca.is_some() && !t.subject_alt_names.is_empty() {
-                    self.gateway_diag(
-                        Level::Warning,
-                        gw,
-                        format!("{field}.tls.subjectAltNames"),
-                        "subjectAltNames are not checked yet: any client certificate the CA signed is accepted".into(),
-                    );
-                }
+                // Only client certificates are checked against them (Envoy's
+                // match_typed_subject_alt_names on a downstream validation context).
+                let subject_alt_names = if client_ca.is_some() {
+                    t.subject_alt_names.clone()
+                } else {
+                    Vec::new()
+                };
                 Some(TlsPlan {
                     mode,
                     credential,
                     client_ca,
+                    subject_alt_names,
                     min_version: t.min_protocol_version,
                     max_version: t.max_protocol_version,
                 })

@@ -505,7 +505,14 @@ fn server_config(
             let verifier = verifier
                 .build()
                 .map_err(|e| format!("{source}: client CA: {e}"))?;
-            builder.with_client_cert_verifier(verifier)
+            if tls.subject_alt_names.is_empty() {
+                builder.with_client_cert_verifier(verifier)
+            } else {
+                builder.with_client_cert_verifier(Arc::new(SanCheckingVerifier {
+                    inner: verifier,
+                    subject_alt_names: tls.subject_alt_names.clone(),
+                }))
+            }
         }
     };
     let mut config = builder
@@ -515,6 +522,130 @@ fn server_config(
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     }
     Ok((Arc::new(config), leaf))
+}
+
+/// The CA's verdict, then Envoy's `match_typed_subject_alt_names` as Istio configures it for a
+/// Gateway's `subjectAltNames`: the client certificate must carry one of the listed names as a
+/// DNS, URI, email or IP SAN (exact match; a `*.` DNS SAN of the certificate covers one label).
+#[derive(Debug)]
+struct SanCheckingVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    subject_alt_names: Vec<String>,
+}
+
+impl rustls::server::danger::ClientCertVerifier for SanCheckingVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let names = certificate_sans(end_entity);
+        if san_matches(&self.subject_alt_names, &names) {
+            Ok(verified)
+        } else {
+            debug!(certificate = ?names, allowed = ?self.subject_alt_names, "client certificate refused: no allowed subjectAltName");
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A certificate's subjectAltNames as (type, value): `DNS`, `URI`, `EMAIL`, `IP`.
+pub(crate) fn certificate_sans(der: &CertificateDer<'_>) -> Vec<(&'static str, String)> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(ext)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    ext.value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::DNSName(n) => Some(("DNS", n.to_string())),
+            GeneralName::URI(u) => Some(("URI", u.to_string())),
+            GeneralName::RFC822Name(e) => Some(("EMAIL", e.to_string())),
+            GeneralName::IPAddress(bytes) => match bytes.len() {
+                4 => <[u8; 4]>::try_from(*bytes)
+                    .ok()
+                    .map(|b| ("IP", IpAddr::from(b).to_string())),
+                16 => <[u8; 16]>::try_from(*bytes)
+                    .ok()
+                    .map(|b| ("IP", IpAddr::from(b).to_string())),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether one of the certificate's SANs is one of `allowed` (Envoy's exact matchers; DNS SANs
+/// with Envoy's `dnsNameMatch`: `*.example.com` covers `a.example.com`, not `a.b.example.com`).
+pub(crate) fn san_matches(allowed: &[String], names: &[(&'static str, String)]) -> bool {
+    names.iter().any(|(kind, name)| {
+        allowed.iter().any(|want| {
+            if *kind == "DNS" {
+                dns_name_match(want, name)
+            } else if *kind == "IP" {
+                want.parse::<IpAddr>()
+                    .is_ok_and(|ip| ip.to_string() == *name)
+            } else {
+                want == name
+            }
+        })
+    })
+}
+
+fn dns_name_match(want: &str, cert_name: &str) -> bool {
+    if want.eq_ignore_ascii_case(cert_name) {
+        return true;
+    }
+    match cert_name.strip_prefix("*.") {
+        Some(suffix) => want
+            .split_once('.')
+            .is_some_and(|(label, rest)| !label.is_empty() && rest.eq_ignore_ascii_case(suffix)),
+        None => false,
+    }
 }
 
 fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -982,6 +1113,7 @@ mod tests {
                 mode: ServerTlsMode::Simple,
                 credential,
                 client_ca: None,
+                subject_alt_names: vec![],
                 min_version: None,
                 max_version: None,
             }),
@@ -1093,6 +1225,41 @@ mod tests {
         );
         mutual.tls.as_mut().unwrap().client_ca = Some(ClientCa::Missing("no ca.crt".into()));
         assert_eq!(server_config(&mutual).unwrap_err(), "no ca.crt");
+    }
+
+    #[test]
+    fn client_sans_match_exactly_by_type() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![
+            "*.clients.example.com".to_string(),
+            "10.0.0.7".to_string(),
+        ])
+        .unwrap();
+        params.subject_alt_names.push(rcgen::SanType::URI(
+            "spiffe://cluster.local/ns/a/sa/b".try_into().unwrap(),
+        ));
+        let cert = params.self_signed(&key).unwrap();
+        let names = certificate_sans(cert.der());
+        assert_eq!(
+            names,
+            [
+                ("DNS", "*.clients.example.com".to_string()),
+                ("IP", "10.0.0.7".to_string()),
+                ("URI", "spiffe://cluster.local/ns/a/sa/b".to_string()),
+            ]
+        );
+        let ok = |allowed: &[&str]| {
+            san_matches(
+                &allowed.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                &names,
+            )
+        };
+        assert!(ok(&["spiffe://cluster.local/ns/a/sa/b"]));
+        assert!(!ok(&["spiffe://cluster.local/ns/a/sa/c"]));
+        assert!(ok(&["x.clients.example.com"]));
+        assert!(!ok(&["x.y.clients.example.com"]));
+        assert!(ok(&["other", "10.0.0.7"]));
+        assert!(!ok(&["10.0.0.8"]));
     }
 
     /// A real ClientHello, as rustls writes it.
