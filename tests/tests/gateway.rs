@@ -7,10 +7,7 @@
 //! one CA, server certificates signed by it, and the clients trust only that CA.
 
 use base64::Engine;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::SocketAddr;
 use std::time::Duration;
 use steerd_e2e::{
     Agent, BpffsDir, HttpIdentityServer, HttpProbeResult, Node, Pod, TempDir, TestCgroup,
@@ -157,89 +154,7 @@ impl Edge {
 
 #[path = "support/tls.rs"]
 mod tls;
-use tls::{Ca, Leaf, https_get, provider, tls_secret};
-
-/// A TLS server (rustls, blocking) in a pod that answers every request with a fixed HTTP
-/// response naming itself: the PASSTHROUGH backend.
-struct TlsBackend {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl TlsBackend {
-    fn start(pod: &Pod, port: u16, id: &'static str, leaf: &Leaf) -> TlsBackend {
-        use rustls::pki_types::pem::PemObject;
-        let chain = vec![rustls::pki_types::CertificateDer::from(leaf.der.clone())];
-        let key =
-            rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
-        let config = Arc::new(
-            rustls::ServerConfig::builder_with_provider(provider())
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(chain, key)
-                .unwrap(),
-        );
-        let addr = pod.sock_v4(port);
-        let listener = pod
-            .netns
-            .run_in(|| TcpListener::bind(addr))
-            .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
-        listener.set_nonblocking(true).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok((mut sock, _)) = listener.accept() else {
-                        std::thread::sleep(Duration::from_millis(10));
-                        continue;
-                    };
-                    let config = config.clone();
-                    std::thread::spawn(move || {
-                        let _ = sock.set_nonblocking(false);
-                        let _ = sock.set_read_timeout(Some(Duration::from_secs(5)));
-                        let Ok(mut conn) = rustls::ServerConnection::new(config) else {
-                            return;
-                        };
-                        let mut tls = rustls::Stream::new(&mut conn, &mut sock);
-                        let mut request = Vec::new();
-                        let mut buf = [0u8; 1024];
-                        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match tls.read(&mut buf) {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => request.extend_from_slice(&buf[..n]),
-                            }
-                        }
-                        let body = format!("{id} saw {} bytes", request.len());
-                        let _ = tls.write_all(
-                            format!(
-                                "HTTP/1.1 200 OK\r\nx-backend-id: {id}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                                body.len()
-                            )
-                            .as_bytes(),
-                        );
-                        tls.conn.send_close_notify();
-                        let _ = tls.flush();
-                    });
-                }
-            })
-        };
-        TlsBackend {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for TlsBackend {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
+use tls::{Ca, Leaf, TlsBackend, https_get, tls_secret};
 
 // ---------------------------------------------------------------------------------------------
 // HTTP

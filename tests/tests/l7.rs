@@ -1184,3 +1184,116 @@ fn locality_failover_prefers_the_local_zone_then_the_region_then_elsewhere() {
     });
     assert!(moved, "never failed over to us-west:\n{}", m.agent.log());
 }
+
+// ---------------------------------------------------------------------------------------------
+// DestinationRule TLS origination
+// ---------------------------------------------------------------------------------------------
+
+#[path = "support/tls.rs"]
+mod tls;
+
+/// Istio's "egress TLS origination": the client speaks plain HTTP to a service's port 80, a
+/// DestinationRule `tls: SIMPLE` makes the proxy open TLS to the endpoint (port 8443 of the v1
+/// pod, a rustls server with a test certificate) with the configured SNI, verifying the
+/// server against `caCertificates` and `subjectAltNames`. A wrong SAN, an unknown CA and a
+/// missing CA file give 503 `UF` with the TLS error, while the other services keep serving.
+#[test]
+fn destination_rule_tls_originates_and_verifies_the_server() {
+    let ca = tls::Ca::new();
+    let server_cert = ca.leaf("api.example.com");
+    let certs = TempDir::new("steerd-l7-certs");
+    let ca_file = certs.write("ca.pem", ca.pem());
+    let service = |name: &str, vip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  clusterIP: {vip}\n  selector: {{app: reviews, version: v1}}\n  ports: [{{name: http, port: 80, targetPort: 8443}}]\n---\n"
+        )
+    };
+    let dr = |host: &str, tls: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {host}}}\nspec:\n  host: {host}\n  trafficPolicy:\n    tls: {tls}\n---\n"
+        )
+    };
+    let ca_path = ca_file.display().to_string();
+    let services = [
+        service("secure", "10.96.0.60"),
+        service("wrong-san", "10.96.0.61"),
+        service("unknown-ca", "10.96.0.62"),
+    ]
+    .concat();
+    let rules = [
+        dr(
+            "secure",
+            &format!("{{mode: SIMPLE, sni: api.example.com, caCertificates: {ca_path}}}"),
+        ),
+        dr(
+            "wrong-san",
+            &format!(
+                "{{mode: SIMPLE, sni: api.example.com, caCertificates: {ca_path}, subjectAltNames: [other.example.com]}}"
+            ),
+        ),
+        // No caCertificates: the system CAs, which never signed the test certificate.
+        dr("unknown-ca", "{mode: SIMPLE, sni: api.example.com}"),
+    ]
+    .concat();
+    let m = Mesh::start(&[("services.yaml", &services), ("tls-drs.yaml", &rules)]);
+    // The pod's IPv4 and IPv6 addresses are both endpoints.
+    let v1 = &m.backends[0];
+    let _backends = [v1.sock_v4(8443), v1.sock_v6(8443)]
+        .map(|addr| tls::TlsBackend::start_at(v1, addr, "secure-backend", &server_cert));
+
+    let r = m.http(&["--url", "http://10.96.0.60/orders?id=7", "--count", "3"]);
+    assert_eq!(r.status(200), 3, "{r:?}\n{}", m.agent.log());
+    let sample = r.sample.as_ref().unwrap();
+    assert_eq!(sample.headers["x-backend-id"], "secure-backend", "{r:?}");
+    assert_eq!(sample.headers["x-sni"], "api.example.com", "{r:?}");
+    assert!(
+        sample
+            .body
+            .as_str()
+            .is_some_and(|b| b.ends_with("GET /orders?id=7 HTTP/1.1")),
+        "the request went through the TLS connection: {r:?}"
+    );
+
+    for (vip, why) in [
+        ("10.96.0.61", "other.example.com"),
+        ("10.96.0.62", "UnknownIssuer"),
+    ] {
+        let r = m.http(&["--url", &format!("http://{vip}/"), "--count", "2"]);
+        assert_eq!(r.status(503), 2, "{vip}: {r:?}\n{}", m.agent.log());
+        let body = r.sample.as_ref().unwrap().body.to_string();
+        assert!(
+            body.contains("reset reason: connection failure")
+                && body.contains("transport failure reason: TLS_error")
+                && body.contains(why),
+            "{vip}: {body}\n{}",
+            m.agent.log()
+        );
+    }
+
+    // The rest serves: the mesh service, and the secure one again.
+    let r = m.http(&["--url", &url("/"), "--count", "3"]);
+    assert_eq!(r.status(200), 3, "{r:?}");
+    let r = m.http(&["--url", "http://10.96.0.60/", "--count", "1"]);
+    assert_eq!(r.status(200), 1, "{r:?}");
+
+    // The TLS settings show in `inspect clusters`.
+    let out = Agent::run_cli(
+        &m.node,
+        &["inspect", "clusters", "--admin", "127.0.0.1:15000"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let clusters = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        clusters
+            .lines()
+            .any(|l| l.starts_with("secure.default.svc.cluster.local ")
+                && l.contains("SIMPLE sni=api.example.com ca=/")),
+        "{clusters}"
+    );
+    assert!(
+        clusters
+            .lines()
+            .any(|l| l.starts_with("unknown-ca.default") && l.contains("ca=system")),
+        "{clusters}"
+    );
+}

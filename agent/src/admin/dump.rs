@@ -98,6 +98,9 @@ pub struct ClusterView {
     pub direction: String,
     pub r#type: String,
     pub destination_rule: Option<String>,
+    /// DestinationRule `tls` origination, described (None: plain text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<String>,
     pub endpoints: Vec<EndpointView>,
 }
 
@@ -162,6 +165,7 @@ pub fn build(plan: &Plan, proxy: Option<&Proxy>) -> ConfigDump {
                     direction: "outbound".into(),
                     r#type: "EDS".into(),
                     destination_rule: None,
+                    tls: None,
                     endpoints: Vec::new(),
                 });
                 if !view
@@ -277,9 +281,11 @@ pub fn build(plan: &Plan, proxy: Option<&Proxy>) -> ConfigDump {
                             direction: "outbound".into(),
                             r#type: "EDS".into(),
                             destination_rule: None,
+                            tls: None,
                             endpoints: Vec::new(),
                         });
                     view.destination_rule = c.destination_rule.clone();
+                    view.tls = c.policy.tls.as_ref().map(|t| t.describe());
                     let total: f64 = c.endpoints.iter().map(|e| e.weight).sum();
                     view.endpoints = c
                         .endpoints

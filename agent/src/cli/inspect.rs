@@ -198,6 +198,7 @@ pub fn render(dump: &ConfigDump, what: What, f: &Filter, output: Output) -> Stri
                         "DIRECTION",
                         "TYPE",
                         "DESTINATION RULE",
+                        "TLS",
                     ],
                     rows.iter()
                         .map(|c| {
@@ -212,6 +213,7 @@ pub fn render(dump: &ConfigDump, what: What, f: &Filter, output: Output) -> Stri
                                 c.direction.clone(),
                                 c.r#type.clone(),
                                 c.destination_rule.clone().unwrap_or_else(|| "-".into()),
+                                c.tls.clone().unwrap_or_else(|| "-".into()),
                             ]
                         })
                         .collect(),

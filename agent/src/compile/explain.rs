@@ -75,6 +75,9 @@ pub struct DestinationView {
     /// Route weight (relative, as written) for HTTP; share of connections (percent) for TCP.
     pub weight: f64,
     pub endpoints: Vec<String>,
+    /// DestinationRule `tls` origination (HTTP destinations), described.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -131,6 +134,7 @@ fn cluster_view(c: &http::Cluster, weight: f64) -> DestinationView {
         port: c.port,
         weight,
         endpoints: c.endpoints.iter().map(|e| e.addr.to_string()).collect(),
+        tls: c.policy.tls.as_ref().map(|t| t.describe()),
     }
 }
 
@@ -456,6 +460,7 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
                     port: port.port,
                     weight: (weight * 100.0).round() / 100.0,
                     endpoints,
+                    tls: None,
                 }
             })
             .collect();
@@ -608,6 +613,9 @@ pub fn render_text(e: &Explanation) -> String {
                 &mut s,
                 format!("  {}  weight {}  endpoints: {eps}", d.cluster, d.weight),
             );
+            if let Some(tls) = &d.tls {
+                line(&mut s, format!("    TLS origination: {tls}"));
+            }
         }
     }
     for m in &e.mirrors {

@@ -257,6 +257,80 @@ pub struct ClusterPolicy {
     pub http2: bool,
     /// Locality load balancing (None: `localityLbSetting.enabled: false`).
     pub locality: Option<LocalityPolicy>,
+    /// `tls` SIMPLE/MUTUAL: the proxy originates TLS to the endpoints.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
+}
+
+/// TLS the proxy originates to a cluster's endpoints (DestinationRule `tls`, SIMPLE or MUTUAL).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UpstreamTls {
+    /// `SIMPLE` or `MUTUAL`.
+    pub mode: &'static str,
+    /// The SNI sent; None: the cluster's host.
+    pub sni: Option<String>,
+    /// The server certificate must carry one of these (DNS/URI/IP, exact); empty: it must be
+    /// valid for the SNI.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+    pub ca: UpstreamCa,
+    /// MUTUAL: the certificate presented.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<super::gateway::Credential>,
+    /// Why no connection can be made (missing Secret, ...): connections fail with `UF`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl UpstreamTls {
+    /// `SIMPLE sni=api.example.com ca=/etc/ca.pem san=a,b`, for `inspect clusters`/`explain`.
+    pub fn describe(&self) -> String {
+        let mut out = format!(
+            "{} sni={}",
+            self.mode,
+            self.sni.as_deref().unwrap_or("<host>")
+        );
+        out += &match &self.ca {
+            UpstreamCa::System => " ca=system".to_string(),
+            UpstreamCa::File(p) => format!(" ca={}", p.display()),
+            UpstreamCa::Secret { name, .. } => format!(" ca=secret:{name}"),
+            UpstreamCa::InsecureSkipVerify => " insecureSkipVerify".to_string(),
+        };
+        if !self.subject_alt_names.is_empty() {
+            out += &format!(" san={}", self.subject_alt_names.join(","));
+        }
+        match &self.client_certificate {
+            Some(super::gateway::Credential::Secret { name, .. }) => {
+                out += &format!(" cert=secret:{name}")
+            }
+            Some(super::gateway::Credential::Files { cert, .. }) => {
+                out += &format!(" cert={}", cert.display())
+            }
+            _ => {}
+        }
+        if let Some(e) = &self.error {
+            out += &format!(" (error: {e})");
+        }
+        out
+    }
+}
+
+/// What a server certificate is verified against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum UpstreamCa {
+    /// The system's CA bundle (Istio's default without `caCertificates`).
+    System,
+    /// `caCertificates`, read by the dataplane.
+    File(std::path::PathBuf),
+    /// A `credentialName` Secret's `ca.crt`/`cacert`.
+    Secret {
+        name: String,
+        #[serde(skip)]
+        pem: super::gateway::Pem,
+    },
+    /// `insecureSkipVerify: true`: no verification at all.
+    InsecureSkipVerify,
 }
 
 /// `localityLbSetting` as Istio applies it for a client in some locality.

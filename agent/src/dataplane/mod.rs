@@ -9,6 +9,7 @@ pub mod maps;
 pub mod pool;
 pub mod proxy;
 pub mod upstream;
+pub mod upstream_tls;
 pub mod workers;
 
 pub use bpf::{Dataplane, DataplaneError, Pins, cleanup};

@@ -107,12 +107,14 @@ impl ProxyTable {
 }
 
 /// The upstream connection settings of a cluster's DestinationRule.
-fn pool_settings(policy: &ClusterPolicy) -> PoolSettings {
+fn pool_settings(cluster: &Cluster, state: &ClusterState) -> PoolSettings {
+    let policy: &ClusterPolicy = &cluster.policy;
     PoolSettings {
         http2: policy.http2,
         connect_timeout: policy.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
         idle_timeout: policy.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT),
         max_requests_per_connection: policy.max_requests_per_connection,
+        tls: state.tls_origination(cluster),
     }
 }
 
@@ -604,7 +606,7 @@ impl Proxy {
             query_param: hash_key.as_deref(),
             source_ip: Some(peer.ip()),
         };
-        let settings = pool_settings(&cluster.policy);
+        let settings = pool_settings(cluster, &state);
         // The destination workload authorizes the request as it arrives there: after rewrites
         // and header changes, from the client's address.
         let policies = self.table.load().authz.clone();
@@ -721,10 +723,11 @@ impl Proxy {
                 let mut up = Request::new(body);
                 *up.method_mut() = method;
                 *up.headers_mut() = headers;
-                let sent = picked
-                    .in_flight
-                    .pool()
-                    .send(endpoint, settings, path_and_query, up);
+                let sent =
+                    picked
+                        .in_flight
+                        .pool()
+                        .send(endpoint, settings.clone(), path_and_query, up);
                 let result = match retries.per_try_timeout {
                     Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| ()),
                     None => Ok(sent.await),
@@ -826,7 +829,7 @@ impl Proxy {
         *req.method_mut() = head.method.clone();
         *req.headers_mut() = head.headers.clone();
         req.headers_mut().insert(HOST, host.clone());
-        let settings = pool_settings(&cluster.policy);
+        let settings = pool_settings(cluster, &state);
         let path_and_query = head.path_and_query.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -908,11 +911,16 @@ fn upstream_failure<'a>(e: &UpstreamError, destination: Option<&'a Workload>) ->
     } else {
         ("connection termination", "UC")
     };
+    // Envoy appends the TLS error as `transport failure reason`.
+    let transport = e
+        .transport_failure()
+        .map(|r| format!(", transport failure reason: TLS_error: {r}"))
+        .unwrap_or_default();
     Served {
         response: local_reply_owned(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+                "upstream connect error or disconnect/reset before headers. reset reason: {reason}{transport}"
             ),
         ),
         destination,

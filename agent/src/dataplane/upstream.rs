@@ -9,7 +9,7 @@
 use crate::compile::http::{
     Cluster, HashKey, LoadBalancer, Locality, LocalityPolicy, OutlierPolicy,
 };
-use crate::dataplane::pool::EndpointPool;
+use crate::dataplane::pool::{EndpointPool, TlsOrigination};
 use arc_swap::ArcSwap;
 use hashbrown::HashMap;
 use std::hash::{BuildHasher, Hash};
@@ -116,6 +116,8 @@ pub struct ClusterState {
     requests: AtomicU32,
     /// Requests rejected by the pool limits (Envoy's `upstream_rq_pending_overflow`).
     pub overflows: AtomicU64,
+    /// DestinationRule `tls` origination, rebuilt when the plan's settings change.
+    tls: Mutex<Option<Arc<TlsOrigination>>>,
 }
 
 impl Default for ClusterState {
@@ -127,7 +129,26 @@ impl Default for ClusterState {
             round_robin: AtomicU64::new(0),
             requests: AtomicU32::new(0),
             overflows: AtomicU64::new(0),
+            tls: Mutex::new(None),
         }
+    }
+}
+
+impl ClusterState {
+    /// The TLS origination of `cluster` (built on first use and when its settings change), or
+    /// None when it speaks plain text.
+    pub fn tls_origination(&self, cluster: &Cluster) -> Option<Arc<TlsOrigination>> {
+        let plan = cluster.policy.tls.as_ref()?;
+        let mut cached = self.tls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cached.as_ref().filter(|t| t.plan == *plan) {
+            return Some(t.clone());
+        }
+        let built = Arc::new(crate::dataplane::upstream_tls::build(plan, &cluster.host));
+        if let Err(e) = &built.connector {
+            tracing::warn!(cluster = %cluster.name, error = %e, "upstream TLS settings unusable; connections fail (503 UF)");
+        }
+        *cached = Some(built.clone());
+        Some(built)
     }
 }
 

@@ -5,8 +5,9 @@
 
 use base64::Engine;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use steerd_e2e::Pod;
 
@@ -176,4 +177,96 @@ pub fn https_get(
             peer_cert,
         })
     })
+}
+
+/// A TLS server (rustls, blocking) in a pod that answers every request with a fixed HTTP
+/// response naming itself (`x-backend-id`), the SNI it was sent (`x-sni`) and the request line
+/// it read: a PASSTHROUGH backend, or the HTTPS server TLS origination talks to.
+pub struct TlsBackend {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TlsBackend {
+    pub fn start(pod: &Pod, port: u16, id: &'static str, leaf: &Leaf) -> TlsBackend {
+        TlsBackend::start_at(pod, pod.sock_v4(port), id, leaf)
+    }
+
+    pub fn start_at(pod: &Pod, addr: SocketAddr, id: &'static str, leaf: &Leaf) -> TlsBackend {
+        use rustls::pki_types::pem::PemObject;
+        let chain = vec![rustls::pki_types::CertificateDer::from(leaf.der.clone())];
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
+        let config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(chain, key)
+                .unwrap(),
+        );
+        let listener = pod
+            .netns
+            .run_in(|| TcpListener::bind(addr))
+            .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((mut sock, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    };
+                    let config = config.clone();
+                    std::thread::spawn(move || {
+                        let _ = sock.set_nonblocking(false);
+                        let _ = sock.set_read_timeout(Some(Duration::from_secs(5)));
+                        let Ok(mut conn) = rustls::ServerConnection::new(config) else {
+                            return;
+                        };
+                        let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+                        let mut request = Vec::new();
+                        let mut buf = [0u8; 1024];
+                        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match tls.read(&mut buf) {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => request.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let first_line = String::from_utf8_lossy(&request)
+                            .lines()
+                            .next()
+                            .unwrap_or_default()
+                            .to_string();
+                        let body = format!("{id} saw {} bytes: {first_line}", request.len());
+                        let sni = tls.conn.server_name().unwrap_or("-").to_string();
+                        let _ = tls.write_all(
+                            format!(
+                                "HTTP/1.1 200 OK\r\nx-backend-id: {id}\r\nx-sni: {sni}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                                body.len()
+                            )
+                            .as_bytes(),
+                        );
+                        tls.conn.send_close_notify();
+                        let _ = tls.flush();
+                    });
+                }
+            })
+        };
+        TlsBackend {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for TlsBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
