@@ -137,6 +137,21 @@ impl Edge {
         run_http_probe(Some(&self.client.netns), None, args)
     }
 
+    /// `steerd inspect ARGS --admin ...` against the running agent's admin API.
+    fn inspect(&self, args: &[&str]) -> String {
+        let admin = admin_addr().to_string();
+        let mut full = vec!["inspect"];
+        full.extend_from_slice(args);
+        full.extend(["--admin", &admin]);
+        let out = Agent::run_cli(&self.node, &full);
+        assert!(
+            out.status.success(),
+            "inspect {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     /// How often the agent logged that it started listening on `addr` (`ip:port`).
     fn listening_count(&self, addr: &str) -> usize {
         let field = format!("{addr} ");
@@ -559,6 +574,90 @@ spec:
         "{}",
         edge.agent.log()
     );
+
+    // `inspect listeners` (through the admin API's config dump) shows every served server:
+    // address, protocol, TLS mode, hosts, certificate source and state, bound VirtualServices.
+    let listeners = edge.inspect(&["listeners"]);
+    let row = |server: &str| -> String {
+        listeners
+            .lines()
+            .find(|l| l.starts_with(&format!("{NODE_IP4}:443 ")) && l.contains(server))
+            .unwrap_or_else(|| panic!("no row for {server}:\n{listeners}"))
+            .to_string()
+    };
+    assert!(listeners.contains("Gateway listeners:"), "{listeners}");
+    let a = row("spec.servers[1] ");
+    for part in [
+        "default/edge",
+        "HTTPS",
+        "SIMPLE",
+        "a.example.com",
+        "secret default/a-cert",
+        "loaded",
+        "4096-01-01T00:00:00Z",
+        "default/a",
+    ] {
+        assert!(a.contains(part), "{part} missing from {a}");
+    }
+    let m_row = row("spec.servers[4] ");
+    assert!(
+        m_row.contains("MUTUAL") && m_row.contains("default/m"),
+        "{m_row}"
+    );
+    assert!(
+        row("spec.servers[5] ").contains("PASSTHROUGH"),
+        "{listeners}"
+    );
+    assert!(
+        listeners
+            .lines()
+            .any(|l| l.starts_with(&format!("{NODE_IP4}:80 "))
+                && l.contains("HTTP")
+                && l.contains("a.example.com")),
+        "{listeners}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&edge.inspect(&["listeners", "-o", "json"])).unwrap();
+    let b = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["server"] == "spec.servers[2]" && r["address"] == format!("{NODE_IP4}:443"))
+        .unwrap_or_else(|| panic!("{json:#}"));
+    assert_eq!(b["certificate"]["state"], "loaded", "{b}");
+    assert!(
+        b["certificate"]["source"]
+            .as_str()
+            .unwrap()
+            .starts_with("files "),
+        "{b}"
+    );
+    assert_eq!(
+        b["virtual_services"],
+        serde_json::json!(["default/b"]),
+        "{b}"
+    );
+
+    // A malformed Secret: its error shows, and the last good certificate keeps serving.
+    edge.manifests.write(
+        "a-cert.yaml",
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: a-cert}\ntype: kubernetes.io/tls\nstringData: {tls.crt: garbage, tls.key: garbage}\n",
+    );
+    let shows_error = wait_until(Duration::from_secs(10), || {
+        let r = edge.inspect(&["listeners"]);
+        r.lines().any(|l| {
+            l.contains("spec.servers[1] ")
+                && l.contains("serving the last good certificate")
+                && l.contains("spec.servers[1].tls.credentialName: secret default/a-cert")
+        })
+    });
+    assert!(
+        shows_error,
+        "{}\n{}",
+        edge.inspect(&["listeners"]),
+        edge.agent.log()
+    );
+    assert_eq!(get("a.example.com", "/").unwrap().peer_cert, a2.der);
     let _ = &edge.node;
 }
 

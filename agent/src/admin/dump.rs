@@ -17,6 +17,95 @@ pub struct ConfigDump {
     pub authorization: Vec<PolicyView>,
     /// Current configuration findings, one line each.
     pub diagnostics: Vec<String>,
+    /// The servers of the Gateways this agent serves (`--gateway`), per bound address.
+    #[serde(default)]
+    pub gateway_listeners: Vec<GatewayListenerView>,
+}
+
+/// One server of a served Gateway on one bound address.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GatewayListenerView {
+    /// `ip:port`.
+    pub address: String,
+    pub port: u16,
+    /// `ns/name`.
+    pub gateway: String,
+    /// `spec.servers[i]`, with the server's name if it has one.
+    pub server: String,
+    pub protocol: String,
+    /// `SIMPLE`, `MUTUAL`, `OPTIONAL_MUTUAL`, `PASSTHROUGH`, or `-` (no TLS).
+    pub tls_mode: String,
+    pub hosts: Vec<String>,
+    /// Terminating servers: where the certificate comes from and its state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateView>,
+    /// `ns/name` of the VirtualServices bound to this server.
+    pub virtual_services: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CertificateView {
+    /// `secret ns/name`, `files CERT KEY` or `missing`.
+    pub source: String,
+    /// `loaded`, `error (serving the last good certificate)` or `error`.
+    pub state: String,
+    /// notAfter of the certificate being served (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The gateway listeners view of what `gateways` serves right now.
+pub fn gateway_listeners(
+    gateways: &crate::dataplane::gateway::Gateways,
+) -> Vec<GatewayListenerView> {
+    gateways
+        .served()
+        .into_iter()
+        .map(|(addr, server, status)| {
+            let mut vs: Vec<String> = server
+                .virtual_hosts
+                .iter()
+                .filter_map(|v| v.routes.virtual_service.clone())
+                .chain(server.tls_routes.iter().map(|r| r.route.clone()))
+                .chain(server.tcp.iter().map(|r| r.route.clone()))
+                .map(|r| {
+                    // `VirtualService ns/name tcp[0]` → `ns/name`.
+                    let r = r.strip_prefix("VirtualService ").unwrap_or(&r).to_string();
+                    r.split_whitespace().next().unwrap_or_default().to_string()
+                })
+                .collect();
+            vs.sort();
+            vs.dedup();
+            GatewayListenerView {
+                address: addr.to_string(),
+                port: addr.port(),
+                gateway: server.gateway.clone(),
+                server: match &server.name {
+                    Some(n) => format!("spec.servers[{}] {n}", server.index),
+                    None => format!("spec.servers[{}]", server.index),
+                },
+                protocol: server.protocol.clone(),
+                tls_mode: server
+                    .tls
+                    .as_ref()
+                    .map_or("-".to_string(), |t| t.mode.as_str().to_string()),
+                hosts: server.hosts.clone(),
+                certificate: status.map(|c| CertificateView {
+                    source: c.source,
+                    state: match (c.loaded, &c.error) {
+                        (true, None) => "loaded".into(),
+                        (true, Some(_)) => "error (serving the last good certificate)".into(),
+                        (false, _) => "error".into(),
+                    },
+                    not_after: c.not_after,
+                    error: c.error,
+                }),
+                virtual_services: vs,
+            }
+        })
+        .collect()
 }
 
 /// One AuthorizationPolicy as the agent enforces it.

@@ -56,6 +56,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let _ = state.proxy.set(p.clone());
     }
     let gateways = start_gateways(&args, proxy.as_ref())?;
+    if let Some(g) = &gateways {
+        let _ = state.gateways.set(g.clone());
+    }
     if let Some(stats) = dataplane.stats.take() {
         state.metrics.attach_stats(stats);
     }
