@@ -1196,7 +1196,8 @@ mod tls;
 /// DestinationRule `tls: SIMPLE` makes the proxy open TLS to the endpoint (port 8443 of the v1
 /// pod, a rustls server with a test certificate) with the configured SNI, verifying the
 /// server against `caCertificates` and `subjectAltNames`. A wrong SAN, an unknown CA and a
-/// missing CA file give 503 `UF` with the TLS error, while the other services keep serving.
+/// unknown CA give 503 `UF` with the TLS error, while the other services keep serving. MUTUAL
+/// presents the configured client certificate to a backend that requires one.
 #[test]
 fn destination_rule_tls_originates_and_verifies_the_server() {
     let ca = tls::Ca::new();
@@ -1275,6 +1276,44 @@ fn destination_rule_tls_originates_and_verifies_the_server() {
     assert_eq!(r.status(200), 3, "{r:?}");
     let r = m.http(&["--url", "http://10.96.0.60/", "--count", "1"]);
     assert_eq!(r.status(200), 1, "{r:?}");
+
+    // MUTUAL: a backend that requires a client certificate from the test CA (port 9443) gets
+    // the one of `clientCertificate`/`privateKey`; SIMPLE to it fails the handshake.
+    let client_cert = ca.leaf("client.example.com");
+    let crt = certs.write("client.crt", &client_cert.cert_pem);
+    let key = certs.write("client.key", &client_cert.key_pem);
+    let _mutual = [v1.sock_v4(9443), v1.sock_v6(9443)].map(|addr| {
+        tls::TlsBackend::start_with(v1, addr, "mutual-backend", &server_cert, Some(&ca))
+    });
+    let mutual_services = "apiVersion: v1\nkind: Service\nmetadata: {name: mutual}\nspec:\n  clusterIP: 10.96.0.63\n  selector: {app: reviews, version: v1}\n  ports: [{name: http, port: 80, targetPort: 9443}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: mutual-nocert}\nspec:\n  clusterIP: 10.96.0.64\n  selector: {app: reviews, version: v1}\n  ports: [{name: http, port: 80, targetPort: 9443}]\n---\n";
+    let mutual_rules = [
+        dr(
+            "mutual",
+            &format!(
+                "{{mode: MUTUAL, sni: api.example.com, caCertificates: {ca_path}, clientCertificate: {}, privateKey: {}}}",
+                crt.display(),
+                key.display()
+            ),
+        ),
+        dr(
+            "mutual-nocert",
+            &format!("{{mode: SIMPLE, sni: api.example.com, caCertificates: {ca_path}}}"),
+        ),
+    ]
+    .concat();
+    m.manifests
+        .write("mutual.yaml", format!("{mutual_services}{mutual_rules}"));
+    let mut last = None;
+    let served = steerd_e2e::wait_until(Duration::from_secs(10), || {
+        let r = m.http(&["--url", "http://10.96.0.63/m", "--count", "1"]);
+        let ok = r.status(200) == 1
+            && r.sample.as_ref().unwrap().headers["x-backend-id"] == "mutual-backend";
+        last = Some(r);
+        ok
+    });
+    assert!(served, "{last:?}\n{}", m.agent.log());
+    let r = m.http(&["--url", "http://10.96.0.64/m", "--count", "1"]);
+    assert_eq!(r.status(503), 1, "no client certificate, no request: {r:?}");
 
     // The TLS settings show in `inspect clusters`.
     let out = Agent::run_cli(

@@ -193,18 +193,40 @@ impl TlsBackend {
     }
 
     pub fn start_at(pod: &Pod, addr: SocketAddr, id: &'static str, leaf: &Leaf) -> TlsBackend {
+        TlsBackend::start_with(pod, addr, id, leaf, None)
+    }
+
+    /// With `client_ca`, the backend requires a client certificate signed by it (mutual TLS).
+    pub fn start_with(
+        pod: &Pod,
+        addr: SocketAddr,
+        id: &'static str,
+        leaf: &Leaf,
+        client_ca: Option<&Ca>,
+    ) -> TlsBackend {
         use rustls::pki_types::pem::PemObject;
         let chain = vec![rustls::pki_types::CertificateDer::from(leaf.der.clone())];
         let key =
             rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
-        let config = Arc::new(
-            rustls::ServerConfig::builder_with_provider(provider())
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(chain, key)
-                .unwrap(),
-        );
+        let builder = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add(ca.der()).unwrap();
+                builder.with_client_cert_verifier(
+                    rustls::server::WebPkiClientVerifier::builder_with_provider(
+                        Arc::new(roots),
+                        provider(),
+                    )
+                    .build()
+                    .unwrap(),
+                )
+            }
+        };
+        let config = Arc::new(builder.with_single_cert(chain, key).unwrap());
         let listener = pod
             .netns
             .run_in(|| TcpListener::bind(addr))
