@@ -25,7 +25,10 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, TC_ACT_OK,
         TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_sock_addr, bpf_sock_ops,
     },
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_redirect},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie,
+        bpf_redirect,
+    },
     macros::{cgroup_sock_addr, classifier, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, lpm_trie::Key as LpmKey},
     programs::{SockAddrContext, SockOpsContext, TcContext},
@@ -35,10 +38,11 @@ use core::intrinsics::AtomicOrdering;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use steerd_common::{
     AUTHZ_DENY, AUTHZ_TABLE_BITS, Addr, AuthzDestKey, AuthzDestValue, AuthzSourceKey, Backend,
-    BackendStats, ClientKey, EgressPolicy, MAX_AUTHZ_DENIED, MAX_AUTHZ_DESTINATIONS,
-    MAX_AUTHZ_PREFIXES, MAX_DENIED, MAX_L7_PENDING, MAX_REGISTRY, MAX_REVNAT, MAX_SERVICES,
-    MAX_SLOTS, MAX_STATS, PROTO_TCP, PROTO_UDP, PROXY_SOCKET_MARK, ProxyConfig, RevNatKey,
-    RevNatValue, SVC_F_L7, SVC_F_NO_BACKENDS, ServiceKey, ServiceValue, Slot, SlotKey, StatsKey,
+    BackendStats, ClientKey, EGRESS_REGISTRY_ONLY, EgressPolicy, MAX_AUTHZ_DENIED,
+    MAX_AUTHZ_DESTINATIONS, MAX_AUTHZ_PREFIXES, MAX_CGROUP_LEVELS, MAX_DENIED,
+    MAX_EGRESS_WORKLOADS, MAX_L7_PENDING, MAX_REGISTRY, MAX_REVNAT, MAX_SERVICES, MAX_SLOTS,
+    MAX_STATS, PROTO_TCP, PROTO_UDP, PROXY_SOCKET_MARK, ProxyConfig, RevNatKey, RevNatValue,
+    SVC_F_L7, SVC_F_NO_BACKENDS, ServiceKey, ServiceValue, Slot, SlotKey, StatsKey,
 };
 
 // Map names must match `steerd_common::map_names` (the attribute takes a literal).
@@ -66,6 +70,10 @@ static REGISTRY: LpmTrie<Addr, u32> = LpmTrie::pinned(MAX_REGISTRY, 0);
 
 #[map(name = "sd_denied_v1")]
 static DENIED: LruHashMap<Addr, u64> = LruHashMap::pinned(MAX_DENIED, 0);
+
+#[map(name = "sd_egress_wl_v1")]
+static EGRESS_WORKLOADS: HashMap<u64, u32> =
+    HashMap::pinned(MAX_EGRESS_WORKLOADS, BPF_F_NO_PREALLOC);
 
 #[map(name = "sd_stats_v2")]
 static STATS: LruHashMap<StatsKey, BackendStats> = LruHashMap::pinned(MAX_STATS, 0);
@@ -185,11 +193,38 @@ fn proxy_for(vip: &Addr) -> Option<Backend> {
     })
 }
 
+/// Whether REGISTRY_ONLY applies to the calling process: its pod's policy (the first of its
+/// ancestor cgroups in `sd_egress_wl_v1`), else the mesh default.
+#[inline(always)]
+fn registry_only_for_caller() -> bool {
+    let Some(policy) = EGRESS.get(0) else {
+        return false;
+    };
+    if policy.workloads != 0 {
+        // Bounded (the verifier unrolls or bounds it); a level beyond the caller's depth gives 0.
+        let mut level = 1;
+        while level <= MAX_CGROUP_LEVELS {
+            let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+            if id == 0 {
+                break;
+            }
+            if let Some(p) = unsafe { EGRESS_WORKLOADS.get(&id) } {
+                return *p == EGRESS_REGISTRY_ONLY;
+            }
+            level += 1;
+        }
+    }
+    policy.registry_only != 0
+}
+
 /// REGISTRY_ONLY: whether a destination that is not a service must be refused. Loopback always
 /// passes; refusals are counted per destination.
 #[inline(always)]
 fn egress_denied(dest: &Addr) -> bool {
-    if !EGRESS.get(0).is_some_and(|p| p.registry_only != 0) {
+    if !EGRESS
+        .get(0)
+        .is_some_and(|p| p.registry_only != 0 || p.workloads != 0)
+    {
         return false;
     }
     let loopback4 = dest.is_ipv4_mapped() && (dest.ipv4_be().to_ne_bytes()[0] == 127);
@@ -198,6 +233,9 @@ fn egress_denied(dest: &Addr) -> bool {
         return false;
     }
     if REGISTRY.get(LpmKey::new(128, *dest)).is_some() {
+        return false;
+    }
+    if !registry_only_for_caller() {
         return false;
     }
     match DENIED.get_ptr_mut(dest) {

@@ -162,6 +162,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     g.apply(&compiler.store().to_config());
                 }
                 writer.reconcile(&mut dataplane, proxy.as_deref(), &mut compiler, &state, mesh_registry_only, compile_started);
+                writer.sync_workloads(&mut dataplane, compiler.plan(), &cgroup, mesh_registry_only, false);
                 // Publishing copies the plan: done once the burst of updates is over.
                 if rx.is_empty() || writer.published_at.elapsed() > PUBLISH_INTERVAL {
                     writer.publish(&compiler, &state);
@@ -175,8 +176,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 dataplane.authz.collect_garbage(Instant::now());
             }
             _ = rescan.tick() => {
-                // New pods bring new veths.
+                // New pods bring new veths and new pod cgroups.
                 dataplane.rescan_policy_interfaces();
+                if planned {
+                    let mesh_registry_only = args.outbound_traffic_policy == Some(super::OutboundPolicy::RegistryOnly);
+                    writer.sync_workloads(&mut dataplane, compiler.plan(), &cgroup, mesh_registry_only, true);
+                }
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
@@ -279,6 +284,10 @@ struct PlanWriter {
     authz_failed: bool,
     /// Diagnostics already logged.
     logged: std::collections::BTreeSet<Diagnostic>,
+    /// Pod cgroups by Pod uid, from the last scan.
+    pod_cgroups: std::collections::BTreeMap<String, crate::dataplane::cgroups::PodCgroup>,
+    /// The Pod uids the last scan looked for.
+    scanned_for: std::collections::BTreeSet<String>,
     published_at: Instant,
     /// A plan is in the maps that admin and metrics have not seen yet.
     unpublished: bool,
@@ -291,6 +300,8 @@ impl Default for PlanWriter {
             egress_full: true,
             authz_failed: false,
             logged: Default::default(),
+            pod_cgroups: Default::default(),
+            scanned_for: Default::default(),
             published_at: Instant::now(),
             unpublished: false,
         }
@@ -442,6 +453,41 @@ impl PlanWriter {
                 metrics.map_write_errors.inc();
                 error!(error = %e, "writing the plan to the maps failed; will retry on the next change");
             }
+        }
+    }
+
+    /// Points the pod cgroups of Pods with a Sidecar policy of their own at it. `rescan` looks
+    /// for pod cgroups again (the timer); otherwise only when a Pod's is not known yet.
+    fn sync_workloads(
+        &mut self,
+        dataplane: &mut Dataplane,
+        plan: &compile::Plan,
+        cgroup_root: &std::path::Path,
+        mesh_registry_only: bool,
+        rescan: bool,
+    ) {
+        let workloads = &plan.egress.workloads;
+        // Pods of other nodes have no cgroup here: only Pods new since the last scan trigger one.
+        let new_pods = workloads
+            .keys()
+            .any(|uid| !self.pod_cgroups.contains_key(uid) && !self.scanned_for.contains(uid));
+        if rescan || new_pods {
+            self.pod_cgroups = if workloads.is_empty() {
+                Default::default()
+            } else {
+                crate::dataplane::cgroups::scan(cgroup_root)
+            };
+            self.scanned_for = workloads.keys().cloned().collect();
+        }
+        let want: std::collections::BTreeMap<u64, bool> = workloads
+            .iter()
+            .filter_map(|(uid, w)| {
+                let cgroup = self.pod_cgroups.get(uid)?;
+                Some((cgroup.id, w.registry_only.unwrap_or(mesh_registry_only)))
+            })
+            .collect();
+        if let Err(e) = dataplane.egress.set_workloads(&want) {
+            error!(error = %e, "writing the per-workload outbound policies failed; will retry");
         }
     }
 
