@@ -117,7 +117,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let dns = {
         let (snap_tx, snap_rx) = mpsc::channel(4);
         tokio::spawn(forward_snapshots(args.sources.len(), snap_rx, tx.clone()));
-        DnsSource::spawn(args.dns_server, snap_tx)
+        DnsSource::spawn(
+            args.dns_server,
+            Some(dns::StateFile::in_dir(&args.state_dir)),
+            snap_tx,
+        )
     };
     // Held so the channel stays open after one-shot sources (builtin) have sent.
     let _sources_open = tx;
