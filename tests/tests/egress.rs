@@ -10,6 +10,8 @@ use steerd_e2e::{
 
 const LOCKED_UID: &str = "3f0c9a52-7d1e-4b8a-9c6f-0a1b2c3d4e5f";
 const FREE_UID: &str = "8e2d4b61-1a3c-4f5e-b7d9-f0e1d2c3b4a5";
+/// A Pod like `locked` whose cgroup only appears while the agent runs.
+const LATE_UID: &str = "c41f7e08-5b2a-4d93-8e16-7a0b9c2d1e3f";
 
 /// A Sidecar in namespace `default` selecting `app: APP` with outbound MODE.
 fn workload_sidecar(app: &str, mode: &str) -> String {
@@ -63,7 +65,7 @@ fn start(extra_args: &[&str]) -> Egress {
     manifests.write(
         "pods.yaml",
         format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: locked, uid: {LOCKED_UID}, labels: {{app: locked}}}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: free, uid: {FREE_UID}, labels: {{app: free}}}}\n"
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: locked, uid: {LOCKED_UID}, labels: {{app: locked}}}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: free, uid: {FREE_UID}, labels: {{app: free}}}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: late, uid: {LATE_UID}, labels: {{app: locked}}}}\n"
         ),
     );
     let bpffs = BpffsDir::new();
@@ -271,6 +273,18 @@ fn a_workload_sidecar_sets_registry_only_for_its_pod_only() {
         "{refused:?}"
     );
     assert_eq!(e.connect_from(e.free(), &stray).successes(), 3, "other Pod");
+    // A Pod whose cgroup appears now (kubelet starting it) is found and gets its policy.
+    let late = e.client.child(&format!("pod{LATE_UID}"));
+    assert!(
+        wait_until(Duration::from_secs(10), || e
+            .connect_from(&late, &stray)
+            .failures
+            == 3),
+        "{:#}\n{}",
+        e.egress(),
+        e.agent.log()
+    );
+    drop(late);
     assert_eq!(
         e.connect(&stray).successes(),
         3,

@@ -131,6 +131,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut writer = PlanWriter::default();
     let mut gc = tokio::time::interval(GC_INTERVAL);
     let mut rescan = tokio::time::interval(authz::RESCAN);
+    // Without inotify, new pod cgroups are found by the periodic scan alone.
+    let mut pod_watcher = match crate::dataplane::cgroups::PodCgroupWatcher::new() {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(error = %e, "cannot watch cgroups; new pods are found by the scan every second");
+            None
+        }
+    };
     let (started, mut planned) = (Instant::now(), false);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -166,7 +174,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     g.apply(&compiler.store().to_config());
                 }
                 writer.reconcile(&mut dataplane, proxy.as_deref(), &mut compiler, &state, mesh_registry_only, compile_started);
-                writer.sync_workloads(&mut dataplane, compiler.plan(), &cgroup, mesh_registry_only, false);
+                writer.sync_workloads(&mut dataplane, compiler.plan(), &cgroup, pod_watcher.as_mut(), mesh_registry_only, false);
                 // Publishing copies the plan: done once the burst of updates is over.
                 if rx.is_empty() || writer.published_at.elapsed() > PUBLISH_INTERVAL {
                     writer.publish(&compiler, &state);
@@ -184,8 +192,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 dataplane.rescan_policy_interfaces();
                 if planned {
                     let mesh_registry_only = args.outbound_traffic_policy == Some(super::OutboundPolicy::RegistryOnly);
-                    writer.sync_workloads(&mut dataplane, compiler.plan(), &cgroup, mesh_registry_only, true);
+                    writer.sync_workloads(&mut dataplane, compiler.plan(), &cgroup, pod_watcher.as_mut(), mesh_registry_only, true);
                 }
+            }
+            _ = async { pod_watcher.as_mut().expect("guarded").changed().await }, if pod_watcher.is_some() && planned => {
+                // A new directory next to known pod cgroups: likely a new Pod's.
+                let mesh_registry_only = args.outbound_traffic_policy == Some(super::OutboundPolicy::RegistryOnly);
+                writer.sync_workloads(&mut dataplane, compiler.plan(), &cgroup, pod_watcher.as_mut(), mesh_registry_only, true);
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
@@ -467,6 +480,7 @@ impl PlanWriter {
         dataplane: &mut Dataplane,
         plan: &compile::Plan,
         cgroup_root: &std::path::Path,
+        watcher: Option<&mut crate::dataplane::cgroups::PodCgroupWatcher>,
         mesh_registry_only: bool,
         rescan: bool,
     ) {
@@ -482,6 +496,13 @@ impl PlanWriter {
                 crate::dataplane::cgroups::scan(cgroup_root)
             };
             self.scanned_for = workloads.keys().cloned().collect();
+            if let Some(w) = watcher {
+                if workloads.is_empty() {
+                    w.clear();
+                } else {
+                    w.follow(cgroup_root, &self.pod_cgroups);
+                }
+            }
         }
         let want: std::collections::BTreeMap<u64, bool> = workloads
             .iter()

@@ -85,6 +85,68 @@ pub fn by_id(root: &Path) -> BTreeMap<u64, (String, PathBuf)> {
         .collect()
 }
 
+/// Tells the agent when a pod cgroup may have appeared, sooner than its periodic scan: inotify
+/// on the directories that hold pod cgroups (kubelet's QoS directories, as the last scan found
+/// them) and on the scanned root. Directories that do not hold a pod cgroup yet are covered by
+/// the periodic scan only.
+pub struct PodCgroupWatcher {
+    watcher: notify::RecommendedWatcher,
+    watched: std::collections::BTreeSet<PathBuf>,
+    changed: tokio::sync::mpsc::Receiver<()>,
+}
+
+impl PodCgroupWatcher {
+    pub fn new() -> notify::Result<PodCgroupWatcher> {
+        let (tx, changed) = tokio::sync::mpsc::channel(1);
+        let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+            // New directories only: cgroupfs reports every change of files like cgroup.events.
+            if ev.is_ok_and(|e| matches!(e.kind, notify::EventKind::Create(_))) {
+                // Full: a rescan is already due.
+                let _ = tx.try_send(());
+            }
+        })?;
+        Ok(PodCgroupWatcher {
+            watcher,
+            watched: Default::default(),
+            changed,
+        })
+    }
+
+    /// Watches `root` and the parents of `found` (and only those).
+    pub fn follow(&mut self, root: &Path, found: &BTreeMap<String, PodCgroup>) {
+        use notify::Watcher;
+        let want: std::collections::BTreeSet<PathBuf> = found
+            .values()
+            .filter_map(|c| c.path.parent().map(Path::to_path_buf))
+            .chain([root.to_path_buf()])
+            .collect();
+        for gone in self.watched.difference(&want) {
+            let _ = self.watcher.unwatch(gone);
+        }
+        for dir in want.difference(&self.watched) {
+            if let Err(e) = self.watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+                tracing::debug!(dir = %dir.display(), error = %e, "cannot watch a cgroup directory");
+            }
+        }
+        self.watched = want;
+    }
+
+    /// Stops watching everything (no Sidecar policy of a workload left to enforce).
+    pub fn clear(&mut self) {
+        use notify::Watcher;
+        for dir in std::mem::take(&mut self.watched) {
+            let _ = self.watcher.unwatch(&dir);
+        }
+    }
+
+    /// Resolves when a directory appeared in a watched directory.
+    pub async fn changed(&mut self) {
+        if self.changed.recv().await.is_none() {
+            std::future::pending::<()>().await
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
