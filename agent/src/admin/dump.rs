@@ -108,6 +108,9 @@ pub struct RuleView {
     pub retries: String,
     pub fault: Option<String>,
     pub mirrors: Vec<WeightedCluster>,
+    /// For a rule of a delegate VirtualService: `ns/name http[i]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegate: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -241,6 +244,10 @@ pub fn build(plan: &Plan, proxy: Option<&Proxy>) -> ConfigDump {
                         RuleView {
                             index: r.index,
                             name: r.name.clone(),
+                            delegate: r
+                                .delegate
+                                .as_ref()
+                                .map(|d| format!("{} http[{}]", d.virtual_service, d.index)),
                             matches: if matches.is_empty() {
                                 vec!["*".into()]
                             } else {

@@ -10,6 +10,7 @@ use crate::compile::{
 use crate::dataplane::{
     Dataplane, Pins, authz, kernel,
     proxy::{Proxy, ProxyTable},
+    workers::ProxyWorkers,
 };
 use crate::sources::{
     self, Snapshot, SourceSpec, Update,
@@ -47,7 +48,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .with_context(|| format!("starting the dataplane (bpffs {})", args.bpffs.display()))?;
 
     let state = Arc::new(AdminState::default());
-    let proxy = start_proxy(&args, &mut dataplane, state.metrics.clone()).await?;
+    let (proxy, _proxy_workers) = match start_proxy(&args, &mut dataplane, state.metrics.clone())? {
+        Some((proxy, workers)) => (Some(proxy), Some(workers)),
+        None => (None, None),
+    };
     if let Some(p) = &proxy {
         let _ = state.proxy.set(p.clone());
     }
@@ -245,12 +249,12 @@ async fn forward_snapshots(
     }
 }
 
-/// Starts the L7 proxy on the node addresses and tells the kernel about it.
-async fn start_proxy(
+/// Starts the L7 proxy's workers on the node addresses and tells the kernel about it.
+fn start_proxy(
     args: &RunArgs,
     dataplane: &mut Dataplane,
     metrics: Arc<crate::metrics::Metrics>,
-) -> Result<Option<Arc<Proxy>>> {
+) -> Result<Option<(Arc<Proxy>, ProxyWorkers)>> {
     let node_ips = if args.node_ips.is_empty() {
         super::default_node_ip().into_iter().collect()
     } else {
@@ -275,7 +279,14 @@ async fn start_proxy(
         dataplane.set_proxy(None, None, None)?;
         return Ok(None);
     };
-    let proxy = Proxy::new(connections, metrics);
+    let locality = args
+        .locality
+        .as_deref()
+        .filter(|l| !l.is_empty())
+        .map(crate::compile::http::Locality::parse);
+    let proxy = Proxy::new(connections, metrics, locality);
+    let workers = ProxyWorkers::start(super::worker_threads(args.worker_threads))
+        .context("starting the L7 proxy's worker threads")?;
     for ip in [
         ipv4.map(std::net::IpAddr::V4),
         ipv6.map(std::net::IpAddr::V6),
@@ -283,11 +294,10 @@ async fn start_proxy(
     .into_iter()
     .flatten()
     {
-        let serve = proxy.bind((ip, args.proxy_port).into()).await?;
-        tokio::spawn(serve);
+        proxy.bind_workers(&workers, (ip, args.proxy_port).into())?;
     }
     dataplane.set_proxy(ipv4, ipv6, Some(args.proxy_port))?;
-    Ok(Some(proxy))
+    Ok(Some((proxy, workers)))
 }
 
 /// Writes what the compiler changed to the kernel and the proxy.

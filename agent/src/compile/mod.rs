@@ -7,6 +7,7 @@
 pub mod alias;
 pub mod analyze;
 pub mod authz;
+pub mod delegate;
 pub mod egress;
 pub mod explain;
 pub mod gateway;
@@ -102,6 +103,9 @@ pub struct WeightedBackend {
     pub clusters: Vec<String>,
     /// Who serves this address, for telemetry.
     pub workload: registry::Workload,
+    /// `region/zone/subzone` of the endpoint (empty: unknown), for locality load balancing.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub locality: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -303,6 +307,12 @@ pub fn compile_hosts(
             let vs = ctx.virtual_service_for(&svc.hostname);
             if let Some(vs) = vs {
                 references = destination_hosts(vs);
+                // Delegated routes send where their delegates say.
+                for (ns, name) in delegate::delegate_keys(vs) {
+                    if let Some(d) = delegate::find_delegate(&config.virtual_services, &ns, &name) {
+                        references.extend(destination_hosts(d));
+                    }
+                }
             }
             for port in &svc.ports {
                 let (route, backends, needs_l7) = ctx.route_port(svc, port, vs);
@@ -495,18 +505,6 @@ impl<'a> Ctx<'a> {
         self.diags.push(Diagnostic {
             level: Level::Warning,
             code: code.map(str::to_string),
-            kind: "VirtualService".into(),
-            object: vs.meta.key(),
-            origin: vs.origin.clone(),
-            field,
-            message,
-        });
-    }
-
-    fn info(&mut self, vs: &Resource<istio::VirtualService>, field: String, message: String) {
-        self.diags.push(Diagnostic {
-            level: Level::Info,
-            code: None,
             kind: "VirtualService".into(),
             object: vs.meta.key(),
             origin: vs.origin.clone(),
@@ -733,6 +731,7 @@ impl<'a> Ctx<'a> {
                 weight: share * e.weight as f64 / total,
                 clusters: Vec::new(),
                 workload: e.workload.clone(),
+                locality: e.locality.clone(),
             })
             .collect()
     }

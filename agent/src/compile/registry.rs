@@ -54,6 +54,17 @@ pub struct Endpoint {
     pub source: String,
     /// Who serves it, as Istio's telemetry names it.
     pub workload: Workload,
+    /// `region/zone/subzone` (empty: unknown), for locality load balancing.
+    pub locality: String,
+}
+
+/// A Pod's locality from Istio's `istio-locality` label (`region.zone.subzone`: label values
+/// cannot hold `/`).
+pub fn pod_locality(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .get("istio-locality")
+        .map(|l| l.replace('.', "/"))
+        .unwrap_or_default()
 }
 
 /// A workload as Istio's standard metrics label it (`destination_workload`, `destination_app`,
@@ -210,6 +221,7 @@ fn pod_endpoints(
 ) -> impl Iterator<Item = Endpoint> + '_ {
     let source = format!("Pod {}", pod.meta.key());
     let workload = Workload::new("Pod", &pod.meta.namespace, &pod.meta.name, &pod.meta.labels);
+    let locality = pod_locality(&pod.meta.labels);
     pod_ips(&pod.spec).into_iter().map(move |ip| Endpoint {
         ip,
         labels: pod.meta.labels.clone(),
@@ -217,6 +229,7 @@ fn pod_endpoints(
         weight: 1,
         source: source.clone(),
         workload: workload.clone(),
+        locality: locality.clone(),
     })
 }
 
@@ -412,6 +425,7 @@ impl Builder<'_> {
                             weight: 1,
                             source: format!("EndpointSlice {}", slice.meta.key()),
                             workload: workload.clone(),
+                            locality: pod_locality(&labels),
                         }),
                         Err(e) => {
                             let (meta, origin) = (slice.meta.clone(), slice.origin.clone());
@@ -522,6 +536,7 @@ impl Builder<'_> {
                             &meta.name,
                             &we.labels,
                         ),
+                        locality: we.locality.clone().unwrap_or_default(),
                     }),
                     Err(_) => self.diag(
                         Level::Warning,
@@ -561,6 +576,7 @@ impl Builder<'_> {
                                 &labels,
                             ),
                             labels,
+                            locality: we.spec.locality.clone().unwrap_or_default(),
                         });
                     }
                 }
@@ -595,6 +611,7 @@ impl Builder<'_> {
                             &meta.name,
                             &we.labels,
                         ),
+                        locality: we.locality.clone().unwrap_or_default(),
                     };
                     let field = format!("spec.endpoints[{i}].address");
                     endpoints.extend(self.dns_endpoints(
@@ -621,6 +638,7 @@ impl Builder<'_> {
                             &labels,
                         ),
                         labels,
+                        locality: we.spec.locality.clone().unwrap_or_default(),
                     };
                     endpoints.extend(self.dns_endpoints(
                         se,
@@ -656,6 +674,7 @@ impl Builder<'_> {
                             &meta.name,
                             &BTreeMap::new(),
                         ),
+                        locality: String::new(),
                     };
                     let resolved = if host.contains('*') {
                         Vec::new()

@@ -10,5 +10,6 @@ pub mod maps;
 pub mod pool;
 pub mod proxy;
 pub mod upstream;
+pub mod workers;
 
 pub use bpf::{Dataplane, DataplaneError, Pins, cleanup};

@@ -1,10 +1,11 @@
 //! Upstream HTTP connections of the L7 proxy, pooled per (cluster, endpoint).
 //!
-//! Each endpoint of each cluster keeps its own idle HTTP/1.1 connections (a stack: the most
-//! recently used connection is reused first, so surplus ones age out) or its one shared HTTP/2
-//! connection. Requests to different endpoints therefore never wait on a common lock, and a
-//! request's path is sent as it arrived (no absolute URI to format and parse again, as a generic
-//! client needs). The pool applies the DestinationRule connection settings: `tcp.connectTimeout`,
+//! Each endpoint of each cluster keeps, per proxy worker, its own idle HTTP/1.1 connections (a
+//! stack: the most recently used connection is reused first, so surplus ones age out) or its one
+//! shared HTTP/2 connection. Requests to different endpoints therefore never wait on a common
+//! lock, a worker reuses only connections its own runtime drives, and a request's path is sent
+//! as it arrived (no absolute URI to format and parse again, as a generic client needs). The
+//! pool applies the DestinationRule connection settings: `tcp.connectTimeout`,
 //! `http.idleTimeout` and `http.maxRequestsPerConnection`.
 //!
 //! An HTTP/1.1 connection returns to its pool when the response body has been read to its end
@@ -12,6 +13,7 @@
 //! rest of that body would still be on the wire.
 
 use crate::dataplane::proxy::ProxyBody;
+use crate::dataplane::workers;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -68,10 +70,19 @@ impl UpstreamError {
     }
 }
 
-/// One endpoint's upstream connections (for one cluster).
-#[derive(Debug, Default)]
+/// One endpoint's upstream connections (for one cluster), kept per proxy worker: a worker
+/// reuses the connections its own runtime drives (see [`workers`]).
+#[derive(Debug)]
 pub struct EndpointPool {
-    inner: Mutex<PoolInner>,
+    slots: Box<[Mutex<PoolInner>]>,
+}
+
+impl Default for EndpointPool {
+    fn default() -> Self {
+        EndpointPool {
+            slots: (0..workers::count()).map(|_| Mutex::default()).collect(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -125,6 +136,13 @@ impl PoolInner {
 }
 
 impl EndpointPool {
+    /// The calling worker's connections.
+    fn slot(&self) -> std::sync::MutexGuard<'_, PoolInner> {
+        self.slots[workers::current() % self.slots.len()]
+            .lock()
+            .expect("endpoint pool lock")
+    }
+
     /// Sends `req` to `addr` over a pooled connection, opening one when none is idle. The
     /// request's URI is replaced by `path_and_query` (origin form; HTTP/2 adds scheme and
     /// authority).
@@ -172,7 +190,7 @@ impl EndpointPool {
 
     /// The most recently used idle connection that is still open and not timed out.
     fn checkout(&self, settings: PoolSettings) -> Option<Idle> {
-        let mut inner = self.inner.lock().expect("endpoint pool lock");
+        let mut inner = self.slot();
         inner.adopt(settings);
         inner.evict_expired(Instant::now());
         while let Some(idle) = inner.idle.pop() {
@@ -206,7 +224,7 @@ impl EndpointPool {
             return;
         }
         let now = Instant::now();
-        let mut inner = self.inner.lock().expect("endpoint pool lock");
+        let mut inner = self.slot();
         inner.evict_expired(now);
         inner.idle.push(Idle {
             sender,
@@ -217,15 +235,18 @@ impl EndpointPool {
 
     /// Closes connections idle for longer than their idle timeout.
     pub fn evict_idle(&self) {
-        self.inner
-            .lock()
-            .expect("endpoint pool lock")
-            .evict_expired(Instant::now());
+        let now = Instant::now();
+        for slot in &self.slots {
+            slot.lock().expect("endpoint pool lock").evict_expired(now);
+        }
     }
 
     /// Idle HTTP/1.1 connections (for tests and debugging).
     pub fn idle_connections(&self) -> usize {
-        self.inner.lock().expect("endpoint pool lock").idle.len()
+        self.slots
+            .iter()
+            .map(|slot| slot.lock().expect("endpoint pool lock").idle.len())
+            .sum()
     }
 
     async fn connect_http1(
@@ -253,7 +274,7 @@ impl EndpointPool {
         req: Request<ProxyBody>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let shared = {
-            let mut inner = self.inner.lock().expect("endpoint pool lock");
+            let mut inner = self.slot();
             inner.adopt(settings);
             inner.evict_expired(Instant::now());
             take_stream(&mut inner.shared, settings)
@@ -271,7 +292,7 @@ impl EndpointPool {
                         debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
                     }
                 });
-                let mut inner = self.inner.lock().expect("endpoint pool lock");
+                let mut inner = self.slot();
                 if settings.max_requests_per_connection != Some(1) {
                     inner.shared = Some(Shared {
                         sender: sender.clone(),
