@@ -260,8 +260,8 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// A listening CLOEXEC TCP socket on `addr` with SO_REUSEADDR (and V6ONLY for IPv6, so that
-/// [::] and 0.0.0.0 servers can share a port).
-fn listen_tcp(addr: SocketAddr) -> anyhow::Result<StdTcpListener> {
+/// [::] and 0.0.0.0 servers can share a port) and a backlog of [`LISTEN_BACKLOG`].
+pub fn listen_tcp(addr: SocketAddr) -> anyhow::Result<StdTcpListener> {
     let family = if addr.is_ipv4() {
         AddressFamily::Inet
     } else {

@@ -5,7 +5,7 @@
 
 use base64::Engine;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -229,7 +229,7 @@ impl TlsBackend {
         let config = Arc::new(builder.with_single_cert(chain, key).unwrap());
         let listener = pod
             .netns
-            .run_in(|| TcpListener::bind(addr))
+            .run_in(|| steerd_e2e::http::listen_tcp(addr))
             .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
