@@ -279,6 +279,17 @@ pub struct Locality {
     pub subzone: String,
 }
 
+impl std::fmt::Display for Locality {
+    /// `region/zone/subzone`, without empty trailing parts.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut s = format!("{}/{}/{}", self.region, self.zone, self.subzone);
+        while s.ends_with('/') {
+            s.pop();
+        }
+        f.write_str(&s)
+    }
+}
+
 /// `region/zone/subzone` as its three parts (missing ones empty), without copying.
 fn locality_parts(s: &str) -> [&str; 3] {
     let mut it = s.splitn(3, '/');
@@ -323,6 +334,11 @@ impl Locality {
 
     fn parts(&self) -> [&str; 3] {
         [&self.region, &self.zone, &self.subzone]
+    }
+
+    /// Whether nothing is known (no region, zone nor subzone).
+    pub fn is_empty(&self) -> bool {
+        self.parts().iter().all(|p| p.is_empty())
     }
 
     /// Whether a rule locality (`region/zone/subzone`, `*` wildcards, missing parts match
