@@ -612,6 +612,7 @@ impl Proxy {
         let locality = self.locality.load_full();
         let hash = HashInput {
             client_locality: locality.as_deref(),
+            client_labels: source.map(|s| &s.labels),
             header: hash_key.as_deref(),
             cookie: hash_key.as_deref(),
             query_param: hash_key.as_deref(),
