@@ -1223,7 +1223,7 @@ fn failover_priority_prefers_endpoints_labelled_like_the_client() {
     assert_eq!(r.count("reviews-v2") + r.count("reviews-v3"), 40, "{r:?}");
 
     // A fixed value instead of the client's label: v3 first.
-    m.manifests.write("dr.yaml", &dr("version=v3"));
+    m.manifests.write("dr.yaml", dr("version=v3"));
     let moved = steerd_e2e::wait_until(Duration::from_secs(10), || {
         m.http(&["--url", &url("/"), "--count", "20", "--keepalive"])
             .count("reviews-v3")
