@@ -22,8 +22,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use steerd_e2e::{
-    Agent, BpffsDir, Netns, Node, Pod, ProbeResult, TcpIdentityServer, TempDir, TestCgroup,
-    admin_addr, assert_split, http_get_status, run_probe, wait_until,
+    Agent, BpffsDir, HttpIdentityServer, Netns, Node, Pod, ProbeResult, TcpIdentityServer, TempDir,
+    TestCgroup, admin_addr, assert_split, http_get_status, run_http_probe, run_probe, wait_until,
 };
 
 const SPLIT_CONNECTS: u64 = 2_000;
@@ -1231,6 +1231,95 @@ fn endpoint_and_node_localities_come_from_the_nodes_and_follow_their_labels() {
     c.api.kubectl(&["delete", "node", "steerd-test-node-b"]);
     c.wait_for_localities("eu-west1/eu-west1-c", "us-east1/us-east1-b", "");
     c.assert_agent_alive();
+}
+
+#[test]
+fn locality_failover_follows_node_labels_with_the_kube_source() {
+    const REGION: &str = "topology.kubernetes.io/region";
+    const ZONE: &str = "topology.kubernetes.io/zone";
+    // The agent and v1 on zone a; v2 on zone b. Nothing says so but the Nodes.
+    let c = Cluster::start_with(
+        ("80", "20"),
+        &[],
+        |api| {
+            api.apply(&node_manifest(
+                "steerd-test-node",
+                &[(REGION, "eu-west1"), (ZONE, "eu-west1-a")],
+            ));
+            api.apply(&node_manifest(
+                "steerd-test-node-b",
+                &[(REGION, "eu-west1"), (ZONE, "eu-west1-b")],
+            ));
+            // An HTTP service over both tcp-echo Pods (selector endpoints: no controller writes
+            // its EndpointSlice), with the outlier detection that turns locality failover on.
+            api.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  selector: {app: tcp-echo}\n  ports: [{name: http, port: 8080, targetPort: 8080}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: default}\nspec:\n  host: web\n  trafficPolicy:\n    loadBalancer: {simple: ROUND_ROBIN}\n    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100}\n");
+        },
+        true,
+    );
+    // v2 runs on the other Node.
+    c.api.kubectl(&[
+        "delete",
+        "pod",
+        "tcp-echo-v2-a",
+        "--grace-period=0",
+        "--force",
+    ]);
+    let moved = pod_manifest("tcp-echo-v2-a", "v2")
+        .replace("nodeName: steerd-test-node", "nodeName: steerd-test-node-b");
+    let recreated = wait_until(FOLLOW, || {
+        c.api
+            .try_kubectl(&["apply", "--validate=false", "-f", "-"], Some(&moved))
+            .is_ok()
+    });
+    assert!(recreated, "could not recreate tcp-echo-v2-a");
+    c.api.set_pod_status("tcp-echo-v2-a", c.v2.ipv4);
+    let _servers: Vec<HttpIdentityServer> = [(&c.v1, "web-v1"), (&c.v2, "web-v2")]
+        .into_iter()
+        .map(|(pod, id)| HttpIdentityServer::start(pod, pod.sock_v4(8080), id))
+        .collect();
+    let vip = c
+        .api
+        .kubectl(&["get", "service", "web", "-o", "jsonpath={.spec.clusterIP}"]);
+    c.wait_for_localities(
+        "eu-west1/eu-west1-a",
+        "eu-west1/eu-west1-a",
+        "eu-west1/eu-west1-b",
+    );
+    let url = format!("http://{vip}:8080/");
+    let get = |n: u64| {
+        run_http_probe(
+            Some(&c.node.netns),
+            Some(&c.client),
+            &["--url", &url, "--count", &n.to_string(), "--keepalive"],
+        )
+    };
+    // The local zone takes everything.
+    let ok = wait_until(FOLLOW, || get(20).count("web-v1") == 20);
+    assert!(
+        ok,
+        "v1 (local) never took all requests: {:?}\n{}",
+        get(20),
+        c.agent.log()
+    );
+
+    // v2's Node is relabelled into the agent's zone: both endpoints are local now.
+    c.api.kubectl(&[
+        "label",
+        "node",
+        "steerd-test-node-b",
+        &format!("{ZONE}=eu-west1-a"),
+        "--overwrite",
+    ]);
+    let shared = wait_until(FOLLOW, || {
+        let r = get(40);
+        r.count("web-v1") > 0 && r.count("web-v2") > 0
+    });
+    assert!(
+        shared,
+        "v2 never became local: {:?}\n{}",
+        get(40),
+        c.agent.log()
+    );
 }
 
 fn dry_run_objects(api: &ApiServer, args: &[&str]) -> Vec<String> {
