@@ -1344,6 +1344,42 @@ mod tests {
     }
 
     #[test]
+    fn a_node_relabelled_recompiles_the_hosts_with_endpoints_on_it() {
+        let text = |zone: &str| {
+            format!(
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: n1, labels: {{topology.kubernetes.io/region: r, topology.kubernetes.io/zone: {zone}}}}}\n"
+            )
+        };
+        let parse = |t: &str| parse_documents("n.yaml", t).0;
+        let world = "apiVersion: v1\nkind: Service\nmetadata: {name: on, namespace: a}\nspec: {clusterIP: 10.96.1.1, selector: {app: on}, ports: [{name: http, port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: off, namespace: a}\nspec: {clusterIP: 10.96.1.2, selector: {app: off}, ports: [{name: http, port: 80}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p1, namespace: a, labels: {app: on}}\nspec: {nodeName: n1, containers: [{name: c, image: x}]}\nstatus: {podIP: 10.1.0.1}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p2, namespace: a, labels: {app: off}}\nspec: {nodeName: n2, containers: [{name: c, image: x}]}\nstatus: {podIP: 10.1.0.2}\n";
+        let mut inc = IncrementalCompiler::default();
+        let mut objects = parse(world);
+        objects.extend(parse(&text("z1")));
+        inc.apply(0, objects.into_iter().map(Change::Added).collect());
+        let _ = inc.take_dirty();
+        let locality = |inc: &IncrementalCompiler| {
+            inc.plan()
+                .services
+                .values()
+                .find(|s| s.host == "on.a.svc.cluster.local")
+                .map(|s| s.backends[0].locality.clone())
+        };
+        assert_eq!(locality(&inc).as_deref(), Some("r/z1"));
+        let mut changes: Vec<Change> = parse(&text("z1"))
+            .into_iter()
+            .map(Change::Removed)
+            .collect();
+        changes.extend(parse(&text("z2")).into_iter().map(Change::Added));
+        inc.apply(0, changes);
+        let dirty = inc.take_dirty();
+        assert_eq!(
+            dirty.hosts, 1,
+            "only the host with an endpoint on n1: {dirty:?}"
+        );
+        assert_eq!(locality(&inc).as_deref(), Some("r/z2"));
+    }
+
+    #[test]
     fn a_weight_change_recompiles_one_host() {
         let mut inc = IncrementalCompiler::default();
         let mut objects: Vec<Object> = Vec::new();
