@@ -1366,3 +1366,55 @@ fn deploy_manifests_pass_a_server_side_dry_run() {
     );
     assert_eq!(uninstall, ["daemonset.apps/steerd-cleanup"]);
 }
+
+#[test]
+fn a_workload_sidecar_from_the_api_server_finds_its_pod_by_uid() {
+    let c = Cluster::start(("80", "20"), &[], |_| {});
+    // A destination nothing registers, and the v1 Pod's cgroup named as kubelet names it,
+    // after the uid the API server gave the Pod.
+    let stray = c.node.add_pod("stray");
+    let _server = TcpIdentityServer::start(&stray, stray.sock_v4(8080), "stray");
+    let to_stray = format!("{}:8080", stray.ipv4);
+    let uid = c.api.kubectl(&[
+        "get",
+        "pod",
+        "tcp-echo-v1-a",
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ]);
+    assert_eq!(uid.len(), 36, "unexpected uid {uid:?}");
+    let v1_cgroup = c.client.child(&format!("pod{uid}"));
+    let from = |cgroup: &TestCgroup| {
+        run_probe(
+            Some(&c.node.netns),
+            Some(cgroup),
+            &[
+                "tcp",
+                "--to",
+                &to_stray,
+                "--count",
+                "1",
+                "--timeout-ms",
+                "500",
+            ],
+        )
+    };
+    assert_eq!(
+        from(&v1_cgroup).successes(),
+        1,
+        "ALLOW_ANY before the Sidecar"
+    );
+    c.api.apply(
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: v1-locked, namespace: default}\nspec:\n  workloadSelector: {labels: {app: tcp-echo, version: v1}}\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n",
+    );
+    let refused = wait_until(FOLLOW, || from(&v1_cgroup).failures == 1);
+    assert!(refused, "the Sidecar never took effect:\n{}", c.agent.log());
+    assert_eq!(from(&c.client).successes(), 1, "outside the Pod's cgroup");
+    // The registered service still works from the locked Pod.
+    let r = run_probe(
+        Some(&c.node.netns),
+        Some(&v1_cgroup),
+        &["tcp", "--to", &c.to(9000), "--count", "3"],
+    );
+    assert_eq!(r.successes(), 3, "{r:?}");
+}

@@ -15,11 +15,42 @@ pub struct ConfigDump {
     /// AuthorizationPolicies and the workloads they apply to.
     #[serde(default)]
     pub authorization: Vec<PolicyView>,
+    /// Istio's `outboundTrafficPolicy`: the mesh default and the Pods with a Sidecar of their own.
+    #[serde(default)]
+    pub outbound: OutboundView,
     /// Current configuration findings, one line each.
     pub diagnostics: Vec<String>,
     /// This node's locality as the L7 proxy uses it (`--locality`, or its Node's labels).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locality: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct OutboundView {
+    /// From the root namespace's selector-less Sidecar: `REGISTRY_ONLY`, `ALLOW_ANY`, or
+    /// `mesh config` (`--outbound-traffic-policy`).
+    pub mesh: String,
+    pub workloads: Vec<WorkloadOutboundView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkloadOutboundView {
+    /// `namespace/name`.
+    pub pod: String,
+    pub uid: String,
+    pub sidecar: String,
+    /// `workload` (its selector) or `namespace` (the namespace's default).
+    pub scope: String,
+    pub policy: String,
+}
+
+fn policy_text(registry_only: Option<bool>) -> String {
+    match registry_only {
+        Some(true) => "REGISTRY_ONLY",
+        Some(false) => "ALLOW_ANY",
+        None => "mesh config",
+    }
+    .into()
 }
 
 /// One AuthorizationPolicy as the agent enforces it.
@@ -340,6 +371,26 @@ pub fn build(plan: &Plan, proxy: Option<&Proxy>) -> ConfigDump {
             status: p.not_enforced.clone().unwrap_or_else(|| "enforced".into()),
         })
         .collect();
+    dump.outbound = OutboundView {
+        mesh: policy_text(plan.egress.registry_only),
+        workloads: plan
+            .egress
+            .workloads
+            .iter()
+            .map(|(uid, w)| WorkloadOutboundView {
+                pod: w.pod.clone(),
+                uid: uid.clone(),
+                sidecar: w.sidecar.clone(),
+                scope: match w.scope {
+                    crate::compile::egress::Scope::Workload => "workload",
+                    crate::compile::egress::Scope::Namespace => "namespace",
+                    crate::compile::egress::Scope::Mesh => "mesh",
+                }
+                .into(),
+                policy: policy_text(w.registry_only),
+            })
+            .collect(),
+    };
     dump.diagnostics = plan.diagnostics.iter().map(|d| d.to_string()).collect();
     dump
 }

@@ -184,6 +184,11 @@ pub struct RunArgs {
     /// Default: the system's (/etc/resolv.conf).
     #[arg(long, value_parser = crate::sources::dns::parse_server)]
     pub dns_server: Option<SocketAddr>,
+    /// Where the agent keeps state that must outlive it in regular files (bpffs cannot hold
+    /// them): the last DNS answers, so that a restarted agent steers DNS ServiceEntries even
+    /// while DNS is down.
+    #[arg(long, default_value = "/run/steerd")]
+    pub state_dir: PathBuf,
     /// Worker threads of the L7 proxy (each a single-threaded event loop with its own listener).
     /// Default: the CPUs the agent may use (its CPU affinity and cgroup CPU quota).
     #[arg(long, env = "STEERD_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]

@@ -105,6 +105,9 @@ pub struct Explanation {
     pub authorization: Vec<AuthorizationView>,
     /// Findings of the compiler about the objects involved.
     pub diagnostics: Vec<String>,
+    /// The client Pod's outbound traffic policy (`--source-pod`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbound: Option<super::egress::PodOutbound>,
 }
 
 /// The authorization decision at one destination endpoint.
@@ -220,6 +223,7 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
         cors: None,
         authorization: Vec::new(),
         diagnostics: Vec::new(),
+        outbound: None,
     };
     let plan = super::compile(config);
     let source_ip = q.source_ip.map(|ip| ip.to_canonical());
@@ -648,6 +652,9 @@ pub fn render_text(e: &Explanation) -> String {
                 line(&mut s, format!("    not enforced: {n}"));
             }
         }
+    }
+    if let Some(o) = &e.outbound {
+        line(&mut s, format!("Client: {o}"));
     }
     for d in &e.diagnostics {
         line(&mut s, format!("Note: {d}"));

@@ -588,7 +588,7 @@ pub struct Dirty {
     /// Registered destinations that appeared / disappeared.
     pub registered_added: BTreeSet<IpNet>,
     pub registered_removed: BTreeSet<IpNet>,
-    /// The mesh-wide outbound policy may have changed.
+    /// The mesh-wide or a workload's outbound policy may have changed.
     pub egress_policy: bool,
     /// Pods by IP changed.
     pub sources: bool,
@@ -776,6 +776,21 @@ impl IncrementalCompiler {
             });
             if policy != self.plan.egress.registry_only {
                 self.plan.egress.registry_only = policy;
+                self.dirty.egress_policy = true;
+            }
+        }
+        // Per-workload policies follow Sidecars and Pods (labels, uids); without Sidecars of
+        // their own in any namespace, Pod churn costs nothing here.
+        if effects.sidecars || (effects.pods && !self.store.sidecars.is_empty()) {
+            let sidecars = all(&self.store.sidecars);
+            let pods = self
+                .store
+                .pods
+                .values()
+                .flat_map(|c| c.iter().map(|(_, r)| r));
+            let workloads = super::egress::compile(pods, &sidecars);
+            if workloads != self.plan.egress.workloads {
+                self.plan.egress.workloads = workloads;
                 self.dirty.egress_policy = true;
             }
         }
@@ -1059,6 +1074,7 @@ impl IncrementalCompiler {
             }
             Object::Pod(r) => {
                 effects.authz = true;
+                effects.pods = true;
                 ips.extend(pod_ips(&r.spec));
                 self.pod_affects(r, hosts);
             }
@@ -1115,6 +1131,8 @@ struct Effects {
     hosts: BTreeSet<String>,
     ips: BTreeSet<IpAddr>,
     sidecars: bool,
+    /// A Pod changed (its labels or uid may put it under another Sidecar).
+    pods: bool,
     /// Policies or the workloads they select changed.
     authz: bool,
 }
@@ -1179,7 +1197,7 @@ mod tests {
                 let node = (n + v) % 3;
                 let locality = if v == 2 { ", istio-locality: r.zl" } else { "" };
                 format!(
-                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{n}, namespace: {ns}, labels: {{app: s{app}, version: {version}{locality}}}}}\nspec: {{nodeName: n{node}-{ns}, containers: [{{name: c, image: x}}]}}\nstatus: {{phase: Running, podIP: 10.1.0.{ip}}}\n"
+                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{n}, namespace: {ns}, uid: u-{ns}-{n}, labels: {{app: s{app}, version: {version}{locality}}}}}\nspec: {{nodeName: n{node}-{ns}, containers: [{{name: c, image: x}}]}}\nstatus: {{phase: Running, podIP: 10.1.0.{ip}}}\n"
                 )
             }
             3 => {
@@ -1266,8 +1284,28 @@ mod tests {
             }
             _ => {
                 let mode = if v == 1 { "ALLOW_ANY" } else { "REGISTRY_ONLY" };
+                // The mesh default, a namespace's default, a workload's (by label; without a
+                // mode in one version).
+                let (namespace, spec) = match n {
+                    0 => (
+                        "istio-system",
+                        format!("{{outboundTrafficPolicy: {{mode: {mode}}}}}"),
+                    ),
+                    1 => (ns, format!("{{outboundTrafficPolicy: {{mode: {mode}}}}}")),
+                    _ if v == 2 => (
+                        ns,
+                        "{workloadSelector: {labels: {app: s1}}, egress: [{hosts: [\"./*\"]}]}"
+                            .to_string(),
+                    ),
+                    _ => (
+                        ns,
+                        format!(
+                            "{{workloadSelector: {{labels: {{app: s{v}}}}}, outboundTrafficPolicy: {{mode: {mode}}}}}"
+                        ),
+                    ),
+                };
                 format!(
-                    "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: sc{n}-{ns}, namespace: istio-system}}\nspec: {{outboundTrafficPolicy: {{mode: {mode}}}}}\n"
+                    "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: sc{n}-{ns}, namespace: {namespace}}}\nspec: {spec}\n"
                 )
             }
         };

@@ -8,6 +8,7 @@ pub mod alias;
 pub mod analyze;
 pub mod authz;
 pub mod delegate;
+pub mod egress;
 pub mod explain;
 pub mod gateway;
 pub mod http;
@@ -143,6 +144,8 @@ pub struct EgressPlan {
     /// Every destination a Service or ServiceEntry registers: VIPs, endpoint addresses and
     /// ServiceEntry address ranges.
     pub registered: Vec<ipnet::IpNet>,
+    /// By Pod `metadata.uid`: the Pods a workload or namespace Sidecar governs, with its policy.
+    pub workloads: BTreeMap<String, egress::WorkloadEgress>,
 }
 
 /// Istio's default root namespace, whose selector-less Sidecar applies mesh-wide.
@@ -201,6 +204,7 @@ pub fn compile(config: &ConfigSet) -> Plan {
         egress: EgressPlan {
             registry_only: mesh_registry_only(config),
             registered: registered.into_iter().collect(),
+            workloads: egress::compile(config.pods.iter(), &config.sidecars),
         },
         sources: sources(config.pods.iter()),
         services,

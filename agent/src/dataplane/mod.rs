@@ -2,6 +2,7 @@
 
 pub mod authz;
 pub mod bpf;
+pub mod cgroups;
 pub mod egress;
 pub mod gateway;
 pub mod kernel;
