@@ -22,8 +22,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use steerd_e2e::{
-    Agent, BpffsDir, Netns, Node, Pod, ProbeResult, TcpIdentityServer, TempDir, TestCgroup,
-    admin_addr, assert_split, http_get_status, run_probe, wait_until,
+    Agent, BpffsDir, HttpIdentityServer, Netns, Node, Pod, ProbeResult, TcpIdentityServer, TempDir,
+    TestCgroup, admin_addr, assert_split, http_get_status, run_http_probe, run_probe, wait_until,
 };
 
 const SPLIT_CONNECTS: u64 = 2_000;
@@ -588,6 +588,17 @@ impl Cluster {
         extra_files: &[(&str, &str)],
         before_agent: impl FnOnce(&ApiServer),
     ) -> Cluster {
+        Cluster::start_with(route, extra_files, before_agent, false)
+    }
+
+    /// [`Cluster::start`], with the L7 proxy on (a node address on the node's loopback) when
+    /// `proxy`.
+    fn start_with(
+        route: (&str, &str),
+        extra_files: &[(&str, &str)],
+        before_agent: impl FnOnce(&ApiServer),
+        proxy: bool,
+    ) -> Cluster {
         let api = ApiServer::start();
         api.install_istio_crds();
         let kubeconfig = api.steerd_kubeconfig();
@@ -642,23 +653,38 @@ impl Cluster {
         }
         let admin = admin_addr().to_string();
         let files_source = format!("files:{}", files.as_str());
+        let mut args = vec![
+            "run",
+            // The Pods run on this Node (see `pod_manifest`); without a Node object it tells
+            // the agent nothing.
+            "--node-name",
+            "steerd-test-node",
+        ];
+        if proxy {
+            node.netns
+                .ip(&["addr", "add", &format!("{PROXY_NODE_IP}/32"), "dev", "lo"]);
+            args.extend(["--node-ip", PROXY_NODE_IP]);
+        }
         let mut agent = Agent::spawn(
             &node,
             &[
-                "run",
-                "--source",
-                "kube",
-                "--source",
-                &files_source,
-                "--kubeconfig",
-                kubeconfig.to_str().unwrap(),
-                "--bpffs",
-                bpffs.as_str(),
-                "--cgroup",
-                client.path().to_str().unwrap(),
-                "--admin",
-                &admin,
-            ],
+                &args[..],
+                &[
+                    "--source",
+                    "kube",
+                    "--source",
+                    &files_source,
+                    "--kubeconfig",
+                    kubeconfig.to_str().unwrap(),
+                    "--bpffs",
+                    bpffs.as_str(),
+                    "--cgroup",
+                    client.path().to_str().unwrap(),
+                    "--admin",
+                    &admin,
+                ],
+            ]
+            .concat(),
         );
         agent.wait_ready(admin_addr(), Duration::from_secs(60));
         Cluster {
@@ -756,6 +782,97 @@ impl Cluster {
             self.agent.log()
         );
     }
+}
+
+/// The node address the L7 proxy listens on when a test wants it (on the node's loopback).
+const PROXY_NODE_IP: &str = "10.250.0.1";
+
+impl Cluster {
+    /// `/debug/config_dump`.
+    fn config_dump(&self) -> serde_json::Value {
+        let body = self.node.netns.run_in(|| {
+            use std::io::Read;
+            let mut s = TcpStream::connect(admin_addr()).expect("admin listener");
+            s.write_all(
+                b"GET /debug/config_dump HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+            )
+            .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out.split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default()
+        });
+        serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("config_dump is not JSON ({e}): {body}"))
+    }
+
+    /// (node locality, [(endpoint, locality)] of tcp-echo's port 9000 endpoints), as the agent
+    /// shows them: the node's in `/debug/config_dump`, the endpoints' with `steerd inspect
+    /// endpoints`.
+    fn localities(&self) -> (String, Vec<(String, String)>) {
+        let node = self.config_dump()["locality"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let rows = Agent::run_cli_json(
+            &self.node,
+            &[
+                "inspect",
+                "endpoints",
+                "--fqdn",
+                "tcp-echo.default.svc.cluster.local",
+                "--port",
+                "9000",
+                "-o",
+                "json",
+                "--admin",
+                &admin_addr().to_string(),
+            ],
+        );
+        let mut endpoints: Vec<(String, String)> = rows
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["endpoint"].as_str().unwrap().to_string(),
+                    r["locality"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        // One row per cluster (subset) an endpoint is in.
+        endpoints.sort();
+        endpoints.dedup();
+        (node, endpoints)
+    }
+
+    /// Waits until [`Cluster::localities`] are `node` and, for v1 and v2, `v1`/`v2`.
+    fn wait_for_localities(&self, node: &str, v1: &str, v2: &str) {
+        let want = (
+            node.to_string(),
+            vec![
+                (format!("{}:9000", self.v1.ipv4), v1.to_string()),
+                (format!("{}:9000", self.v2.ipv4), v2.to_string()),
+            ],
+        );
+        let ok = wait_until(FOLLOW, || self.localities() == want);
+        assert!(
+            ok,
+            "localities never became {want:?}; now {:?}\nagent log:\n{}",
+            self.localities(),
+            self.agent.log()
+        );
+    }
+}
+
+/// A Node as the kubelet registers it, with topology labels.
+fn node_manifest(name: &str, labels: &[(&str, &str)]) -> String {
+    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels: {{kubernetes.io/hostname: {name}, {}}}\n",
+        labels.join(", ")
+    )
 }
 
 fn assert_clean(r: &ProbeResult, what: &str) {
@@ -1025,6 +1142,186 @@ fn authorization_policies_from_the_api_server_are_enforced() {
 }
 
 /// The objects (`kind/name`) a dry run reports.
+#[test]
+fn endpoint_and_node_localities_come_from_the_nodes_and_follow_their_labels() {
+    const REGION: &str = "topology.kubernetes.io/region";
+    const ZONE: &str = "topology.kubernetes.io/zone";
+    const SUBZONE: &str = "topology.istio.io/subzone";
+    let mut c = Cluster::start_with(
+        ("80", "20"),
+        &[],
+        |api| {
+            // The agent's Node and both Pods' (nothing registers Nodes in this API server).
+            api.apply(&node_manifest(
+                "steerd-test-node",
+                &[(REGION, "eu-west1"), (ZONE, "eu-west1-a")],
+            ));
+        },
+        true,
+    );
+    c.wait_for_localities(
+        "eu-west1/eu-west1-a",
+        "eu-west1/eu-west1-a",
+        "eu-west1/eu-west1-a",
+    );
+
+    // v2 rescheduled on another Node, of another zone and subzone.
+    c.api.apply(&node_manifest(
+        "steerd-test-node-b",
+        &[
+            (REGION, "eu-west1"),
+            (ZONE, "eu-west1-b"),
+            (SUBZONE, "rack2"),
+        ],
+    ));
+    // No kubelet here to finish a graceful deletion.
+    c.api.kubectl(&[
+        "delete",
+        "pod",
+        "tcp-echo-v2-a",
+        "--grace-period=0",
+        "--force",
+    ]);
+    let rescheduled = pod_manifest("tcp-echo-v2-a", "v2")
+        .replace("nodeName: steerd-test-node", "nodeName: steerd-test-node-b");
+    let recreated = wait_until(FOLLOW, || {
+        c.api
+            .try_kubectl(
+                &["apply", "--validate=false", "-f", "-"],
+                Some(&rescheduled),
+            )
+            .is_ok()
+    });
+    assert!(recreated, "could not recreate tcp-echo-v2-a");
+    c.api.set_pod_status("tcp-echo-v2-a", c.v2.ipv4);
+    c.wait_for_localities(
+        "eu-west1/eu-west1-a",
+        "eu-west1/eu-west1-a",
+        "eu-west1/eu-west1-b/rack2",
+    );
+
+    // The agent's Node moves to another zone (relabelled): its endpoints and the node follow.
+    c.api.kubectl(&[
+        "label",
+        "node",
+        "steerd-test-node",
+        &format!("{ZONE}=eu-west1-c"),
+        "--overwrite",
+    ]);
+    c.wait_for_localities(
+        "eu-west1/eu-west1-c",
+        "eu-west1/eu-west1-c",
+        "eu-west1/eu-west1-b/rack2",
+    );
+
+    // A Pod's istio-locality label wins over its Node.
+    c.api.kubectl(&[
+        "label",
+        "pod",
+        "tcp-echo-v1-a",
+        "istio-locality=us-east1.us-east1-b",
+    ]);
+    c.wait_for_localities(
+        "eu-west1/eu-west1-c",
+        "us-east1/us-east1-b",
+        "eu-west1/eu-west1-b/rack2",
+    );
+
+    // A Node gone: nothing is known of its endpoints' locality.
+    c.api.kubectl(&["delete", "node", "steerd-test-node-b"]);
+    c.wait_for_localities("eu-west1/eu-west1-c", "us-east1/us-east1-b", "");
+    c.assert_agent_alive();
+}
+
+#[test]
+fn locality_failover_follows_node_labels_with_the_kube_source() {
+    const REGION: &str = "topology.kubernetes.io/region";
+    const ZONE: &str = "topology.kubernetes.io/zone";
+    // The agent and v1 on zone a; v2 on zone b. Nothing says so but the Nodes.
+    let c = Cluster::start_with(
+        ("80", "20"),
+        &[],
+        |api| {
+            api.apply(&node_manifest(
+                "steerd-test-node",
+                &[(REGION, "eu-west1"), (ZONE, "eu-west1-a")],
+            ));
+            api.apply(&node_manifest(
+                "steerd-test-node-b",
+                &[(REGION, "eu-west1"), (ZONE, "eu-west1-b")],
+            ));
+            // An HTTP service over both tcp-echo Pods (selector endpoints: no controller writes
+            // its EndpointSlice), with the outlier detection that turns locality failover on.
+            api.apply("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  selector: {app: tcp-echo}\n  ports: [{name: http, port: 8080, targetPort: 8080}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: default}\nspec:\n  host: web\n  trafficPolicy:\n    loadBalancer: {simple: ROUND_ROBIN}\n    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100}\n");
+        },
+        true,
+    );
+    // v2 runs on the other Node.
+    c.api.kubectl(&[
+        "delete",
+        "pod",
+        "tcp-echo-v2-a",
+        "--grace-period=0",
+        "--force",
+    ]);
+    let moved = pod_manifest("tcp-echo-v2-a", "v2")
+        .replace("nodeName: steerd-test-node", "nodeName: steerd-test-node-b");
+    let recreated = wait_until(FOLLOW, || {
+        c.api
+            .try_kubectl(&["apply", "--validate=false", "-f", "-"], Some(&moved))
+            .is_ok()
+    });
+    assert!(recreated, "could not recreate tcp-echo-v2-a");
+    c.api.set_pod_status("tcp-echo-v2-a", c.v2.ipv4);
+    let _servers: Vec<HttpIdentityServer> = [(&c.v1, "web-v1"), (&c.v2, "web-v2")]
+        .into_iter()
+        .map(|(pod, id)| HttpIdentityServer::start(pod, pod.sock_v4(8080), id))
+        .collect();
+    let vip = c
+        .api
+        .kubectl(&["get", "service", "web", "-o", "jsonpath={.spec.clusterIP}"]);
+    c.wait_for_localities(
+        "eu-west1/eu-west1-a",
+        "eu-west1/eu-west1-a",
+        "eu-west1/eu-west1-b",
+    );
+    let url = format!("http://{vip}:8080/");
+    let get = |n: u64| {
+        run_http_probe(
+            Some(&c.node.netns),
+            Some(&c.client),
+            &["--url", &url, "--count", &n.to_string(), "--keepalive"],
+        )
+    };
+    // The local zone takes everything.
+    let ok = wait_until(FOLLOW, || get(20).count("web-v1") == 20);
+    assert!(
+        ok,
+        "v1 (local) never took all requests: {:?}\n{}",
+        get(20),
+        c.agent.log()
+    );
+
+    // v2's Node is relabelled into the agent's zone: both endpoints are local now.
+    c.api.kubectl(&[
+        "label",
+        "node",
+        "steerd-test-node-b",
+        &format!("{ZONE}=eu-west1-a"),
+        "--overwrite",
+    ]);
+    let shared = wait_until(FOLLOW, || {
+        let r = get(40);
+        r.count("web-v1") > 0 && r.count("web-v2") > 0
+    });
+    assert!(
+        shared,
+        "v2 never became local: {:?}\n{}",
+        get(40),
+        c.agent.log()
+    );
+}
+
 fn dry_run_objects(api: &ApiServer, args: &[&str]) -> Vec<String> {
     let mut full = vec!["apply", "--dry-run=server"];
     full.extend_from_slice(args);

@@ -1336,3 +1336,50 @@ fn destination_rule_tls_originates_and_verifies_the_server() {
         "{clusters}"
     );
 }
+
+#[test]
+fn failover_priority_prefers_endpoints_labelled_like_the_client() {
+    // The client Pod is `version: v1`. v1 is far away (another region), v2 and v3 local: with
+    // failoverPriority [version] the labels decide, locality does not (no `failover` rules).
+    let dr = |priority: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews}}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer:\n      simple: ROUND_ROBIN\n      localityLbSetting: {{failoverPriority: [{priority}]}}\n    outlierDetection: {{consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100}}\n"
+        )
+    };
+    let m = Mesh::start_with(
+        &[("dr.yaml", &dr("version"))],
+        &[
+            Some("us-west.zone1"),
+            Some("us-east.zone1"),
+            Some("us-east.zone1"),
+        ],
+        &["--locality", "us-east/zone1"],
+    );
+    let r = m.http(&["--url", &url("/"), "--count", "40", "--keepalive"]);
+    assert_eq!(r.count("reviews-v1"), 40, "{r:?}\n{}", m.agent.log());
+
+    // v1 fails: ejected, the next priority (every other version) shares the traffic.
+    m.servers[0].fail_next(1000, 503);
+    m.servers[1].fail_next(1000, 503);
+    let ejected = steerd_e2e::wait_until(Duration::from_secs(10), || {
+        m.http(&["--url", &url("/"), "--count", "20", "--keepalive"])
+            .count("reviews-v1")
+            == 0
+    });
+    assert!(ejected, "v1 was never failed over:\n{}", m.agent.log());
+    let r = m.http(&["--url", &url("/"), "--count", "40", "--keepalive"]);
+    assert!(
+        r.count("reviews-v2") > 0 && r.count("reviews-v3") > 0,
+        "v2 and v3 share the next priority: {r:?}"
+    );
+    assert_eq!(r.count("reviews-v2") + r.count("reviews-v3"), 40, "{r:?}");
+
+    // A fixed value instead of the client's label: v3 first.
+    m.manifests.write("dr.yaml", dr("version=v3"));
+    let moved = steerd_e2e::wait_until(Duration::from_secs(10), || {
+        m.http(&["--url", &url("/"), "--count", "20", "--keepalive"])
+            .count("reviews-v3")
+            == 20
+    });
+    assert!(moved, "version=v3 never preferred v3:\n{}", m.agent.log());
+}

@@ -23,6 +23,9 @@ pub struct ConfigDump {
     /// The servers of the Gateways this agent serves (`--gateway`), per bound address.
     #[serde(default)]
     pub gateway_listeners: Vec<GatewayListenerView>,
+    /// This node's locality as the L7 proxy uses it (`--locality`, or its Node's labels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<String>,
 }
 
 /// One server of a served Gateway on one bound address.
@@ -232,6 +235,9 @@ pub struct EndpointView {
     pub status: String,
     /// `OK`, or `FAILED` while outlier detection has the endpoint ejected.
     pub outlier_check: String,
+    /// `region/zone/subzone` (empty: unknown).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub locality: String,
 }
 
 fn cluster_parts(name: &str) -> (u16, String, String) {
@@ -249,7 +255,10 @@ fn vip_string(vip: &VipKey) -> String {
 
 /// Builds the dump; `proxy` supplies live outlier state.
 pub fn build(plan: &Plan, proxy: Option<&Proxy>) -> ConfigDump {
-    let mut dump = ConfigDump::default();
+    let mut dump = ConfigDump {
+        locality: proxy.and_then(|p| p.locality()).map(|l| l.to_string()),
+        ..Default::default()
+    };
     let mut clusters: BTreeMap<String, ClusterView> = BTreeMap::new();
     let mut routes: BTreeMap<(String, u16), RouteView> = BTreeMap::new();
     let status = |cluster: &str, addr: std::net::SocketAddr| {
@@ -299,6 +308,7 @@ pub fn build(plan: &Plan, proxy: Option<&Proxy>) -> ConfigDump {
                         weight: (b.weight * 1e4).round() / 100.0,
                         status: st.into(),
                         outlier_check: oc.into(),
+                        locality: b.locality.clone(),
                     });
                 }
             }
@@ -421,6 +431,7 @@ pub fn build(plan: &Plan, proxy: Option<&Proxy>) -> ConfigDump {
                                 },
                                 status: st.into(),
                                 outlier_check: oc.into(),
+                                locality: e.locality.clone(),
                             }
                         })
                         .collect();

@@ -229,13 +229,13 @@ pub fn render(dump: &ConfigDump, what: What, f: &Filter, output: Output) -> Stri
                 Output::Json => json(serde_json::Value::Array(
                     rows.iter()
                         .map(|(c, e)| {
-                            serde_json::json!({"endpoint": e.address, "status": e.status, "outlierCheck": e.outlier_check, "cluster": c.name, "weight": e.weight})
+                            serde_json::json!({"endpoint": e.address, "status": e.status, "outlierCheck": e.outlier_check, "cluster": c.name, "weight": e.weight, "locality": e.locality})
                         })
                         .collect(),
                 )),
                 Output::Table => table(
-                    &["ENDPOINT", "STATUS", "OUTLIER CHECK", "CLUSTER"],
-                    rows.iter().map(|(c, e)| vec![e.address.clone(), e.status.clone(), e.outlier_check.clone(), c.name.clone()]).collect(),
+                    &["ENDPOINT", "STATUS", "OUTLIER CHECK", "LOCALITY", "CLUSTER"],
+                    rows.iter().map(|(c, e)| vec![e.address.clone(), e.status.clone(), e.outlier_check.clone(), e.locality.clone(), c.name.clone()]).collect(),
                 ),
             }
         }

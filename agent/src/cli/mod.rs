@@ -139,11 +139,17 @@ pub struct RunArgs {
     /// address the L7 proxy is off and HTTP services are balanced per connection.
     #[arg(long = "node-ip")]
     pub node_ips: Vec<std::net::IpAddr>,
-    /// This node's locality, `region/zone/subzone` (in the DaemonSet: from the Node's
-    /// `topology.kubernetes.io/region` and `zone` labels), for locality load balancing in the
-    /// L7 proxy. Without it, endpoints are balanced without regard to locality.
+    /// This node's locality, `region/zone/subzone`, for locality load balancing in the L7
+    /// proxy. Default: the topology labels of the Node `--node-name` (with `--source kube`),
+    /// followed as they change. Without either, endpoints are balanced without regard to
+    /// locality.
     #[arg(long, env = "STEERD_LOCALITY")]
     pub locality: Option<String>,
+    /// The name of the Node this agent runs on (in the DaemonSet: the downward API's
+    /// `spec.nodeName`): its topology labels are the agent's locality unless `--locality` is
+    /// given.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
     /// The mesh's default `outboundTrafficPolicy` (meshConfig). A Sidecar without
     /// workloadSelector in the root namespace (istio-system) overrides it, as in Istio.
     #[arg(long, value_enum)]

@@ -171,6 +171,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     Update::Full(snap) => compiler.replace_source(index, snap.config),
                     Update::Changes { changes, .. } => compiler.apply(index, changes),
                 }
+                if let Some(p) = &proxy {
+                    follow_node_locality(&args, p, &compiler);
+                }
                 let dns_config = compiler.store().dns_config();
                 dns.want(&dns_config);
                 // The first plan waits (briefly) for a first answer for every DNS name: until
@@ -226,6 +229,34 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     info!("stopping; pinned programs and maps keep steering until the next agent adopts them");
     Ok(())
+}
+
+/// Without `--locality`, the proxy's locality is the topology of this agent's Node
+/// (`--node-name`), followed as its labels change (rare, but a relabelled node must not keep
+/// steering by its old zone).
+fn follow_node_locality(args: &RunArgs, proxy: &Proxy, compiler: &IncrementalCompiler) {
+    if args.locality.as_deref().is_some_and(|l| !l.is_empty()) {
+        return;
+    }
+    let Some(name) = args.node_name.as_deref().filter(|n| !n.is_empty()) else {
+        return;
+    };
+    let locality = compiler
+        .store()
+        .node(name)
+        .map(|n| crate::compile::http::Locality::parse(&n.spec.locality()))
+        .filter(|l| !l.is_empty());
+    let current = proxy.locality();
+    if current.as_deref() != locality.as_ref() {
+        match &locality {
+            Some(l) => info!(node = name, locality = %l, "this node's locality"),
+            None => info!(
+                node = name,
+                "this node's locality is unknown (no Node object or no topology labels): locality is ignored"
+            ),
+        }
+        proxy.set_locality(locality);
+    }
 }
 
 /// Tags one source's updates with its index for the agent loop.

@@ -234,6 +234,11 @@ pub struct Cluster {
     pub port: u16,
     pub subset: Option<String>,
     pub endpoints: Vec<WeightedBackend>,
+    /// Per endpoint, its values of the `failoverPriority` labels, in their order (empty when the
+    /// policy has none); its locality's topology labels included, as Istio augments endpoint
+    /// labels.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub priority_labels: Vec<Vec<String>>,
     pub policy: ClusterPolicy,
     /// `ns/name` of the DestinationRule that defines the subset or policy.
     pub destination_rule: Option<String>,
@@ -340,6 +345,9 @@ pub struct LocalityPolicy {
     pub distribute: Vec<(String, Vec<(String, u32)>)>,
     /// `failover`: (from region, to region).
     pub failover: Vec<(String, String)>,
+    /// `failoverPriority`: labels (`label`, or `label=value` to compare endpoints with a fixed
+    /// value rather than the client's), most important first.
+    pub failover_priority: Vec<String>,
     /// Priority failover applies: Istio enables it only with outlier detection (without health
     /// information traffic would never fail over).
     pub failover_enabled: bool,
@@ -351,6 +359,17 @@ pub struct Locality {
     pub region: String,
     pub zone: String,
     pub subzone: String,
+}
+
+impl std::fmt::Display for Locality {
+    /// `region/zone/subzone`, without empty trailing parts.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut s = format!("{}/{}/{}", self.region, self.zone, self.subzone);
+        while s.ends_with('/') {
+            s.pop();
+        }
+        f.write_str(&s)
+    }
 }
 
 /// `region/zone/subzone` as its three parts (missing ones empty), without copying.
@@ -399,6 +418,11 @@ impl Locality {
         [&self.region, &self.zone, &self.subzone]
     }
 
+    /// Whether nothing is known (no region, zone nor subzone).
+    pub fn is_empty(&self) -> bool {
+        self.parts().iter().all(|p| p.is_empty())
+    }
+
     /// Whether a rule locality (`region/zone/subzone`, `*` wildcards, missing parts match
     /// anything) covers this one.
     pub fn matches_rule(&self, rule: &str) -> bool {
@@ -411,33 +435,123 @@ impl Locality {
     }
 }
 
+/// The topology labels Istio adds to workload labels from their locality.
+pub const TOPOLOGY_LABELS: [&str; 3] = [
+    crate::model::node::REGION_LABEL,
+    crate::model::node::ZONE_LABEL,
+    crate::model::node::SUBZONE_LABEL,
+];
+
+/// The value of `label` for a workload with `labels` in `locality`: the locality's part for a
+/// topology label (when known), else the label's (Istio's augmented workload labels).
+pub fn augmented_label<'a>(
+    label: &str,
+    labels: Option<&'a BTreeMap<String, String>>,
+    locality: [&'a str; 3],
+) -> &'a str {
+    TOPOLOGY_LABELS
+        .iter()
+        .position(|t| *t == label)
+        .map(|i| locality[i])
+        .filter(|v| !v.is_empty())
+        .or_else(|| labels.and_then(|l| l.get(label)).map(String::as_str))
+        .unwrap_or("")
+}
+
+/// `failoverPriority` entries as (label, fixed value).
+fn parse_failover_priority(entries: &[String]) -> impl Iterator<Item = (&str, Option<&str>)> {
+    entries.iter().map(|e| match e.split_once('=') {
+        Some((label, value)) => (label, Some(value)),
+        None => (e.as_str(), None),
+    })
+}
+
+/// The label names of `failoverPriority` entries (without `=value`).
+pub fn failover_priority_labels(entries: &[String]) -> Vec<String> {
+    parse_failover_priority(entries)
+        .map(|(l, _)| l.to_string())
+        .collect()
+}
+
+/// The client of a request, as locality load balancing compares it with endpoints.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Client<'a> {
+    /// This node's locality.
+    pub locality: Option<&'a Locality>,
+    /// The labels of the workload that sent the request (the Pod owning the source address).
+    pub labels: Option<&'a BTreeMap<String, String>>,
+}
+
 impl LocalityPolicy {
-    /// Each endpoint's failover priority for a client in `client` (Istio's
+    /// Each endpoint's failover priority for `client` (Istio's applyFailoverPriorities and
     /// applyLocalityFailover, priorities renumbered to 0..N without gaps), or None when no
-    /// failover applies.
-    pub fn priorities(&self, client: &Locality, endpoints: &[WeightedBackend]) -> Option<Vec<u32>> {
+    /// failover applies. `priority_labels` are the endpoints' values of the `failoverPriority`
+    /// labels ([`Cluster::priority_labels`]).
+    pub fn priorities(
+        &self,
+        client: Client<'_>,
+        endpoints: &[WeightedBackend],
+        priority_labels: &[Vec<String>],
+    ) -> Option<Vec<u32>> {
         if !self.failover_enabled {
             return None;
         }
-        let raw: Vec<u32> = endpoints
-            .iter()
-            .map(|e| {
-                let locality = locality_parts(&e.locality);
-                let p = lb_priority(client.parts(), locality);
-                if p < 3 {
-                    return p;
-                }
-                // A failover rule for the client's region: its `to` region next, others last.
-                match self
-                    .failover
-                    .iter()
-                    .find(|(from, _)| *from == client.region)
-                {
-                    Some((_, to)) if to != locality[0] => 4,
-                    _ => 3,
-                }
-            })
-            .collect();
+        let unknown = Locality::default();
+        let locality = client.locality.unwrap_or(&unknown);
+        let by_locality = |e: &WeightedBackend| -> u32 {
+            let endpoint = locality_parts(&e.locality);
+            let p = lb_priority(locality.parts(), endpoint);
+            if p < 3 {
+                return p;
+            }
+            // A failover rule for the client's region: its `to` region next, others last.
+            match self
+                .failover
+                .iter()
+                .find(|(from, _)| *from == locality.region)
+            {
+                Some((_, to)) if to != endpoint[0] => 4,
+                _ => 3,
+            }
+        };
+        let raw: Vec<u32> = if self.failover_priority.is_empty() {
+            endpoints.iter().map(by_locality).collect()
+        } else {
+            // Labels first: an endpoint matching the client on every label is best; one that
+            // differs first on label j of n gets n - j (so the longer the matching prefix, the
+            // better). Istio skips this for a proxy without labels. Region/zone/subzone only
+            // refine it with explicit `failover` rules.
+            let n = self.failover_priority.len() as u32;
+            let known = client.labels.is_some_and(|l| !l.is_empty())
+                || client.locality.is_some_and(|l| !l.is_empty());
+            let client_parts = locality.parts();
+            endpoints
+                .iter()
+                .enumerate()
+                .map(|(i, e)| {
+                    let values = priority_labels.get(i);
+                    let by_labels = if known {
+                        parse_failover_priority(&self.failover_priority)
+                            .enumerate()
+                            .find(|(j, (label, fixed))| {
+                                let wanted = fixed.unwrap_or_else(|| {
+                                    augmented_label(label, client.labels, client_parts)
+                                });
+                                let has = values.and_then(|v| v.get(*j)).map_or("", String::as_str);
+                                wanted != has
+                            })
+                            .map_or(0, |(j, _)| n - j as u32)
+                    } else {
+                        0
+                    };
+                    if self.failover.is_empty() {
+                        by_labels
+                    } else {
+                        by_labels * 5 + by_locality(e)
+                    }
+                })
+                .collect()
+        };
         let mut levels: Vec<u32> = raw.clone();
         levels.sort_unstable();
         levels.dedup();
@@ -909,6 +1023,7 @@ mod tests {
             port: 9080,
             subset: None,
             endpoints: vec![],
+            priority_labels: Vec::new(),
             policy: ClusterPolicy::default(),
             destination_rule: None,
         })
@@ -1366,6 +1481,100 @@ mod tests {
                 ],
             }
         );
+    }
+
+    #[test]
+    fn failover_priority_ranks_endpoints_by_matching_label_prefix() {
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let endpoint = |locality: &str| WeightedBackend {
+            addr: "10.0.0.1:80".parse().unwrap(),
+            weight: 1.0,
+            clusters: vec![],
+            workload: Default::default(),
+            locality: locality.into(),
+        };
+        let policy = |priority: &[&str], failover: &[(&str, &str)]| LocalityPolicy {
+            failover_priority: priority.iter().map(|s| s.to_string()).collect(),
+            failover: failover
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+            failover_enabled: true,
+            ..Default::default()
+        };
+        let client_labels = labels(&[("team", "a"), ("track", "stable")]);
+        let here = Locality::parse("us/z1");
+        let client = Client {
+            locality: Some(&here),
+            labels: Some(&client_labels),
+        };
+        // Values of [team, track] per endpoint: both match, team only, neither, track only.
+        let endpoints: Vec<_> = ["us/z1", "eu/z1", "us/z1", "us/z2"]
+            .iter()
+            .map(|l| endpoint(l))
+            .collect();
+        let values = |v: &[[&str; 2]]| -> Vec<Vec<String>> {
+            v.iter()
+                .map(|p| p.iter().map(|s| s.to_string()).collect())
+                .collect()
+        };
+        let values2 = values(&[
+            ["a", "stable"],
+            ["a", "canary"],
+            ["b", "stable"],
+            ["b", "stable"],
+        ]);
+        // Istio: a mismatch on label j of n is priority n - j; the first label weighs most.
+        // Raw 0, 1, 2, 2 → 0, 1, 2, 2; locality plays no part without `failover` rules.
+        assert_eq!(
+            policy(&["team", "track"], &[]).priorities(client, &endpoints, &values2),
+            Some(vec![0, 1, 2, 2])
+        );
+        // A fixed value instead of the client's: endpoints of team b first (raw 2, 2, 0, 0).
+        assert_eq!(
+            policy(&["team=b", "track"], &[]).priorities(client, &endpoints, &values2),
+            Some(vec![1, 1, 0, 0])
+        );
+        // With failover rules, locality breaks ties within a label level: raw 5·p + locality.
+        assert_eq!(
+            policy(&["team"], &[("us", "eu")]).priorities(client, &endpoints, &values2),
+            // team a: us/z1 (0), eu/z1 (3); team b: us/z1 (5), us/z2 (6).
+            Some(vec![0, 1, 2, 3])
+        );
+        // Topology labels come from the localities (the client's node, the endpoint's).
+        let zone = vec![
+            vec!["z1".to_string()],
+            vec!["z1".to_string()],
+            vec!["z1".to_string()],
+            vec!["z2".to_string()],
+        ];
+        assert_eq!(
+            policy(&["topology.kubernetes.io/zone"], &[]).priorities(client, &endpoints, &zone),
+            Some(vec![0, 0, 0, 1])
+        );
+        // Nothing known of the client: Istio leaves every endpoint at priority 0.
+        assert_eq!(
+            policy(&["team"], &[]).priorities(Client::default(), &endpoints, &values2),
+            Some(vec![0, 0, 0, 0])
+        );
+        assert_eq!(
+            augmented_label(
+                "topology.kubernetes.io/region",
+                Some(&client_labels),
+                ["us", "", ""]
+            ),
+            "us"
+        );
+        assert_eq!(
+            augmented_label("team", Some(&client_labels), ["us", "", ""]),
+            "a"
+        );
+        assert_eq!(augmented_label("team", None, ["", "", ""]), "");
     }
 
     #[test]

@@ -269,6 +269,7 @@ fn cluster(name: &str) -> Arc<Cluster> {
         port: 80,
         subset: None,
         endpoints: vec![],
+        priority_labels: Vec::new(),
         policy: ClusterPolicy::default(),
         destination_rule: None,
     })

@@ -19,7 +19,8 @@ use super::{
     source_of,
 };
 use crate::model::{
-    ConfigSet, EndpointSlice, Object, Pod, Resolved, Resource, Service, istio, secret, security,
+    ConfigSet, EndpointSlice, Object, Pod, Resolved, Resource, Service, istio, node::Node, secret,
+    security,
 };
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -132,6 +133,8 @@ pub struct Store {
     services: ByKey<Service>,
     endpoint_slices: ByKey<EndpointSlice>,
     pods: ByKey<Pod>,
+    /// Cluster-scoped: keyed ("", name).
+    nodes: ByKey<Node>,
     virtual_services: ByKey<istio::VirtualService>,
     destination_rules: ByKey<istio::DestinationRule>,
     service_entries: ByKey<istio::ServiceEntry>,
@@ -160,7 +163,26 @@ pub struct Store {
     se_by_host: HashMap<String, BTreeSet<Key>>,
     /// Pods by IP, for the plan's sources.
     pods_by_ip: HashMap<IpAddr, BTreeSet<Key>>,
+    /// Pods by the Node they run on (`spec.nodeName`): a Node's topology is their locality.
+    pods_by_node: HashMap<String, BTreeSet<Key>>,
+    /// EndpointSlices by the Nodes their endpoints name (`nodeName`), for endpoints of no known
+    /// Pod.
+    slices_by_node: HashMap<String, BTreeSet<Key>>,
 }
+
+fn pod_node(p: &Resource<Pod>) -> Option<&str> {
+    p.spec.spec.as_ref()?.node_name.as_deref()
+}
+
+fn slice_nodes(s: &Resource<EndpointSlice>) -> impl Iterator<Item = String> + '_ {
+    s.spec
+        .endpoints
+        .iter()
+        .filter_map(|ep| ep.node_name.clone())
+}
+
+/// What an EndpointSlice refers to: Services, Pods, Nodes.
+type SliceRefs = (BTreeSet<Key>, BTreeSet<Key>, BTreeSet<String>);
 
 fn slice_service(s: &Resource<EndpointSlice>) -> Option<Key> {
     s.meta
@@ -196,17 +218,20 @@ impl Store {
             Object::Service(r) => add_copy(&mut self.services, source, r),
             Object::EndpointSlice(r) => {
                 let key = key_of(&r.meta);
-                let (services, pods) = self.slice_refs(&key);
+                let refs = self.slice_refs(&key);
                 add_copy(&mut self.endpoint_slices, source, r);
-                self.reindex_slice(&key, services, pods);
+                self.reindex_slice(&key, refs);
             }
             Object::Pod(r) => {
                 let key = key_of(&r.meta);
-                let before = self.pod_ips(&key);
+                let (before, nodes) = (self.pod_ips(&key), self.pod_nodes(&key));
                 add_copy(&mut self.pods, source, r);
                 let now = self.pod_ips(&key);
                 reindex(&mut self.pods_by_ip, &key, before, now);
+                let nodes_now = self.pod_nodes(&key);
+                reindex(&mut self.pods_by_node, &key, nodes, nodes_now);
             }
+            Object::Node(r) => add_copy(&mut self.nodes, source, r),
             Object::VirtualService(r) => {
                 let key = key_of(&r.meta);
                 let before = self.vs_hosts(&key);
@@ -241,19 +266,22 @@ impl Store {
             Object::Service(r) => remove_copy(&mut self.services, source, r),
             Object::EndpointSlice(r) => {
                 let key = key_of(&r.meta);
-                let (services, pods) = self.slice_refs(&key);
+                let refs = self.slice_refs(&key);
                 let removed = remove_copy(&mut self.endpoint_slices, source, r);
-                self.reindex_slice(&key, services, pods);
+                self.reindex_slice(&key, refs);
                 removed
             }
             Object::Pod(r) => {
                 let key = key_of(&r.meta);
-                let before = self.pod_ips(&key);
+                let (before, nodes) = (self.pod_ips(&key), self.pod_nodes(&key));
                 let removed = remove_copy(&mut self.pods, source, r);
                 let now = self.pod_ips(&key);
                 reindex(&mut self.pods_by_ip, &key, before, now);
+                let nodes_now = self.pod_nodes(&key);
+                reindex(&mut self.pods_by_node, &key, nodes, nodes_now);
                 removed
             }
+            Object::Node(r) => remove_copy(&mut self.nodes, source, r),
             Object::VirtualService(r) => {
                 let key = key_of(&r.meta);
                 let before = self.vs_hosts(&key);
@@ -288,20 +316,36 @@ impl Store {
         }
     }
 
-    fn slice_refs(&self, key: &Key) -> (BTreeSet<Key>, BTreeSet<Key>) {
+    /// The Services, Pods and Nodes the copies of a slice name.
+    fn slice_refs(&self, key: &Key) -> SliceRefs {
         let services = copies(&self.endpoint_slices, key)
             .filter_map(slice_service)
             .collect();
         let pods = copies(&self.endpoint_slices, key)
             .flat_map(slice_pods)
             .collect();
-        (services, pods)
+        let nodes = copies(&self.endpoint_slices, key)
+            .flat_map(slice_nodes)
+            .collect();
+        (services, pods, nodes)
     }
 
-    fn reindex_slice(&mut self, key: &Key, services: BTreeSet<Key>, pods: BTreeSet<Key>) {
-        let (services_now, pods_now) = self.slice_refs(key);
+    fn reindex_slice(&mut self, key: &Key, (services, pods, nodes): SliceRefs) {
+        let (services_now, pods_now, nodes_now) = self.slice_refs(key);
         reindex(&mut self.slices_by_service, key, services, services_now);
         reindex(&mut self.slices_by_pod, key, pods, pods_now);
+        reindex(&mut self.slices_by_node, key, nodes, nodes_now);
+    }
+
+    fn pod_nodes(&self, key: &Key) -> BTreeSet<String> {
+        copies(&self.pods, key)
+            .filter_map(|p| pod_node(p).map(str::to_string))
+            .collect()
+    }
+
+    /// The Node `name` (its first copy), for the agent's own locality.
+    pub fn node(&self, name: &str) -> Option<&Resource<Node>> {
+        copies(&self.nodes, &(String::new(), name.to_string())).next()
     }
 
     fn pod_ips(&self, key: &Key) -> BTreeSet<IpAddr> {
@@ -394,6 +438,7 @@ impl Store {
             services: all(&self.services),
             endpoint_slices: all(&self.endpoint_slices),
             pods: all(&self.pods),
+            nodes: all(&self.nodes),
             virtual_services: all(&self.virtual_services),
             destination_rules: all(&self.destination_rules),
             service_entries: all(&self.service_entries),
@@ -508,10 +553,20 @@ impl Store {
         fn pick<T: Clone>(map: &ByKey<T>, keys: &BTreeSet<Key>) -> Vec<Resource<T>> {
             keys.iter().flat_map(|k| copies(map, k).cloned()).collect()
         }
+        let pods = pick(&self.pods, &pod_keys);
+        let endpoint_slices = pick(&self.endpoint_slices, &slice_keys);
+        // The Nodes those Pods and slice endpoints run on, for their localities.
+        let node_keys: BTreeSet<Key> = pods
+            .iter()
+            .filter_map(|p| pod_node(p).map(str::to_string))
+            .chain(endpoint_slices.iter().flat_map(slice_nodes))
+            .map(|n| (String::new(), n))
+            .collect();
         ConfigSet {
             services: pick(&self.services, &svc_keys),
-            endpoint_slices: pick(&self.endpoint_slices, &slice_keys),
-            pods: pick(&self.pods, &pod_keys),
+            endpoint_slices,
+            pods,
+            nodes: pick(&self.nodes, &node_keys),
             virtual_services: pick(&self.virtual_services, &vs_keys),
             destination_rules: pick(&self.destination_rules, &dr_keys),
             service_entries: pick(&self.service_entries, &se_keys),
@@ -619,6 +674,7 @@ impl IncrementalCompiler {
         old!(services, Service);
         old!(endpoint_slices, EndpointSlice);
         old!(pods, Pod);
+        old!(nodes, Node);
         old!(virtual_services, VirtualService);
         old!(destination_rules, DestinationRule);
         old!(service_entries, ServiceEntry);
@@ -631,6 +687,7 @@ impl IncrementalCompiler {
             services,
             endpoint_slices,
             pods,
+            nodes,
             virtual_services,
             destination_rules,
             service_entries,
@@ -646,6 +703,7 @@ impl IncrementalCompiler {
             .map(Object::Service)
             .chain(endpoint_slices.into_iter().map(Object::EndpointSlice))
             .chain(pods.into_iter().map(Object::Pod))
+            .chain(nodes.into_iter().map(Object::Node))
             .chain(virtual_services.into_iter().map(Object::VirtualService))
             .chain(destination_rules.into_iter().map(Object::DestinationRule))
             .chain(service_entries.into_iter().map(Object::ServiceEntry))
@@ -968,6 +1026,40 @@ impl IncrementalCompiler {
         }
     }
 
+    /// The hosts a Pod is an endpoint of: through EndpointSlices naming it, Service selectors
+    /// and ServiceEntry workload selectors.
+    fn pod_affects(&self, r: &Resource<Pod>, hosts: &mut BTreeSet<String>) {
+        let key = key_of(&r.meta);
+        for slice in self.store.slices_by_pod.get(&key).into_iter().flatten() {
+            for s in copies(&self.store.endpoint_slices, slice) {
+                if let Some((ns, svc)) = slice_service(s) {
+                    hosts.insert(kubernetes_service_host(&ns, &svc));
+                }
+            }
+        }
+        for svc in in_namespace(&self.store.services, &r.meta.namespace) {
+            let selects = svc
+                .spec
+                .spec
+                .as_ref()
+                .and_then(|s| s.selector.as_ref())
+                .is_some_and(|sel| !sel.is_empty() && labels_match(sel, &r.meta.labels));
+            if selects {
+                hosts.insert(kubernetes_service_host(&svc.meta.namespace, &svc.meta.name));
+            }
+        }
+        for se in in_namespace(&self.store.service_entries, &r.meta.namespace) {
+            if se
+                .spec
+                .workload_selector
+                .as_ref()
+                .is_some_and(|sel| labels_match(&sel.labels, &r.meta.labels))
+            {
+                hosts.extend(se.spec.hosts.iter().cloned());
+            }
+        }
+    }
+
     /// Records what `object` (as it is, or was) can affect.
     fn affected_by(&self, object: &Object, effects: &mut Effects) {
         let Effects { hosts, ips, .. } = effects;
@@ -984,33 +1076,22 @@ impl IncrementalCompiler {
                 effects.authz = true;
                 effects.pods = true;
                 ips.extend(pod_ips(&r.spec));
-                let key = key_of(&r.meta);
-                for slice in self.store.slices_by_pod.get(&key).into_iter().flatten() {
+                self.pod_affects(r, hosts);
+            }
+            Object::Node(r) => {
+                // Its topology is the locality of the endpoints on it: those of its Pods, and
+                // slice endpoints that name it.
+                let name = &r.meta.name;
+                for key in self.store.pods_by_node.get(name).into_iter().flatten() {
+                    for pod in copies(&self.store.pods, key) {
+                        self.pod_affects(pod, hosts);
+                    }
+                }
+                for slice in self.store.slices_by_node.get(name).into_iter().flatten() {
                     for s in copies(&self.store.endpoint_slices, slice) {
                         if let Some((ns, svc)) = slice_service(s) {
                             hosts.insert(kubernetes_service_host(&ns, &svc));
                         }
-                    }
-                }
-                for svc in in_namespace(&self.store.services, &r.meta.namespace) {
-                    let selects = svc
-                        .spec
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.selector.as_ref())
-                        .is_some_and(|sel| !sel.is_empty() && labels_match(sel, &r.meta.labels));
-                    if selects {
-                        hosts.insert(kubernetes_service_host(&svc.meta.namespace, &svc.meta.name));
-                    }
-                }
-                for se in in_namespace(&self.store.service_entries, &r.meta.namespace) {
-                    if se
-                        .spec
-                        .workload_selector
-                        .as_ref()
-                        .is_some_and(|sel| labels_match(&sel.labels, &r.meta.labels))
-                    {
-                        hosts.extend(se.spec.hosts.iter().cloned());
                     }
                 }
             }
@@ -1098,16 +1179,25 @@ mod tests {
                     String::new()
                 };
                 let ready = if v == 2 { "false" } else { "true" };
+                // An endpoint of no Pod: its locality comes from the Node it names, or its zone.
+                let podless = match v {
+                    0 => format!("\n- addresses: [10.1.8.{n}]\n  nodeName: n{n}-{ns}"),
+                    1 => "\n- addresses: [10.1.8.9]\n  nodeName: n9\n  zone: z9".to_string(),
+                    _ => String::new(),
+                };
                 format!(
-                    "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{n}-x, namespace: {ns}, labels: {{kubernetes.io/service-name: s{n}}}}}\naddressType: IPv4\nports: [{{name: tcp, port: 8080}}, {{name: http-web, port: 9000}}]\nendpoints:\n- addresses: [10.1.0.{n}]\n  conditions: {{ready: {ready}}}\n  targetRef: {{kind: Pod, name: p{n}}}{extra}\n"
+                    "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{n}-x, namespace: {ns}, labels: {{kubernetes.io/service-name: s{n}}}}}\naddressType: IPv4\nports: [{{name: tcp, port: 8080}}, {{name: http-web, port: 9000}}]\nendpoints:\n- addresses: [10.1.0.{n}]\n  conditions: {{ready: {ready}}}\n  targetRef: {{kind: Pod, name: p{n}}}{extra}{podless}\n"
                 )
             }
             2 => {
                 let app = if v == 1 { (n + 1) % 3 } else { n };
                 let version = if v == 2 { "v2" } else { "v1" };
                 let ip = if v == 2 { 0 } else { n };
+                // On a Node of the universe; version 2 also has its own locality label.
+                let node = (n + v) % 3;
+                let locality = if v == 2 { ", istio-locality: r.zl" } else { "" };
                 format!(
-                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{n}, namespace: {ns}, uid: u-{ns}-{n}, labels: {{app: s{app}, version: {version}}}}}\nspec: {{containers: [{{name: c, image: x}}]}}\nstatus: {{phase: Running, podIP: 10.1.0.{ip}}}\n"
+                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{n}, namespace: {ns}, uid: u-{ns}-{n}, labels: {{app: s{app}, version: {version}{locality}}}}}\nspec: {{nodeName: n{node}-{ns}, containers: [{{name: c, image: x}}]}}\nstatus: {{phase: Running, podIP: 10.1.0.{ip}}}\n"
                 )
             }
             3 => {
@@ -1166,6 +1256,18 @@ mod tests {
                 format!(
                     "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: ap{n}, namespace: {ns}}}\nspec: {spec}\n"
                 )
+            }
+            7 => {
+                // A Node (cluster-scoped; named after the template's namespace so that each
+                // template is its own object), whose zone changes, or which loses its topology
+                // labels.
+                let labels = match v {
+                    2 => String::new(),
+                    _ => format!(
+                        "labels: {{topology.kubernetes.io/region: r, topology.kubernetes.io/zone: z{v}}}"
+                    ),
+                };
+                format!("apiVersion: v1\nkind: Node\nmetadata: {{name: n{n}-{ns}, {labels}}}\n")
             }
             9 => {
                 // A delegate: its routes' hosts, a version that names hosts (and so is no
@@ -1277,6 +1379,42 @@ mod tests {
                 same_plan(&from_store, &want)?;
             }
         }
+    }
+
+    #[test]
+    fn a_node_relabelled_recompiles_the_hosts_with_endpoints_on_it() {
+        let text = |zone: &str| {
+            format!(
+                "apiVersion: v1\nkind: Node\nmetadata: {{name: n1, labels: {{topology.kubernetes.io/region: r, topology.kubernetes.io/zone: {zone}}}}}\n"
+            )
+        };
+        let parse = |t: &str| parse_documents("n.yaml", t).0;
+        let world = "apiVersion: v1\nkind: Service\nmetadata: {name: on, namespace: a}\nspec: {clusterIP: 10.96.1.1, selector: {app: on}, ports: [{name: http, port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: off, namespace: a}\nspec: {clusterIP: 10.96.1.2, selector: {app: off}, ports: [{name: http, port: 80}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p1, namespace: a, labels: {app: on}}\nspec: {nodeName: n1, containers: [{name: c, image: x}]}\nstatus: {podIP: 10.1.0.1}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p2, namespace: a, labels: {app: off}}\nspec: {nodeName: n2, containers: [{name: c, image: x}]}\nstatus: {podIP: 10.1.0.2}\n";
+        let mut inc = IncrementalCompiler::default();
+        let mut objects = parse(world);
+        objects.extend(parse(&text("z1")));
+        inc.apply(0, objects.into_iter().map(Change::Added).collect());
+        let _ = inc.take_dirty();
+        let locality = |inc: &IncrementalCompiler| {
+            inc.plan()
+                .services
+                .values()
+                .find(|s| s.host == "on.a.svc.cluster.local")
+                .map(|s| s.backends[0].locality.clone())
+        };
+        assert_eq!(locality(&inc).as_deref(), Some("r/z1"));
+        let mut changes: Vec<Change> = parse(&text("z1"))
+            .into_iter()
+            .map(Change::Removed)
+            .collect();
+        changes.extend(parse(&text("z2")).into_iter().map(Change::Added));
+        inc.apply(0, changes);
+        let dirty = inc.take_dirty();
+        assert_eq!(
+            dirty.hosts, 1,
+            "only the host with an endpoint on n1: {dirty:?}"
+        );
+        assert_eq!(locality(&inc).as_deref(), Some("r/z2"));
     }
 
     #[test]

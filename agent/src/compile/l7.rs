@@ -139,6 +139,7 @@ fn locality_policy(
                 )
             })
             .collect(),
+        failover_priority: s.failover_priority.clone(),
         // Distribute and failover exclude each other in Istio: distribute wins.
         failover_enabled: outlier && s.distribute.is_empty(),
     })
@@ -630,12 +631,46 @@ impl<'a> Ctx<'a> {
         if let Some(dr) = dr {
             policy.tls = self.upstream_tls(dr, subset, port);
         }
+        // The endpoints' values of the failoverPriority labels, from their workloads' labels.
+        let labels = policy
+            .locality
+            .as_ref()
+            .map(|l| super::http::failover_priority_labels(&l.failover_priority))
+            .unwrap_or_default();
+        let priority_labels = if labels.is_empty() {
+            Vec::new()
+        } else {
+            endpoints
+                .iter()
+                .map(|e| {
+                    let workload_labels = svc.and_then(|s| {
+                        s.endpoints
+                            .iter()
+                            .find(|r| {
+                                r.ip == e.addr.ip()
+                                    && r.workload == e.workload
+                                    && r.locality == e.locality
+                            })
+                            .map(|r| &r.labels)
+                    });
+                    let mut parts = e.locality.splitn(3, '/');
+                    let locality = [(); 3].map(|_| parts.next().unwrap_or(""));
+                    labels
+                        .iter()
+                        .map(|l| {
+                            super::http::augmented_label(l, workload_labels, locality).to_string()
+                        })
+                        .collect()
+                })
+                .collect()
+        };
         let cluster = Arc::new(Cluster {
             name: name.clone(),
             host: host.to_string(),
             port,
             subset: subset.map(str::to_string),
             endpoints,
+            priority_labels,
             policy,
             destination_rule: dr.map(|d| d.meta.key()),
         });
@@ -836,29 +871,6 @@ impl Ctx<'_> {
             );
         }
         let mut found = Vec::new();
-        let mut priorities = Vec::new();
-        for (path, lb) in &policies {
-            if lb
-                .locality_lb_setting
-                .as_ref()
-                .is_some_and(|l| !l.failover_priority.is_empty())
-            {
-                priorities.push(format!("{path}.localityLbSetting.failoverPriority"));
-            }
-        }
-        for field in priorities {
-            self.diags.push(super::Diagnostic {
-                level: super::Level::Info,
-                code: None,
-                kind: "DestinationRule".into(),
-                object: dr.meta.key(),
-                origin: dr.origin.clone(),
-                field,
-                message: "failoverPriority is not used (steerd's proxy has no workload labels to \
-                          compare); failover follows region/zone/subzone"
-                    .into(),
-            });
-        }
         for (path, lb) in policies {
             let Some(ch) = lb.consistent_hash() else {
                 continue;
@@ -1258,6 +1270,52 @@ mod tests {
     }
 
     #[test]
+    fn failover_priority_labels_of_endpoints_compile() {
+        let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n  trafficPolicy:\n    outlierDetection: {consecutive5xxErrors: 1}\n    loadBalancer:\n      localityLbSetting:\n        failoverPriority: [version=v2, topology.kubernetes.io/zone, team]\n";
+        // r4 on a Node in zone z1; r5 with its own istio-locality label.
+        let nodes = "apiVersion: v1\nkind: Node\nmetadata: {name: n1, labels: {topology.kubernetes.io/region: us, topology.kubernetes.io/zone: z1}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: r4, labels: {app: reviews, version: v1, team: a}}\nspec: {nodeName: n1, containers: [{name: c, image: x}]}\nstatus: {podIP: 10.244.4.4}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: r5, labels: {app: reviews, version: v3, istio-locality: us.z3}}\nstatus: {podIP: 10.244.4.5}\n";
+        let plan = reviews_plan(&[dr, nodes]);
+        let cluster = default_cluster(&plan);
+        let policy = cluster.policy.locality.as_ref().unwrap();
+        assert_eq!(
+            policy.failover_priority,
+            ["version=v2", "topology.kubernetes.io/zone", "team"]
+        );
+        let values: Vec<(String, Vec<String>)> = cluster
+            .endpoints
+            .iter()
+            .zip(&cluster.priority_labels)
+            .map(|(e, v)| (e.addr.ip().to_string(), v.clone()))
+            .collect();
+        let row = |ip: &str, v: [&str; 3]| (ip.to_string(), v.map(str::to_string).to_vec());
+        // Label names only (the `=v2` is the client's side); the zone from each locality.
+        assert_eq!(
+            values,
+            vec![
+                row("10.244.4.1", ["v1", "", ""]),
+                row("10.244.4.2", ["v2", "", ""]),
+                row("10.244.4.3", ["v3", "", ""]),
+                row("10.244.4.4", ["v1", "z1", "a"]),
+                row("10.244.4.5", ["v3", "z3", ""]),
+            ]
+        );
+        assert!(
+            !plan
+                .diagnostics
+                .iter()
+                .any(|d| d.field.contains("failoverPriority")),
+            "failoverPriority is used: {:?}",
+            plan.diagnostics
+        );
+        // Without failoverPriority, no labels are carried.
+        assert!(
+            default_cluster(&reviews_plan(&[]))
+                .priority_labels
+                .is_empty()
+        );
+    }
+
+    #[test]
     fn locality_settings_and_endpoint_localities_compile() {
         let dr = |tp: &str| {
             format!(
@@ -1288,6 +1346,7 @@ mod tests {
             Some(LocalityPolicy {
                 distribute: vec![],
                 failover: vec![("us-east".into(), "eu-west".into())],
+                failover_priority: vec![],
                 failover_enabled: true,
             })
         );

@@ -6,6 +6,7 @@ use super::{Diagnostic, Level};
 use crate::model::{
     ConfigSet, Meta, Origin, Pod, Resource, Service,
     istio::{self, Resolution},
+    node::Node,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
@@ -60,10 +61,40 @@ pub struct Endpoint {
 
 /// A Pod's locality from Istio's `istio-locality` label (`region.zone.subzone`: label values
 /// cannot hold `/`).
-pub fn pod_locality(labels: &BTreeMap<String, String>) -> String {
+pub fn pod_locality_label(labels: &BTreeMap<String, String>) -> Option<String> {
     labels
         .get("istio-locality")
+        .filter(|l| !l.is_empty())
         .map(|l| l.replace('.', "/"))
+}
+
+/// The Nodes of a configuration by name (the first copy of a name wins, as for every kind).
+pub fn nodes_by_name(config: &ConfigSet) -> HashMap<&str, &Resource<Node>> {
+    let mut nodes = HashMap::new();
+    for n in &config.nodes {
+        nodes.entry(n.meta.name.as_str()).or_insert(n);
+    }
+    nodes
+}
+
+/// A Pod's locality as Istio derives it: its `istio-locality` label, else the topology labels
+/// of the Node it runs on (`spec.nodeName`); empty when neither says anything.
+pub fn pod_locality(pod: &Resource<Pod>, nodes: &HashMap<&str, &Resource<Node>>) -> String {
+    pod_locality_label(&pod.meta.labels).unwrap_or_else(|| {
+        pod.spec
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+            .map(|n| node_locality(n, nodes))
+            .unwrap_or_default()
+    })
+}
+
+/// The locality of the Node `name` (empty when unknown or without topology labels).
+pub fn node_locality(name: &str, nodes: &HashMap<&str, &Resource<Node>>) -> String {
+    nodes
+        .get(name)
+        .map(|n| n.spec.locality())
         .unwrap_or_default()
 }
 
@@ -215,13 +246,14 @@ pub(crate) fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
 }
 
 /// A usable pod's addresses as endpoints serving `ports` (service port → pod port).
-fn pod_endpoints(
-    pod: &Resource<Pod>,
+fn pod_endpoints<'p>(
+    pod: &'p Resource<Pod>,
     ports: BTreeMap<u16, u16>,
-) -> impl Iterator<Item = Endpoint> + '_ {
+    nodes: &HashMap<&str, &Resource<Node>>,
+) -> impl Iterator<Item = Endpoint> + 'p {
     let source = format!("Pod {}", pod.meta.key());
     let workload = Workload::new("Pod", &pod.meta.namespace, &pod.meta.name, &pod.meta.labels);
-    let locality = pod_locality(&pod.meta.labels);
+    let locality = pod_locality(pod, nodes);
     pod_ips(&pod.spec).into_iter().map(move |ip| Endpoint {
         ip,
         labels: pod.meta.labels.clone(),
@@ -253,6 +285,8 @@ struct Builder<'a> {
     diags: &'a mut Vec<Diagnostic>,
     pods_by_ns: HashMap<&'a str, Vec<&'a Resource<Pod>>>,
     pod_by_name: HashMap<(&'a str, &'a str), &'a Resource<Pod>>,
+    /// Nodes by name, for the localities of the endpoints on them.
+    nodes: HashMap<&'a str, &'a Resource<Node>>,
     /// EndpointSlices by (namespace, `kubernetes.io/service-name`), built once: looking them up
     /// per Service by scanning made the registry quadratic in cluster size.
     slices_by_service: HashMap<(&'a str, &'a str), Vec<&'a Resource<crate::model::EndpointSlice>>>,
@@ -403,13 +437,23 @@ impl Builder<'_> {
                     .target_ref
                     .as_ref()
                     .filter(|r| r.kind.as_deref() == Some("Pod"));
-                let labels = pod_ref
-                    .and_then(|r| {
-                        let ns = r.namespace.as_deref().unwrap_or(&slice.meta.namespace);
-                        self.pod_by_name.get(&(ns, r.name.as_deref().unwrap_or("")))
-                    })
-                    .map(|p| p.meta.labels.clone())
-                    .unwrap_or_default();
+                let pod = pod_ref.and_then(|r| {
+                    let ns = r.namespace.as_deref().unwrap_or(&slice.meta.namespace);
+                    self.pod_by_name.get(&(ns, r.name.as_deref().unwrap_or("")))
+                });
+                let labels = pod.map(|p| p.meta.labels.clone()).unwrap_or_default();
+                // The Pod's locality; for an endpoint of no known Pod, its Node's, else the
+                // zone the EndpointSlice controller recorded (its region unknown).
+                let locality = match pod {
+                    Some(p) => pod_locality(p, &self.nodes),
+                    None => ep
+                        .node_name
+                        .as_deref()
+                        .map(|n| node_locality(n, &self.nodes))
+                        .filter(|l| !l.is_empty())
+                        .or_else(|| ep.zone.as_ref().map(|z| format!("/{z}")))
+                        .unwrap_or_default(),
+                };
                 let workload = match pod_ref.and_then(|r| r.name.as_deref()) {
                     Some(pod) => Workload::new("Pod", &slice.meta.namespace, pod, &labels),
                     None => {
@@ -425,7 +469,7 @@ impl Builder<'_> {
                             weight: 1,
                             source: format!("EndpointSlice {}", slice.meta.key()),
                             workload: workload.clone(),
-                            locality: pod_locality(&labels),
+                            locality: locality.clone(),
                         }),
                         Err(e) => {
                             let (meta, origin) = (slice.meta.clone(), slice.origin.clone());
@@ -462,7 +506,7 @@ impl Builder<'_> {
                 .zip(targets)
                 .filter_map(|(sp, t)| pod_target_port(&pod.spec, t).map(|tp| (sp.port, tp)))
                 .collect();
-            out.extend(pod_endpoints(pod, port_map));
+            out.extend(pod_endpoints(pod, port_map, &self.nodes));
         }
         out
     }
@@ -587,7 +631,11 @@ impl Builder<'_> {
                     .flatten()
                 {
                     if labels_match(&sel.labels, &pod.meta.labels) {
-                        endpoints.extend(pod_endpoints(pod, port_map_for(&BTreeMap::new())));
+                        endpoints.extend(pod_endpoints(
+                            pod,
+                            port_map_for(&BTreeMap::new()),
+                            &self.nodes,
+                        ));
                     }
                 }
             }
@@ -655,7 +703,11 @@ impl Builder<'_> {
                     .flatten()
                     .filter(|p| labels_match(&sel.labels, &p.meta.labels))
                 {
-                    endpoints.extend(pod_endpoints(pod, port_map_for(&BTreeMap::new())));
+                    endpoints.extend(pod_endpoints(
+                        pod,
+                        port_map_for(&BTreeMap::new()),
+                        &self.nodes,
+                    ));
                 }
             } else {
                 // Each host is its own service whose one endpoint is the host itself (Istio
@@ -912,6 +964,7 @@ pub fn build_tagged(config: &ConfigSet, diags: &mut Vec<(String, Diagnostic)>) -
         diags: &mut untagged,
         pods_by_ns,
         pod_by_name,
+        nodes: nodes_by_name(config),
         slices_by_service,
     };
     let mut registry = Registry::default();
@@ -1028,6 +1081,97 @@ mod tests {
             k8s_port_protocol("tcp", Some("http")).as_deref(),
             Some("HTTP")
         );
+    }
+}
+
+#[cfg(test)]
+mod locality_tests {
+    use crate::compile::compile;
+    use crate::model::{ConfigSet, parse_documents};
+
+    const NODES: &str = "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\n  labels: {topology.kubernetes.io/region: us-east1, topology.kubernetes.io/zone: us-east1-b, topology.istio.io/subzone: rack1, kubernetes.io/hostname: node-a}\n---\napiVersion: v1\nkind: Node\nmetadata:\n  name: node-b\n  labels: {topology.kubernetes.io/region: us-east1, topology.kubernetes.io/zone: us-east1-c}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: bare}\n";
+
+    /// A Service with its EndpointSlice: Pods p1 (on node-a), p2 (on node-b, with an
+    /// `istio-locality` label), p3 (on bare), p4 (on a Node that is not known); and endpoints of
+    /// no known Pod naming node-b, an unknown Node with a zone, and nothing.
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.96.7.7\n  ports: [{name: http, port: 80, targetPort: 8080}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p1, namespace: shop}\nspec: {nodeName: node-a, containers: [{name: c, image: x}]}\nstatus: {podIP: 10.1.0.1}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p2, namespace: shop, labels: {istio-locality: eu.z9}}\nspec: {nodeName: node-b, containers: [{name: c, image: x}]}\nstatus: {podIP: 10.1.0.2}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p3, namespace: shop}\nspec: {nodeName: bare, containers: [{name: c, image: x}]}\nstatus: {podIP: 10.1.0.3}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p4, namespace: shop}\nspec: {nodeName: gone, containers: [{name: c, image: x}]}\nstatus: {podIP: 10.1.0.4}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n- {addresses: [10.1.0.1], targetRef: {kind: Pod, name: p1}}\n- {addresses: [10.1.0.2], targetRef: {kind: Pod, name: p2}}\n- {addresses: [10.1.0.3], targetRef: {kind: Pod, name: p3}}\n- {addresses: [10.1.0.4], targetRef: {kind: Pod, name: p4}}\n- {addresses: [10.1.0.5], nodeName: node-b}\n- {addresses: [10.1.0.6], nodeName: elsewhere, zone: us-west1-a}\n- {addresses: [10.1.0.7]}\n";
+
+    fn localities(texts: &[&str]) -> Vec<(String, String)> {
+        let mut config = ConfigSet::default();
+        for (i, t) in texts.iter().enumerate() {
+            let (objects, errors) = parse_documents(&format!("{i}.yaml"), t);
+            assert!(errors.is_empty(), "{errors:?}");
+            config.extend(objects);
+        }
+        let plan = compile(&config);
+        let svc = plan
+            .services
+            .values()
+            .find(|s| s.host == "web.shop.svc.cluster.local")
+            .expect("the web service");
+        let mut out: Vec<(String, String)> = svc
+            .backends
+            .iter()
+            .map(|b| (b.addr.ip().to_string(), b.locality.clone()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn endpoint_localities_come_from_their_nodes() {
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            localities(&[NODES, SERVICE]),
+            pairs(&[
+                ("10.1.0.1", "us-east1/us-east1-b/rack1"),
+                // The Pod's label wins over its Node.
+                ("10.1.0.2", "eu/z9"),
+                // A Node without topology labels, an unknown Node: no locality.
+                ("10.1.0.3", ""),
+                ("10.1.0.4", ""),
+                ("10.1.0.5", "us-east1/us-east1-c"),
+                // No Node to ask: the slice's zone, in no known region.
+                ("10.1.0.6", "/us-west1-a"),
+                ("10.1.0.7", ""),
+            ])
+        );
+        // Without Nodes (the files source, usually), only the labels and zones speak.
+        assert_eq!(
+            localities(&[SERVICE]),
+            pairs(&[
+                ("10.1.0.1", ""),
+                ("10.1.0.2", "eu/z9"),
+                ("10.1.0.3", ""),
+                ("10.1.0.4", ""),
+                ("10.1.0.5", ""),
+                ("10.1.0.6", "/us-west1-a"),
+                ("10.1.0.7", ""),
+            ])
+        );
+    }
+
+    #[test]
+    fn nodes_are_cluster_scoped_and_keep_only_their_topology() {
+        let (objects, errors) = parse_documents("n.yaml", NODES);
+        assert!(errors.is_empty(), "{errors:?}");
+        let mut config = ConfigSet::default();
+        config.extend(objects);
+        let a = &config.nodes[0];
+        assert_eq!(
+            (a.meta.name.as_str(), a.meta.namespace.as_str()),
+            ("node-a", "")
+        );
+        assert!(
+            a.meta.labels.is_empty(),
+            "labels are not kept: {:?}",
+            a.meta
+        );
+        assert_eq!(a.spec.locality(), "us-east1/us-east1-b/rack1");
     }
 }
 

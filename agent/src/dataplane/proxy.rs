@@ -137,8 +137,9 @@ pub struct Proxy {
     mirrors: Arc<tokio::sync::Semaphore>,
     metrics: Arc<Metrics>,
     idle_sweeper: Once,
-    /// This node's locality (`--locality`), for locality load balancing.
-    locality: Option<http::Locality>,
+    /// This node's locality (`--locality`, or its Node's topology labels, which may change),
+    /// for locality load balancing.
+    locality: arc_swap::ArcSwapOption<http::Locality>,
 }
 
 /// What became of a request, for telemetry.
@@ -181,8 +182,19 @@ impl Proxy {
             mirrors: Arc::new(tokio::sync::Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
             metrics,
             idle_sweeper: Once::new(),
-            locality,
+            locality: arc_swap::ArcSwapOption::from(locality.map(Arc::new)),
         })
+    }
+
+    /// Sets this node's locality (None: unknown, locality is then ignored). Requests already
+    /// routed keep the one they started with.
+    pub fn set_locality(&self, locality: Option<http::Locality>) {
+        self.locality.store(locality.map(Arc::new));
+    }
+
+    /// This node's locality as the proxy uses it.
+    pub fn locality(&self) -> Option<Arc<http::Locality>> {
+        self.locality.load_full()
     }
 
     /// Swaps in the routing of a new plan; requests in flight finish with the table they
@@ -599,8 +611,10 @@ impl Proxy {
                 flags: "UO",
             };
         };
+        let locality = self.locality.load_full();
         let hash = HashInput {
-            client_locality: self.locality.as_ref(),
+            client_locality: locality.as_deref(),
+            client_labels: source.map(|s| &s.labels),
             header: hash_key.as_deref(),
             cookie: hash_key.as_deref(),
             query_param: hash_key.as_deref(),

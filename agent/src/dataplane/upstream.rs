@@ -7,7 +7,7 @@
 //! swapped whole (copy on insert, which happens once per new cluster or endpoint).
 
 use crate::compile::http::{
-    Cluster, HashKey, LoadBalancer, Locality, LocalityPolicy, OutlierPolicy,
+    Client, Cluster, HashKey, LoadBalancer, Locality, LocalityPolicy, OutlierPolicy,
 };
 use crate::dataplane::pool::{EndpointPool, TlsOrigination};
 use arc_swap::ArcSwap;
@@ -29,6 +29,9 @@ const LEAST_REQUEST_FULL_SCAN: usize = 8;
 pub struct HashInput<'a> {
     /// This node's locality, for locality load balancing (None: not configured).
     pub client_locality: Option<&'a Locality>,
+    /// The labels of the workload that sent the request, for `failoverPriority` (None: not a
+    /// known Pod).
+    pub client_labels: Option<&'a std::collections::BTreeMap<String, String>>,
     pub header: Option<&'a str>,
     pub cookie: Option<&'a str>,
     pub source_ip: Option<std::net::IpAddr>,
@@ -251,9 +254,17 @@ impl ClusterState {
         }
         let now = Instant::now();
         let may_be_ejected = self.millis(now) < self.ejections_end_ms.load(Ordering::Acquire);
-        let locality = match (hash.client_locality, &cluster.policy.locality) {
-            (Some(client), Some(policy))
-                if policy.failover_enabled || !policy.distribute.is_empty() =>
+        // Locality load balancing needs to know where the client is: this node's locality, or
+        // (failoverPriority) the client workload's labels.
+        let client = Client {
+            locality: hash.client_locality,
+            labels: hash.client_labels,
+        };
+        let locality = match &cluster.policy.locality {
+            Some(policy)
+                if (policy.failover_enabled || !policy.distribute.is_empty())
+                    && (client.locality.is_some()
+                        || (policy.failover_enabled && !policy.failover_priority.is_empty())) =>
             {
                 Some((client, policy))
             }
@@ -446,12 +457,15 @@ const OVERPROVISIONING: f64 = 1.4;
 /// overprovisioning factor, what it cannot take goes to the next level).
 fn locality_candidates(
     cluster: &Cluster,
-    client: &Locality,
+    client: Client<'_>,
     policy: &LocalityPolicy,
     healthy: &[usize],
 ) -> Vec<usize> {
     let endpoints = &cluster.endpoints;
-    if let Some(weights) = policy.distribution(client, endpoints) {
+    if let Some(weights) = client
+        .locality
+        .and_then(|l| policy.distribution(l, endpoints))
+    {
         // Healthy endpoints of a weighted locality; in panic (none healthy) any weighted one.
         let usable: Vec<usize> = healthy
             .iter()
@@ -484,7 +498,7 @@ fn locality_candidates(
             None => Vec::new(),
         };
     }
-    let Some(priorities) = policy.priorities(client, endpoints) else {
+    let Some(priorities) = policy.priorities(client, endpoints, &cluster.priority_labels) else {
         return if healthy.is_empty() {
             (0..endpoints.len()).collect()
         } else {
@@ -647,6 +661,7 @@ mod tests {
                     locality: String::new(),
                 })
                 .collect(),
+            priority_labels: Vec::new(),
             policy: ClusterPolicy {
                 load_balancer: lb,
                 ..Default::default()
@@ -788,6 +803,60 @@ mod tests {
         );
         let all = counts(&Arc::new(ClusterState::default()), &plain, &client, 100);
         assert!(all.iter().all(|n| *n == 25), "{all:?}");
+    }
+
+    #[test]
+    fn failover_priority_prefers_endpoints_with_the_client_labels() {
+        // No node locality: the client's Pod labels alone decide.
+        let mut c = cluster_in(
+            &["", "", ""],
+            LocalityPolicy {
+                failover_priority: vec!["team".into()],
+                failover_enabled: true,
+                ..Default::default()
+            },
+        );
+        c.priority_labels = vec![vec!["a".into()], vec!["b".into()], vec!["a".into()]];
+        let labels: std::collections::BTreeMap<String, String> =
+            [("team".to_string(), "a".to_string())].into();
+        let input = HashInput {
+            client_labels: Some(&labels),
+            ..Default::default()
+        };
+        let s = Arc::new(ClusterState::default());
+        let pick = |s: &ClusterState| {
+            let mut out = vec![0; 3];
+            for _ in 0..60 {
+                out[s.pick(&c, &input, &[]).unwrap().index] += 1;
+            }
+            out
+        };
+        let n = pick(&s);
+        assert_eq!(n[1], 0, "team a first: {n:?}");
+        assert!(n[0] > 0 && n[2] > 0, "{n:?}");
+        // Team a ejected: team b takes over.
+        let policy = OutlierPolicy {
+            consecutive_5xx: Some(1),
+            consecutive_gateway_errors: None,
+            interval: Duration::from_secs(1),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 100,
+        };
+        s.record(c.endpoints[0].addr, Outcome::ServerError, Some(&policy), 3);
+        s.record(c.endpoints[2].addr, Outcome::ServerError, Some(&policy), 3);
+        assert_eq!(pick(&s), vec![0, 60, 0]);
+        // A client that is no known Pod (and no node locality): no preference.
+        let n = counts_without_client(&c);
+        assert!(n.iter().all(|x| *x > 0), "{n:?}");
+    }
+
+    fn counts_without_client(c: &Cluster) -> Vec<usize> {
+        let s = ClusterState::default();
+        let mut out = vec![0; c.endpoints.len()];
+        for _ in 0..60 {
+            out[s.pick(c, &HashInput::default(), &[]).unwrap().index] += 1;
+        }
+        out
     }
 
     #[test]

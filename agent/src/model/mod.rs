@@ -4,6 +4,7 @@
 
 pub mod duration;
 pub mod istio;
+pub mod node;
 pub mod secret;
 pub mod security;
 pub mod validate;
@@ -63,6 +64,7 @@ pub enum Kind {
     Service,
     EndpointSlice,
     Pod,
+    Node,
     VirtualService,
     DestinationRule,
     ServiceEntry,
@@ -79,6 +81,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Pod => "Pod",
+            Kind::Node => "Node",
             Kind::VirtualService => "VirtualService",
             Kind::DestinationRule => "DestinationRule",
             Kind::ServiceEntry => "ServiceEntry",
@@ -103,6 +106,8 @@ pub struct ConfigSet {
     pub services: Vec<Resource<Service>>,
     pub endpoint_slices: Vec<Resource<EndpointSlice>>,
     pub pods: Vec<Resource<Pod>>,
+    /// Only the topology labels (see [`node`]), for endpoint localities.
+    pub nodes: Vec<Resource<node::Node>>,
     pub virtual_services: Vec<Resource<istio::VirtualService>>,
     pub destination_rules: Vec<Resource<istio::DestinationRule>>,
     pub service_entries: Vec<Resource<istio::ServiceEntry>>,
@@ -138,6 +143,7 @@ pub enum Object {
     Service(Resource<Service>),
     EndpointSlice(Resource<EndpointSlice>),
     Pod(Resource<Pod>),
+    Node(Resource<node::Node>),
     VirtualService(Resource<istio::VirtualService>),
     DestinationRule(Resource<istio::DestinationRule>),
     ServiceEntry(Resource<istio::ServiceEntry>),
@@ -154,6 +160,7 @@ impl ConfigSet {
             Object::Service(r) => self.services.push(r),
             Object::EndpointSlice(r) => self.endpoint_slices.push(r),
             Object::Pod(r) => self.pods.push(r),
+            Object::Node(r) => self.nodes.push(r),
             Object::VirtualService(r) => self.virtual_services.push(r),
             Object::DestinationRule(r) => self.destination_rules.push(r),
             Object::ServiceEntry(r) => self.service_entries.push(r),
@@ -177,6 +184,7 @@ impl ConfigSet {
             services,
             endpoint_slices,
             pods,
+            nodes,
             virtual_services,
             destination_rules,
             service_entries,
@@ -190,6 +198,7 @@ impl ConfigSet {
         self.services.extend(services.iter().cloned());
         self.endpoint_slices.extend(endpoint_slices.iter().cloned());
         self.pods.extend(pods.iter().cloned());
+        self.nodes.extend(nodes.iter().cloned());
         self.virtual_services
             .extend(virtual_services.iter().cloned());
         self.destination_rules
@@ -211,6 +220,7 @@ impl ConfigSet {
         self.services.len()
             + self.endpoint_slices.len()
             + self.pods.len()
+            + self.nodes.len()
             + self.virtual_services.len()
             + self.destination_rules.len()
             + self.service_entries.len()
@@ -375,6 +385,19 @@ pub fn parse_value(
         }
         ("", "Pod") if version == "v1" => {
             typed(value, "").map(|s| Object::Pod(resource(&meta, origin, s)))
+        }
+        ("", "Node") if version == "v1" => {
+            // Cluster-scoped: no namespace (parse_meta defaults one), and only the topology.
+            let node = node::Node::from_labels(&meta.labels);
+            let meta = Meta {
+                name: meta.name.clone(),
+                ..Default::default()
+            };
+            return Ok(Some(vec![Object::Node(Resource {
+                meta,
+                origin: origin.clone(),
+                spec: node,
+            })]));
         }
         ("", "Secret") if version == "v1" => {
             secret::parse(map).map(|s| Object::Secret(resource(&meta, origin, s)))

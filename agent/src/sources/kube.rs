@@ -6,6 +6,9 @@
 //!   version the server serves (found by API discovery, v1 first). Every object is watched as a
 //!   [`DynamicObject`], turned into the JSON a manifest would hold and parsed with
 //!   [`parse_value`]: the same typed model, and the same error messages, as `files:`.
+//! - Nodes, for the topology labels localities come from, with a metadata-only watch (an
+//!   `Api<PartialObjectMeta<Node>>`, what `metadata_watcher` became):
+//!   a Node's status (rewritten by its kubelet every few seconds, and large) is never fetched.
 //! - Nothing is sent before the initial list of every watched kind is in, so the first plan is
 //!   never built from half a cluster; after that, bursts of changes are coalesced.
 //! - Watch errors (the API server restarting, RBAC being fixed, ...) are retried with
@@ -568,6 +571,7 @@ impl KubeSource {
         for target in targets {
             self.start_watch(target, &mut states, &mut streams);
         }
+        self.start_node_watch(&mut states, &mut streams);
 
         let mut rediscovery = tokio::time::interval_at(Instant::now() + REDISCOVERY, REDISCOVERY);
         let mut pending_since: Option<Instant> = None;
@@ -651,6 +655,43 @@ impl KubeSource {
         let stream = watcher::watcher(api, config)
             .default_backoff()
             .map(move |event| (index, event));
+        streams.push(boxed(stream));
+        states.push(KindState::new(target));
+    }
+
+    /// Nodes, by metadata only: their labels are all steerd reads (see [`crate::model::node`]).
+    fn start_node_watch(&self, states: &mut Vec<KindState>, streams: &mut SelectAll<EventStream>) {
+        use k8s_openapi::api::core::v1::Node;
+        use kube::core::{PartialObjectMeta, TypeMeta};
+        let target = Target::native(ApiResource::erase::<Node>(&()));
+        info!(
+            kind = "Node",
+            api_version = "v1",
+            "watching (metadata only)"
+        );
+        let index = states.len();
+        // An Api of PartialObjectMeta makes metadata-only requests.
+        let api: Api<PartialObjectMeta<Node>> = Api::all(self.client.clone());
+        let as_object = |m: PartialObjectMeta<Node>| DynamicObject {
+            types: Some(TypeMeta {
+                api_version: "v1".into(),
+                kind: "Node".into(),
+            }),
+            metadata: m.metadata,
+            data: json!({}),
+        };
+        let stream = watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .map(move |event| {
+                let event = event.map(|e| match e {
+                    watcher::Event::Init => watcher::Event::Init,
+                    watcher::Event::InitDone => watcher::Event::InitDone,
+                    watcher::Event::InitApply(m) => watcher::Event::InitApply(as_object(m)),
+                    watcher::Event::Apply(m) => watcher::Event::Apply(as_object(m)),
+                    watcher::Event::Delete(m) => watcher::Event::Delete(as_object(m)),
+                });
+                (index, event)
+            });
         streams.push(boxed(stream));
         states.push(KindState::new(target));
     }
