@@ -349,6 +349,7 @@ pub fn compile(config: &ConfigSet, gateways: &[String]) -> GatewayPlan {
         let mut found: Vec<&Resource<istio::Gateway>> = config
             .gateways
             .iter()
+            .map(|g| &**g)
             .filter(|g| g.meta.key() == key)
             .collect();
         found.sort_by(|a, b| a.origin.cmp(&b.origin));
@@ -587,6 +588,7 @@ impl<'a> Ctx<'a> {
             .config
             .virtual_services
             .iter()
+            .map(|vs| &**vs)
             .filter(|vs| {
                 vs.spec
                     .gateways

@@ -18,7 +18,8 @@ use super::{
     source_of,
 };
 use crate::model::{
-    ConfigSet, EndpointSlice, Object, Pod, Resolved, Resource, Service, istio, secret, security,
+    ConfigSet, EndpointSlice, Object, Pod, Resolved, Resource, Service, Shared, istio, secret,
+    security,
 };
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -43,7 +44,7 @@ pub enum Change {
 }
 
 /// Objects of one kind by key; several sources (or files) may each hold a copy.
-type ByKey<T> = BTreeMap<Key, Vec<(SourceId, Resource<T>)>>;
+type ByKey<T> = BTreeMap<Key, Vec<(SourceId, Shared<T>)>>;
 
 fn key_of(meta: &crate::model::Meta) -> Key {
     (meta.namespace.clone(), meta.name.clone())
@@ -51,7 +52,7 @@ fn key_of(meta: &crate::model::Meta) -> Key {
 
 /// Copies of one key are kept in source order, the order the agent merges sources in (and so
 /// the order in which "first definition wins" rules see them).
-fn add_copy<T>(map: &mut ByKey<T>, source: SourceId, r: Resource<T>) {
+fn add_copy<T>(map: &mut ByKey<T>, source: SourceId, r: Shared<T>) {
     let copies = map.entry(key_of(&r.meta)).or_default();
     let at = copies.partition_point(|(s, _)| *s <= source);
     copies.insert(at, (source, r));
@@ -59,7 +60,7 @@ fn add_copy<T>(map: &mut ByKey<T>, source: SourceId, r: Resource<T>) {
 
 /// Removes the copy `source` holds of `r` (the equal one if it holds several). Returns whether
 /// there was one.
-fn remove_copy<T: PartialEq>(map: &mut ByKey<T>, source: SourceId, r: &Resource<T>) -> bool {
+fn remove_copy<T: PartialEq>(map: &mut ByKey<T>, source: SourceId, r: &Shared<T>) -> bool {
     let key = key_of(&r.meta);
     let Some(copies) = map.get_mut(&key) else {
         return false;
@@ -79,7 +80,7 @@ fn remove_copy<T: PartialEq>(map: &mut ByKey<T>, source: SourceId, r: &Resource<
 fn in_namespace<'m, T>(
     map: &'m ByKey<T>,
     namespace: &str,
-) -> impl Iterator<Item = &'m Resource<T>> + 'm {
+) -> impl Iterator<Item = &'m Shared<T>> + 'm {
     let start = (namespace.to_string(), String::new());
     let namespace = namespace.to_string();
     map.range(start..)
@@ -87,14 +88,14 @@ fn in_namespace<'m, T>(
         .flat_map(|(_, copies)| copies.iter().map(|(_, r)| r))
 }
 
-fn copies<'m, T>(map: &'m ByKey<T>, key: &Key) -> impl Iterator<Item = &'m Resource<T>> + 'm {
+fn copies<'m, T>(map: &'m ByKey<T>, key: &Key) -> impl Iterator<Item = &'m Shared<T>> + 'm {
     map.get(key)
         .into_iter()
         .flat_map(|c| c.iter().map(|(_, r)| r))
 }
 
 /// Every copy of every object of one kind, in key order.
-fn all<T: Clone>(map: &ByKey<T>) -> Vec<Resource<T>> {
+fn all<T>(map: &ByKey<T>) -> Vec<Shared<T>> {
     map.values()
         .flat_map(|c| c.iter().map(|(_, r)| r.clone()))
         .collect()
@@ -285,10 +286,10 @@ impl Store {
 
     fn slice_refs(&self, key: &Key) -> (BTreeSet<Key>, BTreeSet<Key>) {
         let services = copies(&self.endpoint_slices, key)
-            .filter_map(slice_service)
+            .filter_map(|s| slice_service(s))
             .collect();
         let pods = copies(&self.endpoint_slices, key)
-            .flat_map(slice_pods)
+            .flat_map(|s| slice_pods(s))
             .collect();
         (services, pods)
     }
@@ -360,7 +361,7 @@ impl Store {
             .unwrap_or_default();
         for key in &self.vs_wildcard {
             if copies(&self.virtual_services, key)
-                .flat_map(vs_patterns)
+                .flat_map(|vs| vs_patterns(vs))
                 .any(|p| p.starts_with('*') && host_matches(&p, host))
             {
                 keys.insert(key.clone());
@@ -479,7 +480,7 @@ impl Store {
             }
             dr_keys.extend(self.dr_by_host.get(host).into_iter().flatten().cloned());
         }
-        fn pick<T: Clone>(map: &ByKey<T>, keys: &BTreeSet<Key>) -> Vec<Resource<T>> {
+        fn pick<T>(map: &ByKey<T>, keys: &BTreeSet<Key>) -> Vec<Shared<T>> {
             keys.iter().flat_map(|k| copies(map, k).cloned()).collect()
         }
         ConfigSet {
@@ -749,7 +750,7 @@ impl IncrementalCompiler {
                 .and_then(|key| {
                     copies(&self.store.pods, key).find(|p| pod_ips(&p.spec).contains(ip))
                 })
-                .map(source_of);
+                .map(|p| source_of(p));
             let before = match source {
                 Some(s) => self
                     .plan
@@ -1198,7 +1199,7 @@ mod tests {
         let Object::VirtualService(mut changed) = vs.clone() else {
             panic!("template 18 is a VirtualService")
         };
-        changed.spec.http[0].matches[0]
+        std::sync::Arc::make_mut(&mut changed).spec.http[0].matches[0]
             .headers
             .insert("x".into(), istio::StringMatch::Exact("z".into()));
         inc.apply(

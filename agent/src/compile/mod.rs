@@ -198,7 +198,7 @@ pub fn compile(config: &ConfigSet) -> Plan {
             registry_only: mesh_registry_only(config),
             registered: registered.into_iter().collect(),
         },
-        sources: sources(config.pods.iter()),
+        sources: sources(config.pods.iter().map(|p| &**p)),
         services,
         diagnostics,
     }
@@ -440,7 +440,7 @@ type SubsetIndex = HashMap<String, (String, BTreeMap<String, BTreeMap<String, St
 
 fn subset_index(config: &ConfigSet) -> SubsetIndex {
     let mut rules: Vec<&Resource<istio::DestinationRule>> =
-        config.destination_rules.iter().collect();
+        config.destination_rules.iter().map(|r| &**r).collect();
     rules.sort_by_key(|r| r.meta.key());
     let mut index = SubsetIndex::new();
     for dr in rules {
@@ -460,7 +460,7 @@ fn destination_rule_index(
     config: &ConfigSet,
 ) -> HashMap<String, &Resource<istio::DestinationRule>> {
     let mut rules: Vec<&Resource<istio::DestinationRule>> =
-        config.destination_rules.iter().collect();
+        config.destination_rules.iter().map(|r| &**r).collect();
     rules.sort_by_key(|r| r.meta.key());
     let mut index = HashMap::new();
     for dr in rules {

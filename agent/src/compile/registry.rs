@@ -803,15 +803,18 @@ fn selected_workload_entries<'a>(
     se: &'a Resource<istio::ServiceEntry>,
 ) -> impl Iterator<Item = &'a Resource<istio::WorkloadEntry>> {
     let selector = se.spec.workload_selector.as_ref();
-    config.workload_entries.iter().filter(move |w| {
-        selector.is_some_and(|sel| {
-            w.meta.namespace == se.meta.namespace
-                && sel
-                    .labels
-                    .iter()
-                    .all(|(k, v)| w.spec.labels.get(k).or_else(|| w.meta.labels.get(k)) == Some(v))
+    config
+        .workload_entries
+        .iter()
+        .map(|w| &**w)
+        .filter(move |w| {
+            selector.is_some_and(|sel| {
+                w.meta.namespace == se.meta.namespace
+                    && sel.labels.iter().all(|(k, v)| {
+                        w.spec.labels.get(k).or_else(|| w.meta.labels.get(k)) == Some(v)
+                    })
+            })
         })
-    })
 }
 
 /// Every name the DNS ServiceEntries of `config` need resolved (keys of
@@ -872,7 +875,7 @@ pub fn build_tagged(config: &ConfigSet, diags: &mut Vec<(String, Diagnostic)>) -
     let mut untagged = Vec::new();
     let mut pods_by_ns: HashMap<&str, Vec<&Resource<Pod>>> = HashMap::new();
     let mut pod_by_name = HashMap::new();
-    for p in &config.pods {
+    for p in config.pods.iter().map(|p| &**p) {
         pods_by_ns
             .entry(p.meta.namespace.as_str())
             .or_default()
@@ -880,7 +883,7 @@ pub fn build_tagged(config: &ConfigSet, diags: &mut Vec<(String, Diagnostic)>) -
         pod_by_name.insert((p.meta.namespace.as_str(), p.meta.name.as_str()), p);
     }
     let mut slices_by_service: HashMap<(&str, &str), Vec<_>> = HashMap::new();
-    for s in &config.endpoint_slices {
+    for s in config.endpoint_slices.iter().map(|s| &**s) {
         if let Some(service) = s.meta.labels.get("kubernetes.io/service-name") {
             slices_by_service
                 .entry((s.meta.namespace.as_str(), service.as_str()))

@@ -57,6 +57,11 @@ pub struct Resource<T> {
     pub spec: T,
 }
 
+/// One object as every holder shares it: the source that read it, the agent's store, and the
+/// configurations handed to the compiler point at one copy (objects are never changed in
+/// place; a new version is a new object).
+pub type Shared<T> = std::sync::Arc<Resource<T>>;
+
 /// The kinds steerd reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum Kind {
@@ -100,18 +105,18 @@ impl fmt::Display for Kind {
 /// Everything the compiler needs, from every source.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ConfigSet {
-    pub services: Vec<Resource<Service>>,
-    pub endpoint_slices: Vec<Resource<EndpointSlice>>,
-    pub pods: Vec<Resource<Pod>>,
-    pub virtual_services: Vec<Resource<istio::VirtualService>>,
-    pub destination_rules: Vec<Resource<istio::DestinationRule>>,
-    pub service_entries: Vec<Resource<istio::ServiceEntry>>,
-    pub workload_entries: Vec<Resource<istio::WorkloadEntry>>,
-    pub gateways: Vec<Resource<istio::Gateway>>,
-    pub sidecars: Vec<Resource<istio::Sidecar>>,
+    pub services: Vec<Shared<Service>>,
+    pub endpoint_slices: Vec<Shared<EndpointSlice>>,
+    pub pods: Vec<Shared<Pod>>,
+    pub virtual_services: Vec<Shared<istio::VirtualService>>,
+    pub destination_rules: Vec<Shared<istio::DestinationRule>>,
+    pub service_entries: Vec<Shared<istio::ServiceEntry>>,
+    pub workload_entries: Vec<Shared<istio::WorkloadEntry>>,
+    pub gateways: Vec<Shared<istio::Gateway>>,
+    pub sidecars: Vec<Shared<istio::Sidecar>>,
     /// Only what Gateway credentials need (see [`secret`]).
-    pub secrets: Vec<Resource<secret::Secret>>,
-    pub authorization_policies: Vec<Resource<security::AuthorizationPolicy>>,
+    pub secrets: Vec<Shared<secret::Secret>>,
+    pub authorization_policies: Vec<Shared<security::AuthorizationPolicy>>,
     /// What DNS said about the names `resolution: DNS`/`DNS_ROUND_ROBIN` ServiceEntries need,
     /// by name (lower case, no trailing dot; see [`crate::compile::registry::dns_names`]).
     /// Filled by the agent's resolver (`sources::dns`), not by manifests; a name missing here
@@ -130,22 +135,20 @@ pub struct Resolved {
     pub error: Option<String>,
 }
 
-/// One parsed object of any supported kind. Objects are moved straight into a [`ConfigSet`]'s
-/// vectors, so boxing the large Kubernetes variants would only add an allocation.
-#[allow(clippy::large_enum_variant)]
+/// One parsed object of any supported kind, shared (see [`Shared`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
-    Service(Resource<Service>),
-    EndpointSlice(Resource<EndpointSlice>),
-    Pod(Resource<Pod>),
-    VirtualService(Resource<istio::VirtualService>),
-    DestinationRule(Resource<istio::DestinationRule>),
-    ServiceEntry(Resource<istio::ServiceEntry>),
-    WorkloadEntry(Resource<istio::WorkloadEntry>),
-    Gateway(Resource<istio::Gateway>),
-    Sidecar(Resource<istio::Sidecar>),
-    Secret(Resource<secret::Secret>),
-    AuthorizationPolicy(Resource<security::AuthorizationPolicy>),
+    Service(Shared<Service>),
+    EndpointSlice(Shared<EndpointSlice>),
+    Pod(Shared<Pod>),
+    VirtualService(Shared<istio::VirtualService>),
+    DestinationRule(Shared<istio::DestinationRule>),
+    ServiceEntry(Shared<istio::ServiceEntry>),
+    WorkloadEntry(Shared<istio::WorkloadEntry>),
+    Gateway(Shared<istio::Gateway>),
+    Sidecar(Shared<istio::Sidecar>),
+    Secret(Shared<secret::Secret>),
+    AuthorizationPolicy(Shared<security::AuthorizationPolicy>),
 }
 
 impl ConfigSet {
@@ -473,12 +476,12 @@ fn prune_nulls(value: &mut serde_json::Value) {
     }
 }
 
-fn resource<T>(meta: &Meta, origin: &Origin, spec: T) -> Resource<T> {
-    Resource {
+fn resource<T>(meta: &Meta, origin: &Origin, spec: T) -> Shared<T> {
+    std::sync::Arc::new(Resource {
         meta: meta.clone(),
         origin: origin.clone(),
         spec,
-    }
+    })
 }
 
 /// Deserializes with the path of the failing field (`spec.tcp[0].route`).
