@@ -393,7 +393,7 @@ impl PlanWriter {
                 .map(|(vip, svc)| {
                     (
                         kernel::service_key(vip),
-                        svc.as_ref().map(kernel::kernel_service),
+                        svc.as_deref().map(kernel::kernel_service),
                     )
                 })
                 .collect();

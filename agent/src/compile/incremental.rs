@@ -504,7 +504,7 @@ impl Store {
 #[derive(Debug, Default)]
 pub struct Dirty {
     /// VIPs whose entry may have changed, with the entry now (None: removed).
-    pub services: BTreeMap<VipKey, Option<ServicePlan>>,
+    pub services: BTreeMap<VipKey, Option<std::sync::Arc<ServicePlan>>>,
     /// Registered destinations that appeared / disappeared.
     pub registered_added: BTreeSet<IpNet>,
     pub registered_removed: BTreeSet<IpNet>,
@@ -889,7 +889,9 @@ impl IncrementalCompiler {
                 None => self.plan.services.remove(&key),
             };
             let same = match (&previous, &entry) {
-                (Some(p), Some(e)) => format!("{p:?}") == format!("{e:?}"),
+                (Some(p), Some(e)) => {
+                    std::sync::Arc::ptr_eq(p, e) || format!("{p:?}") == format!("{e:?}")
+                }
                 (None, None) => true,
                 _ => false,
             };

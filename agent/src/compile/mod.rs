@@ -119,7 +119,9 @@ pub struct ServicePlan {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Plan {
-    pub services: BTreeMap<VipKey, ServicePlan>,
+    /// Shared with the per-host outputs of the incremental compiler and with published copies
+    /// of the plan: copying a plan copies pointers, not backends.
+    pub services: BTreeMap<VipKey, Arc<ServicePlan>>,
     pub diagnostics: Vec<Diagnostic>,
     /// Pods by IP: who a client is, for `sourceLabels` matches and telemetry.
     #[serde(skip)]
@@ -206,7 +208,7 @@ pub fn compile(config: &ConfigSet) -> Plan {
 
 /// The endpoints the L7 proxy serves (the kernel's authorization admits node addresses there).
 pub fn http_endpoints(
-    services: &BTreeMap<VipKey, ServicePlan>,
+    services: &BTreeMap<VipKey, Arc<ServicePlan>>,
 ) -> std::collections::BTreeSet<SocketAddr> {
     services
         .values()
@@ -221,7 +223,7 @@ pub fn http_endpoints(
 /// DestinationRule, and the same for the hosts its routes send to ([`Self::references`]).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct HostOutput {
-    pub services: Vec<(VipKey, ServicePlan)>,
+    pub services: Vec<(VipKey, Arc<ServicePlan>)>,
     /// Findings about the objects that define the host and about the routes that serve it.
     pub diagnostics: Vec<Diagnostic>,
     /// Destinations REGISTRY_ONLY lets through because of this host: its VIPs, its endpoint
@@ -316,14 +318,14 @@ pub fn compile_hosts(
                     };
                     services.push((
                         key,
-                        ServicePlan {
+                        Arc::new(ServicePlan {
                             host: svc.hostname.clone(),
                             port_name: port.name.clone(),
                             route: route.clone(),
                             backends: normalise(backends),
                             needs_l7,
                             http: http.clone(),
-                        },
+                        }),
                     ));
                 }
             }
