@@ -102,6 +102,9 @@ fn main() {
         );
     }
 
+    per_kind(&dir);
+    stages.mark("per-kind breakdown (dropped)");
+
     let mut source = steerd::sources::files::FileSource::new(&dir);
     let snapshot = source.load().expect("loading the manifests");
     println!(
@@ -178,4 +181,31 @@ fn main() {
     stages.mark("drop the compiler");
     drop(source);
     stages.mark("drop the file source");
+}
+
+/// Heap bytes per object of each kind, over every manifest under `dir`.
+fn per_kind(dir: &std::path::Path) {
+    let snapshot = steerd::sources::files::load_paths(&[dir.to_path_buf()]).expect("loading");
+    let mut config = snapshot.config;
+    let live = || LIVE.load(Ordering::Relaxed);
+    macro_rules! kind {
+        ($field:ident) => {{
+            let n = config.$field.len();
+            let before = live();
+            config.$field = Vec::new();
+            if n > 0 {
+                println!(
+                    "  {:<24} {:>6} objects, {:>6} B each",
+                    stringify!($field),
+                    n,
+                    (before - live()) / n
+                );
+            }
+        }};
+    }
+    kind!(services);
+    kind!(endpoint_slices);
+    kind!(pods);
+    kind!(virtual_services);
+    kind!(destination_rules);
 }

@@ -374,17 +374,16 @@ pub fn parse_value(
 
     let parsed = match (group, kind) {
         ("", "Service") if version == "v1" => {
-            typed(value, "").map(|s| Object::Service(resource(&meta, origin, s)))
+            typed(value, "").map(|s| Object::Service(resource(&meta, origin, slim::service(s))))
         }
         ("", "Pod") if version == "v1" => {
-            typed(value, "").map(|s| Object::Pod(resource(&meta, origin, s)))
+            typed(value, "").map(|p| Object::Pod(resource(&meta, origin, slim::pod(p))))
         }
         ("", "Secret") if version == "v1" => {
             secret::parse(map).map(|s| Object::Secret(resource(&meta, origin, s)))
         }
-        ("discovery.k8s.io", "EndpointSlice") if version == "v1" => {
-            typed(value, "").map(|s| Object::EndpointSlice(resource(&meta, origin, s)))
-        }
+        ("discovery.k8s.io", "EndpointSlice") if version == "v1" => typed(value, "")
+            .map(|s| Object::EndpointSlice(resource(&meta, origin, slim::endpoint_slice(s)))),
         (ISTIO_SECURITY_GROUP, _) => {
             if !ISTIO_SECURITY_VERSIONS.contains(&version) {
                 return Err(err(
@@ -451,6 +450,110 @@ pub fn parse_value(
     parsed
         .map(|o| Some(vec![o]))
         .map_err(|(field, message)| err(kind, &object, &field, message))
+}
+
+/// Kubernetes objects as steerd keeps them: only the fields it reads. The agent holds every
+/// Service, EndpointSlice and Pod of the cluster; a Pod's containers (images, env, probes,
+/// resources), managed fields and annotations are most of its size and none of steerd's
+/// business. The object's own `metadata` goes too: [`Meta`] holds the name, namespace and
+/// labels, and only a Pod's `deletionTimestamp` is read from it.
+mod slim {
+    use k8s_openapi::api::core::v1::{
+        Container, ContainerPort, Pod, PodCondition, PodSpec, PodStatus, Service,
+    };
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    /// The spec (ports, selector, cluster IPs, type, ...); no metadata or status.
+    pub(super) fn service(s: Service) -> Service {
+        Service {
+            metadata: ObjectMeta::default(),
+            spec: s.spec,
+            status: None,
+        }
+    }
+
+    /// Address type, ports, and of each endpoint its addresses, readiness, Pod reference and
+    /// where it runs (hostname, node, zone; not the deprecated topology map or hints).
+    pub(super) fn endpoint_slice(s: EndpointSlice) -> EndpointSlice {
+        EndpointSlice {
+            address_type: s.address_type,
+            endpoints: s
+                .endpoints
+                .into_iter()
+                .map(|e| Endpoint {
+                    addresses: e.addresses,
+                    conditions: e.conditions,
+                    hostname: e.hostname,
+                    node_name: e.node_name,
+                    zone: e.zone,
+                    target_ref: e
+                        .target_ref
+                        .map(|r| k8s_openapi::api::core::v1::ObjectReference {
+                            kind: r.kind,
+                            name: r.name,
+                            namespace: r.namespace,
+                            ..Default::default()
+                        }),
+                    ..Default::default()
+                })
+                .collect(),
+            metadata: ObjectMeta::default(),
+            ports: s.ports,
+        }
+    }
+
+    /// Deletion mark; host network and the containers' named ports; phase, Ready condition,
+    /// Pod and host IPs.
+    pub(super) fn pod(p: Pod) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                deletion_timestamp: p.metadata.deletion_timestamp,
+                ..Default::default()
+            },
+            spec: p.spec.map(|s| PodSpec {
+                host_network: s.host_network,
+                containers: s
+                    .containers
+                    .into_iter()
+                    .map(|c| Container {
+                        name: c.name,
+                        ports: c.ports.map(|ports| {
+                            ports
+                                .into_iter()
+                                .map(|p| ContainerPort {
+                                    name: p.name,
+                                    container_port: p.container_port,
+                                    protocol: p.protocol,
+                                    ..Default::default()
+                                })
+                                .collect()
+                        }),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            status: p.status.map(|s| PodStatus {
+                phase: s.phase,
+                conditions: s.conditions.map(|c| {
+                    c.into_iter()
+                        .filter(|c| c.type_ == "Ready")
+                        .map(|c| PodCondition {
+                            type_: c.type_,
+                            status: c.status,
+                            ..Default::default()
+                        })
+                        .collect()
+                }),
+                pod_ip: s.pod_ip,
+                pod_ips: s.pod_ips,
+                host_ip: s.host_ip,
+                host_ips: s.host_ips,
+                ..Default::default()
+            }),
+        }
+    }
 }
 
 /// The `spec` of an Istio object (`{}` when absent), with null fields pruned: the API server
@@ -653,6 +756,44 @@ spec:
         let (_, errs) = parse_documents("f.yaml", "apiVersion: v1\nkind: Service\nmetadata: {}\n");
         assert_eq!(errs.len(), 1);
         assert_eq!(errs[0].field, "metadata");
+    }
+
+    #[test]
+    fn kubernetes_objects_keep_only_what_steerd_reads() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  labels: {app: a}\n  annotations: {big: x}\n  deletionTimestamp: \"2026-01-01T00:00:00Z\"\nspec:\n  hostNetwork: true\n  containers:\n  - name: app\n    image: registry/app:1\n    env: [{name: A, value: b}]\n    ports: [{name: http, containerPort: 8080, protocol: TCP, hostPort: 80}]\nstatus:\n  phase: Running\n  podIP: 10.0.0.1\n  podIPs: [{ip: 10.0.0.1}]\n  hostIP: 192.168.0.1\n  conditions: [{type: Ready, status: \"False\"}, {type: PodScheduled, status: \"True\"}]\n  containerStatuses: [{name: app, image: registry/app:1, imageID: x, ready: true, restartCount: 0}]\n";
+        let (objs, errs) = parse_documents("f.yaml", text);
+        assert!(errs.is_empty(), "{errs:?}");
+        let Object::Pod(pod) = &objs[0] else {
+            panic!("expected a Pod: {:?}", objs[0])
+        };
+        assert_eq!(pod.meta.labels["app"], "a");
+        let (spec, status) = (
+            pod.spec.spec.as_ref().unwrap(),
+            pod.spec.status.as_ref().unwrap(),
+        );
+        assert!(pod.spec.metadata.deletion_timestamp.is_some());
+        assert_eq!(pod.spec.metadata.labels, None);
+        assert_eq!(pod.spec.metadata.annotations, None);
+        assert_eq!(spec.host_network, Some(true));
+        let container = &spec.containers[0];
+        assert_eq!(container.name, "app");
+        assert_eq!(container.image, None);
+        assert_eq!(container.env, None);
+        let port = &container.ports.as_ref().unwrap()[0];
+        assert_eq!(
+            (port.name.as_deref(), port.container_port, port.host_port),
+            (Some("http"), 8080, None)
+        );
+        assert_eq!(status.phase.as_deref(), Some("Running"));
+        assert_eq!(status.pod_ip.as_deref(), Some("10.0.0.1"));
+        assert_eq!(status.host_ip.as_deref(), Some("192.168.0.1"));
+        let conditions = status.conditions.as_ref().unwrap();
+        assert_eq!(conditions.len(), 1);
+        assert_eq!(
+            (conditions[0].type_.as_str(), conditions[0].status.as_str()),
+            ("Ready", "False")
+        );
+        assert_eq!(status.container_statuses, None);
     }
 
     #[test]
