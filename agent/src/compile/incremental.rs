@@ -101,9 +101,74 @@ fn all<T>(map: &ByKey<T>) -> Vec<Shared<T>> {
         .collect()
 }
 
+/// A small ordered set, as the indexes hold them: most index entries name one or two objects,
+/// and a `BTreeSet` allocates a whole node (over 500 bytes for a key of two strings) for the
+/// first one, 50,000 times over for a cluster's endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SmallSet<T>(Vec<T>);
+
+impl<T> Default for SmallSet<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<T: Ord> SmallSet<T> {
+    /// Adds `value`; false if it was there.
+    pub(crate) fn insert(&mut self, value: T) -> bool {
+        match self.0.binary_search(&value) {
+            Ok(_) => false,
+            Err(at) => {
+                self.0.reserve_exact(1);
+                self.0.insert(at, value);
+                true
+            }
+        }
+    }
+
+    /// Removes `value`; false if it was not there.
+    pub(crate) fn remove<Q: ?Sized + Ord>(&mut self, value: &Q) -> bool
+    where
+        T: std::borrow::Borrow<Q>,
+    {
+        match self.0.binary_search_by(|v| v.borrow().cmp(value)) {
+            Ok(at) => {
+                self.0.remove(at);
+                self.0.shrink_to_fit();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    pub(crate) fn first(&self) -> Option<&T> {
+        self.0.first()
+    }
+
+    pub(crate) fn last(&self) -> Option<&T> {
+        self.0.last()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(crate) fn iter(&self) -> std::slice::Iter<'_, T> {
+        self.0.iter()
+    }
+}
+
+impl<'a, T> IntoIterator for &'a SmallSet<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// Points `key` at exactly the index entries `now` (it was at `before`).
 fn reindex<I: std::hash::Hash + Eq + Ord + Clone>(
-    index: &mut HashMap<I, BTreeSet<Key>>,
+    index: &mut HashMap<I, SmallSet<Key>>,
     key: &Key,
     before: BTreeSet<I>,
     now: BTreeSet<I>,
@@ -144,20 +209,20 @@ pub struct Store {
     resolved: BTreeMap<SourceId, BTreeMap<String, Resolved>>,
 
     /// EndpointSlices by their Service (namespace, `kubernetes.io/service-name`).
-    slices_by_service: HashMap<Key, BTreeSet<Key>>,
+    slices_by_service: HashMap<Key, SmallSet<Key>>,
     /// EndpointSlices by the Pods their endpoints name (`targetRef`).
-    slices_by_pod: HashMap<Key, BTreeSet<Key>>,
+    slices_by_pod: HashMap<Key, SmallSet<Key>>,
     /// VirtualServices by each exact host they name (resolved, lower case: hosts match
     /// case-insensitively).
-    vs_by_host: HashMap<String, BTreeSet<Key>>,
+    vs_by_host: HashMap<String, SmallSet<Key>>,
     /// VirtualServices with at least one wildcard host.
     vs_wildcard: BTreeSet<Key>,
     /// DestinationRules by resolved host.
-    dr_by_host: HashMap<String, BTreeSet<Key>>,
+    dr_by_host: HashMap<String, SmallSet<Key>>,
     /// ServiceEntries by host.
-    se_by_host: HashMap<String, BTreeSet<Key>>,
+    se_by_host: HashMap<String, SmallSet<Key>>,
     /// Pods by IP, for the plan's sources.
-    pods_by_ip: HashMap<IpAddr, BTreeSet<Key>>,
+    pods_by_ip: HashMap<IpAddr, SmallSet<Key>>,
 }
 
 fn slice_service(s: &Resource<EndpointSlice>) -> Option<Key> {
@@ -357,8 +422,10 @@ impl Store {
         let mut keys: BTreeSet<Key> = self
             .vs_by_host
             .get(&host.to_ascii_lowercase())
+            .into_iter()
+            .flatten()
             .cloned()
-            .unwrap_or_default();
+            .collect();
         for key in &self.vs_wildcard {
             if copies(&self.virtual_services, key)
                 .flat_map(|vs| vs_patterns(vs))
@@ -542,11 +609,11 @@ pub struct IncrementalCompiler {
     store: Store,
     hosts: BTreeMap<String, HostOutput>,
     /// Hosts by lower-cased name (VirtualService hosts match case-insensitively).
-    hosts_lower: HashMap<String, BTreeSet<String>>,
+    hosts_lower: HashMap<String, SmallSet<String>>,
     /// For each host, the hosts whose routes send to it.
-    dependents: HashMap<String, BTreeSet<String>>,
+    dependents: HashMap<String, SmallSet<String>>,
     /// The hosts claiming each VIP:port; the last by name wins, as in [`compile`].
-    vip_owners: BTreeMap<VipKey, BTreeSet<String>>,
+    vip_owners: BTreeMap<VipKey, SmallSet<String>>,
     /// How many hosts register each destination.
     registered: BTreeMap<IpNet, u32>,
     /// Findings about AuthorizationPolicies.
