@@ -10,4 +10,4 @@ pub mod pool;
 pub mod proxy;
 pub mod upstream;
 
-pub use bpf::{Dataplane, DataplaneError, Pins, cleanup};
+pub use bpf::{Dataplane, DataplaneError, MapSizes, Pins, cleanup};
