@@ -99,8 +99,9 @@ pub struct WeightedBackend {
     pub weight: f64,
     /// Istio cluster names this backend belongs to (`outbound|9000|v1|tcp-echo.ns.svc.cluster.local`).
     pub clusters: Vec<String>,
-    /// Who serves this address, for telemetry.
-    pub workload: registry::Workload,
+    /// Who serves this address, for telemetry (shared by the backend's entries under every VIP
+    /// and subset, and by the metrics' label index).
+    pub workload: Arc<registry::Workload>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -53,7 +53,7 @@ pub struct Endpoint {
     /// What the endpoint is (`Pod ns/name`, `WorkloadEntry ns/name`, `EndpointSlice ns/name`).
     pub source: String,
     /// Who serves it, as Istio's telemetry names it.
-    pub workload: Workload,
+    pub workload: std::sync::Arc<Workload>,
 }
 
 /// A workload as Istio's standard metrics label it (`destination_workload`, `destination_app`,
@@ -209,7 +209,12 @@ fn pod_endpoints(
     ports: BTreeMap<u16, u16>,
 ) -> impl Iterator<Item = Endpoint> + '_ {
     let source = format!("Pod {}", pod.meta.key());
-    let workload = Workload::new("Pod", &pod.meta.namespace, &pod.meta.name, &pod.meta.labels);
+    let workload = std::sync::Arc::new(Workload::new(
+        "Pod",
+        &pod.meta.namespace,
+        &pod.meta.name,
+        &pod.meta.labels,
+    ));
     pod_ips(&pod.spec).into_iter().map(move |ip| Endpoint {
         ip,
         labels: pod.meta.labels.clone(),
@@ -397,12 +402,12 @@ impl Builder<'_> {
                     })
                     .map(|p| p.meta.labels.clone())
                     .unwrap_or_default();
-                let workload = match pod_ref.and_then(|r| r.name.as_deref()) {
+                let workload = std::sync::Arc::new(match pod_ref.and_then(|r| r.name.as_deref()) {
                     Some(pod) => Workload::new("Pod", &slice.meta.namespace, pod, &labels),
                     None => {
                         Workload::new("EndpointSlice", &slice.meta.namespace, "unknown", &labels)
                     }
-                };
+                });
                 for (i, addr) in ep.addresses.iter().enumerate() {
                     match addr.parse::<IpAddr>() {
                         Ok(ip) => out.push(Endpoint {
@@ -521,7 +526,8 @@ impl Builder<'_> {
                             &meta.namespace,
                             &meta.name,
                             &we.labels,
-                        ),
+                        )
+                        .into(),
                     }),
                     Err(_) => self.diag(
                         Level::Warning,
@@ -559,7 +565,8 @@ impl Builder<'_> {
                                 &we.meta.namespace,
                                 &we.meta.name,
                                 &labels,
-                            ),
+                            )
+                            .into(),
                             labels,
                         });
                     }
@@ -594,7 +601,8 @@ impl Builder<'_> {
                             &meta.namespace,
                             &meta.name,
                             &we.labels,
-                        ),
+                        )
+                        .into(),
                     };
                     let field = format!("spec.endpoints[{i}].address");
                     endpoints.extend(self.dns_endpoints(
@@ -619,7 +627,8 @@ impl Builder<'_> {
                             &we.meta.namespace,
                             &we.meta.name,
                             &labels,
-                        ),
+                        )
+                        .into(),
                         labels,
                     };
                     endpoints.extend(self.dns_endpoints(
@@ -655,7 +664,8 @@ impl Builder<'_> {
                             &meta.namespace,
                             &meta.name,
                             &BTreeMap::new(),
-                        ),
+                        )
+                        .into(),
                     };
                     let resolved = if host.contains('*') {
                         Vec::new()
