@@ -511,28 +511,34 @@ mod slim {
                 deletion_timestamp: p.metadata.deletion_timestamp,
                 ..Default::default()
             },
-            spec: p.spec.map(|s| PodSpec {
-                host_network: s.host_network,
-                containers: s
+            spec: p.spec.map(|s| {
+                // A Service's `targetPort` names a container port; unnamed ports are never
+                // looked up. The named ports of all containers, in order, go into one unnamed
+                // container (a `Container` is over 2 KB even when empty).
+                let named: Vec<ContainerPort> = s
                     .containers
                     .into_iter()
-                    .map(|c| Container {
-                        name: c.name,
-                        ports: c.ports.map(|ports| {
-                            ports
-                                .into_iter()
-                                .map(|p| ContainerPort {
-                                    name: p.name,
-                                    container_port: p.container_port,
-                                    protocol: p.protocol,
-                                    ..Default::default()
-                                })
-                                .collect()
-                        }),
+                    .flat_map(|c| c.ports.unwrap_or_default())
+                    .filter(|p| p.name.is_some())
+                    .map(|p| ContainerPort {
+                        name: p.name,
+                        container_port: p.container_port,
+                        protocol: p.protocol,
                         ..Default::default()
                     })
-                    .collect(),
-                ..Default::default()
+                    .collect();
+                PodSpec {
+                    host_network: s.host_network,
+                    containers: if named.is_empty() {
+                        Vec::new()
+                    } else {
+                        vec![Container {
+                            ports: Some(named),
+                            ..Default::default()
+                        }]
+                    },
+                    ..Default::default()
+                }
             }),
             status: p.status.map(|s| PodStatus {
                 phase: s.phase,
@@ -760,7 +766,7 @@ spec:
 
     #[test]
     fn kubernetes_objects_keep_only_what_steerd_reads() {
-        let text = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  labels: {app: a}\n  annotations: {big: x}\n  deletionTimestamp: \"2026-01-01T00:00:00Z\"\nspec:\n  hostNetwork: true\n  containers:\n  - name: app\n    image: registry/app:1\n    env: [{name: A, value: b}]\n    ports: [{name: http, containerPort: 8080, protocol: TCP, hostPort: 80}]\nstatus:\n  phase: Running\n  podIP: 10.0.0.1\n  podIPs: [{ip: 10.0.0.1}]\n  hostIP: 192.168.0.1\n  conditions: [{type: Ready, status: \"False\"}, {type: PodScheduled, status: \"True\"}]\n  containerStatuses: [{name: app, image: registry/app:1, imageID: x, ready: true, restartCount: 0}]\n";
+        let text = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  labels: {app: a}\n  annotations: {big: x}\n  deletionTimestamp: \"2026-01-01T00:00:00Z\"\nspec:\n  hostNetwork: true\n  containers:\n  - name: app\n    image: registry/app:1\n    env: [{name: A, value: b}]\n    ports: [{name: http, containerPort: 8080, protocol: TCP, hostPort: 80}, {containerPort: 7070}]\n  - name: sidecar\n    ports: [{name: grpc, containerPort: 9090}]\n  - name: plain\nstatus:\n  phase: Running\n  podIP: 10.0.0.1\n  podIPs: [{ip: 10.0.0.1}]\n  hostIP: 192.168.0.1\n  conditions: [{type: Ready, status: \"False\"}, {type: PodScheduled, status: \"True\"}]\n  containerStatuses: [{name: app, image: registry/app:1, imageID: x, ready: true, restartCount: 0}]\n";
         let (objs, errs) = parse_documents("f.yaml", text);
         assert!(errs.is_empty(), "{errs:?}");
         let Object::Pod(pod) = &objs[0] else {
@@ -775,14 +781,19 @@ spec:
         assert_eq!(pod.spec.metadata.labels, None);
         assert_eq!(pod.spec.metadata.annotations, None);
         assert_eq!(spec.host_network, Some(true));
+        assert_eq!(spec.containers.len(), 1);
         let container = &spec.containers[0];
-        assert_eq!(container.name, "app");
         assert_eq!(container.image, None);
         assert_eq!(container.env, None);
-        let port = &container.ports.as_ref().unwrap()[0];
+        let ports: Vec<_> = container
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.as_deref(), p.container_port, p.host_port))
+            .collect();
         assert_eq!(
-            (port.name.as_deref(), port.container_port, port.host_port),
-            (Some("http"), 8080, None)
+            ports,
+            [(Some("http"), 8080, None), (Some("grpc"), 9090, None)]
         );
         assert_eq!(status.phase.as_deref(), Some("Running"));
         assert_eq!(status.pod_ip.as_deref(), Some("10.0.0.1"));
