@@ -456,7 +456,7 @@ pub fn parse_value(
 /// Service, EndpointSlice and Pod of the cluster; a Pod's containers (images, env, probes,
 /// resources), managed fields and annotations are most of its size and none of steerd's
 /// business. The object's own `metadata` goes too: [`Meta`] holds the name, namespace and
-/// labels, and only a Pod's `deletionTimestamp` is read from it.
+/// labels, and only a Pod's `deletionTimestamp` and `uid` are read from it.
 mod slim {
     use k8s_openapi::api::core::v1::{
         Container, ContainerPort, Pod, PodCondition, PodSpec, PodStatus, Service,
@@ -503,12 +503,14 @@ mod slim {
         }
     }
 
-    /// Deletion mark; host network and the containers' named ports; phase, Ready condition,
-    /// Pod and host IPs.
+    /// Deletion mark and uid; host network and the containers' named ports; phase, Ready
+    /// condition, Pod and host IPs.
     pub(super) fn pod(p: Pod) -> Pod {
         Pod {
             metadata: ObjectMeta {
                 deletion_timestamp: p.metadata.deletion_timestamp,
+                // Names the Pod's cgroup on the node (per-workload Sidecar policy).
+                uid: p.metadata.uid,
                 ..Default::default()
             },
             spec: p.spec.map(|s| {
@@ -766,7 +768,7 @@ spec:
 
     #[test]
     fn kubernetes_objects_keep_only_what_steerd_reads() {
-        let text = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  labels: {app: a}\n  annotations: {big: x}\n  deletionTimestamp: \"2026-01-01T00:00:00Z\"\nspec:\n  hostNetwork: true\n  containers:\n  - name: app\n    image: registry/app:1\n    env: [{name: A, value: b}]\n    ports: [{name: http, containerPort: 8080, protocol: TCP, hostPort: 80}, {containerPort: 7070}]\n  - name: sidecar\n    ports: [{name: grpc, containerPort: 9090}]\n  - name: plain\nstatus:\n  phase: Running\n  podIP: 10.0.0.1\n  podIPs: [{ip: 10.0.0.1}]\n  hostIP: 192.168.0.1\n  conditions: [{type: Ready, status: \"False\"}, {type: PodScheduled, status: \"True\"}]\n  containerStatuses: [{name: app, image: registry/app:1, imageID: x, ready: true, restartCount: 0}]\n";
+        let text = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  labels: {app: a}\n  annotations: {big: x}\n  deletionTimestamp: \"2026-01-01T00:00:00Z\"\n  uid: u-1\nspec:\n  hostNetwork: true\n  containers:\n  - name: app\n    image: registry/app:1\n    env: [{name: A, value: b}]\n    ports: [{name: http, containerPort: 8080, protocol: TCP, hostPort: 80}, {containerPort: 7070}]\n  - name: sidecar\n    ports: [{name: grpc, containerPort: 9090}]\n  - name: plain\nstatus:\n  phase: Running\n  podIP: 10.0.0.1\n  podIPs: [{ip: 10.0.0.1}]\n  hostIP: 192.168.0.1\n  conditions: [{type: Ready, status: \"False\"}, {type: PodScheduled, status: \"True\"}]\n  containerStatuses: [{name: app, image: registry/app:1, imageID: x, ready: true, restartCount: 0}]\n";
         let (objs, errs) = parse_documents("f.yaml", text);
         assert!(errs.is_empty(), "{errs:?}");
         let Object::Pod(pod) = &objs[0] else {
@@ -778,6 +780,7 @@ spec:
             pod.spec.status.as_ref().unwrap(),
         );
         assert!(pod.spec.metadata.deletion_timestamp.is_some());
+        assert_eq!(pod.spec.metadata.uid.as_deref(), Some("u-1"));
         assert_eq!(pod.spec.metadata.labels, None);
         assert_eq!(pod.spec.metadata.annotations, None);
         assert_eq!(spec.host_network, Some(true));
