@@ -36,6 +36,9 @@ pub mod map_names {
     pub const REGISTRY: &str = "sd_registry_v1";
     /// [`crate::Addr`] → `u64`: connects refused by REGISTRY_ONLY, per destination.
     pub const DENIED: &str = "sd_denied_v1";
+    /// Pod cgroup id (`u64`) → `u32` policy ([`crate::EGRESS_ALLOW_ANY`] or
+    /// [`crate::EGRESS_REGISTRY_ONLY`]): workloads whose Sidecar sets their own policy.
+    pub const EGRESS_WORKLOADS: &str = "sd_egress_wl_v1";
     /// [`crate::AuthzDestKey`] → [`crate::AuthzDestValue`]: destinations with a policy.
     pub const AUTHZ_DEST: &str = "sd_authz_dst_v1";
     /// LPM [`crate::AuthzSourceKey`] → `u32` verdict: each destination's source table.
@@ -60,6 +63,11 @@ pub const DEFAULT_TRACKED_SOCKETS: u32 = 65_536;
 pub const MAX_REGISTRY: u32 = 262_144;
 /// Distinct refused destinations counted; LRU-evicted beyond this.
 pub const MAX_DENIED: u32 = 16_384;
+/// Pod cgroups with an outbound policy of their own (one per Pod on the node).
+pub const MAX_EGRESS_WORKLOADS: u32 = 16_384;
+/// Cgroup levels below the root the connect program looks through for a pod cgroup (kubelet
+/// puts pod cgroups at level 2 or 3; nested container runtimes, kind for one, add a few).
+pub const MAX_CGROUP_LEVELS: u32 = 12;
 
 /// Destination (workload address, port) entries with an authorization table.
 pub const MAX_AUTHZ_DESTINATIONS: u32 = 65_536;
@@ -284,12 +292,24 @@ pub struct BackendStats {
 /// connect() or sendmsg() to an address that is neither a service VIP nor in the registry LPM
 /// trie `sd_registry_v1` (key: prefix length + [`Addr`], IPv4 as /96+len of the mapped form)
 /// nor loopback fails with EPERM and is counted in `sd_denied_v1` (LRU hash: [`Addr`] → `u64`).
+///
+/// `registry_only` is the mesh default. Pods whose Sidecar sets a policy of their own have their
+/// pod cgroup's id in `sd_egress_wl_v1` (hash: cgroup id `u64` → `u32`, [`EGRESS_ALLOW_ANY`] or
+/// [`EGRESS_REGISTRY_ONLY`]); the program looks up the caller's ancestor cgroups, levels 1 to
+/// [`MAX_CGROUP_LEVELS`], and the first one found decides instead of the mesh default. It only
+/// does so while `workloads` is non-zero (the map has entries), so nodes without per-workload
+/// Sidecars pay nothing.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EgressPolicy {
     pub registry_only: u32,
-    pub _pad: u32,
+    /// Non-zero while `sd_egress_wl_v1` has entries (was padding: old pins read as 0).
+    pub workloads: u32,
 }
+
+/// `sd_egress_wl_v1` values.
+pub const EGRESS_ALLOW_ANY: u32 = 0;
+pub const EGRESS_REGISTRY_ONLY: u32 = 1;
 
 /// A destination of AuthorizationPolicies: a workload address and TCP port.
 ///

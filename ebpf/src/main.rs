@@ -25,7 +25,10 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, TC_ACT_OK,
         TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_sock_addr, bpf_sock_ops,
     },
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_redirect},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie,
+        bpf_redirect,
+    },
     macros::{cgroup_sock_addr, classifier, map, sock_ops},
     maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, lpm_trie::Key as LpmKey},
     programs::{SockAddrContext, SockOpsContext, TcContext},
@@ -35,10 +38,11 @@ use core::intrinsics::AtomicOrdering;
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use steerd_common::{
     AUTHZ_DENY, AUTHZ_TABLE_BITS, Addr, AuthzDestKey, AuthzDestValue, AuthzSourceKey, Backend,
-    BackendStats, ClientKey, EgressPolicy, MAX_AUTHZ_DENIED, MAX_AUTHZ_DESTINATIONS,
-    MAX_AUTHZ_PREFIXES, MAX_DENIED, MAX_L7_PENDING, MAX_REGISTRY, MAX_REVNAT, MAX_SERVICES,
-    MAX_SLOTS, MAX_STATS, PROTO_TCP, PROTO_UDP, PROXY_SOCKET_MARK, ProxyConfig, RevNatKey,
-    RevNatValue, SVC_F_L7, SVC_F_NO_BACKENDS, ServiceKey, ServiceValue, Slot, SlotKey, StatsKey,
+    BackendStats, ClientKey, EGRESS_REGISTRY_ONLY, EgressPolicy, MAX_AUTHZ_DENIED,
+    MAX_AUTHZ_DESTINATIONS, MAX_AUTHZ_PREFIXES, MAX_CGROUP_LEVELS, MAX_DENIED,
+    MAX_EGRESS_WORKLOADS, MAX_L7_PENDING, MAX_REGISTRY, MAX_REVNAT, MAX_SERVICES, MAX_SLOTS,
+    MAX_STATS, PROTO_TCP, PROTO_UDP, PROXY_SOCKET_MARK, ProxyConfig, RevNatKey, RevNatValue,
+    SVC_F_L7, SVC_F_NO_BACKENDS, ServiceKey, ServiceValue, Slot, SlotKey, StatsKey,
 };
 
 // Map names must match `steerd_common::map_names` (the attribute takes a literal).
@@ -66,6 +70,10 @@ static REGISTRY: LpmTrie<Addr, u32> = LpmTrie::pinned(MAX_REGISTRY, 0);
 
 #[map(name = "sd_denied_v1")]
 static DENIED: LruHashMap<Addr, u64> = LruHashMap::pinned(MAX_DENIED, 0);
+
+#[map(name = "sd_egress_wl_v1")]
+static EGRESS_WORKLOADS: HashMap<u64, u32> =
+    HashMap::pinned(MAX_EGRESS_WORKLOADS, BPF_F_NO_PREALLOC);
 
 #[map(name = "sd_stats_v2")]
 static STATS: LruHashMap<StatsKey, BackendStats> = LruHashMap::pinned(MAX_STATS, 0);
@@ -185,11 +193,38 @@ fn proxy_for(vip: &Addr) -> Option<Backend> {
     })
 }
 
+/// Whether REGISTRY_ONLY applies to the calling process: its pod's policy (the first of its
+/// ancestor cgroups in `sd_egress_wl_v1`), else the mesh default.
+#[inline(always)]
+fn registry_only_for_caller() -> bool {
+    let Some(policy) = EGRESS.get(0) else {
+        return false;
+    };
+    if policy.workloads != 0 {
+        // Bounded (the verifier unrolls or bounds it); a level beyond the caller's depth gives 0.
+        let mut level = 1;
+        while level <= MAX_CGROUP_LEVELS {
+            let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+            if id == 0 {
+                break;
+            }
+            if let Some(p) = unsafe { EGRESS_WORKLOADS.get(&id) } {
+                return *p == EGRESS_REGISTRY_ONLY;
+            }
+            level += 1;
+        }
+    }
+    policy.registry_only != 0
+}
+
 /// REGISTRY_ONLY: whether a destination that is not a service must be refused. Loopback always
 /// passes; refusals are counted per destination.
 #[inline(always)]
 fn egress_denied(dest: &Addr) -> bool {
-    if !EGRESS.get(0).is_some_and(|p| p.registry_only != 0) {
+    if !EGRESS
+        .get(0)
+        .is_some_and(|p| p.registry_only != 0 || p.workloads != 0)
+    {
         return false;
     }
     let loopback4 = dest.is_ipv4_mapped() && (dest.ipv4_be().to_ne_bytes()[0] == 127);
@@ -198,6 +233,9 @@ fn egress_denied(dest: &Addr) -> bool {
         return false;
     }
     if REGISTRY.get(LpmKey::new(128, *dest)).is_some() {
+        return false;
+    }
+    if !registry_only_for_caller() {
         return false;
     }
     match DENIED.get_ptr_mut(dest) {
@@ -598,6 +636,17 @@ const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPV6_HLEN: usize = 40;
+// IPv6 extension headers (next-header values) the parser walks through.
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_AH: u8 = 51;
+const IPPROTO_DSTOPTS: u8 = 60;
+/// Extension headers looked through before the TCP header; a longer chain cannot be checked
+/// and is dropped (see [`Parsed::Unknown`]).
+const MAX_IPV6_EXT_HEADERS: usize = 8;
+/// `bpf_adj_room_mode`: room is added or removed right after the fixed IPv6 header.
+const BPF_ADJ_ROOM_NET: u32 = 0;
 const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_RST: u8 = 0x04;
 const TCP_FLAG_ACK: u8 = 0x10;
@@ -612,6 +661,19 @@ struct Syn {
     src_off: usize,
     addr_len: usize,
     tcp_off: usize,
+    /// IPv6 only: the first fragment of a fragmented SYN (its TCP checksum covers bytes this
+    /// packet does not have, so no reset can be built from it).
+    fragmented: bool,
+}
+
+/// What a packet towards a pod is, for authorization.
+enum Parsed {
+    /// A TCP SYN to check.
+    Syn(Syn),
+    /// An IPv6 packet whose extension headers go on beyond [`MAX_IPV6_EXT_HEADERS`]: it may be
+    /// a SYN, and nothing can tell, so it never reaches a pod (a chain that long is not sent by
+    /// ordinary stacks, but one could hide a SYN from the check).
+    Unknown,
 }
 
 /// Attached to egress of the node side of pod veths: sees every packet going to the pod.
@@ -633,7 +695,10 @@ fn authorize(ctx: &TcContext) -> Option<i32> {
     if !sk.is_null() {
         return None;
     }
-    let syn = parse_syn(ctx)?;
+    let mut syn = match parse_syn(ctx)? {
+        Parsed::Syn(syn) => syn,
+        Parsed::Unknown => return Some(TC_ACT_SHOT as i32),
+    };
     let mut key = AuthzDestKey {
         addr: syn.dst,
         port: syn.dport,
@@ -660,18 +725,91 @@ fn authorize(ctx: &TcContext) -> Option<i32> {
         return None;
     }
     count_denied(&key);
+    // A fragmented SYN cannot be answered: it is dropped, and the fragments that follow die
+    // in the pod's reassembly queue (the client times out).
+    if syn.fragmented {
+        return Some(TC_ACT_SHOT as i32);
+    }
     // Should the rewrite fail half-way, the SYN must not reach the pod either: drop it (the
     // client then times out instead of being reset).
-    Some(if reset(ctx, &syn).is_some() {
+    let rewritten = strip_ipv6_extensions(ctx, &mut syn).is_some() && reset(ctx, &syn).is_some();
+    Some(if rewritten {
         TC_ACT_REDIRECT as i32
     } else {
         TC_ACT_SHOT as i32
     })
 }
 
+/// The reset goes back without the SYN's IPv6 extension headers: options addressed to the pod
+/// (hop-by-hop, destination options, a spent routing header, AH) mean nothing in a reply, and
+/// a plain IPv6 + TCP reset is what the pod's stack would send. The TCP header stays where it
+/// is; the fixed header moves up to it (`bpf_skb_adjust_room` on the network layer), and the
+/// TCP checksum needs no change (its pseudo-header has the same addresses, length and protocol).
 #[inline(always)]
-fn parse_syn(ctx: &TcContext) -> Option<Syn> {
+fn strip_ipv6_extensions(ctx: &TcContext, syn: &mut Syn) -> Option<()> {
+    if syn.addr_len != 16 {
+        return Some(());
+    }
+    let ext_len = syn.tcp_off.checked_sub(ETH_HLEN + IPV6_HLEN)?;
+    if ext_len == 0 {
+        return Some(());
+    }
+    let payload_len = u16::from_be(ctx.load::<u16>(ETH_HLEN + 4).ok()?);
+    let payload_len = payload_len.checked_sub(ext_len as u16)?;
+    ctx.adjust_room(-(ext_len as i32), BPF_ADJ_ROOM_NET, 0)
+        .ok()?;
+    ctx.store(ETH_HLEN + 4, &payload_len.to_be(), 0).ok()?;
+    ctx.store(ETH_HLEN + 6, &PROTO_TCP, 0).ok()?;
+    syn.tcp_off = ETH_HLEN + IPV6_HLEN;
+    Some(())
+}
+
+/// Walks an IPv6 packet's extension headers to its upper-layer header: (its protocol, its
+/// offset, whether the packet is the first fragment of several); None for a later fragment
+/// (it carries no TCP header; without the first, the pod cannot reassemble it).
+#[inline(always)]
+fn ipv6_upper_layer(ctx: &TcContext) -> Option<Result<(u8, usize, bool), ()>> {
+    let mut next: u8 = ctx.load(ETH_HLEN + 6).ok()?;
+    let mut off = ETH_HLEN + IPV6_HLEN;
+    let mut fragmented = false;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let hdr: [u8; 2] = ctx.load(off).ok()?;
+                next = hdr[0];
+                off += (hdr[1] as usize + 1) * 8;
+            }
+            IPPROTO_AH => {
+                let hdr: [u8; 2] = ctx.load(off).ok()?;
+                next = hdr[0];
+                off += (hdr[1] as usize + 2) * 4;
+            }
+            IPPROTO_FRAGMENT => {
+                let hdr: [u8; 4] = ctx.load(off).ok()?;
+                next = hdr[0];
+                let offset_and_flags = u16::from_be_bytes([hdr[2], hdr[3]]);
+                if offset_and_flags & 0xfff8 != 0 {
+                    return None;
+                }
+                // M: more fragments follow.
+                fragmented |= offset_and_flags & 1 != 0;
+                off += 8;
+            }
+            _ => return Some(Ok((next, off, fragmented))),
+        }
+    }
+    match next {
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT => {
+            Some(Err(()))
+        }
+        _ => Some(Ok((next, off, fragmented))),
+    }
+}
+
+#[inline(always)]
+fn parse_syn(ctx: &TcContext) -> Option<Parsed> {
     let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+    let mut fragmented = false;
     let (src_off, addr_len, tcp_off, src, dst) = if ethertype == ETH_P_IP {
         let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
         let ihl = ((vihl & 0x0f) as usize) * 4;
@@ -691,14 +829,17 @@ fn parse_syn(ctx: &TcContext) -> Option<Syn> {
             Addr::from_ipv4_be(dst),
         )
     } else if ethertype == ETH_P_IPV6 {
-        // Only TCP right after the fixed header: a SYN with extension headers passes.
-        let next: u8 = ctx.load(ETH_HLEN + 6).ok()?;
+        let (next, tcp_off, first_fragment) = match ipv6_upper_layer(ctx)? {
+            Ok(found) => found,
+            Err(()) => return Some(Parsed::Unknown),
+        };
         if next != PROTO_TCP {
             return None;
         }
+        fragmented = first_fragment;
         let src: Addr = ctx.load(ETH_HLEN + 8).ok()?;
         let dst: Addr = ctx.load(ETH_HLEN + 24).ok()?;
-        (ETH_HLEN + 8, 16, ETH_HLEN + IPV6_HLEN, src, dst)
+        (ETH_HLEN + 8, 16, tcp_off, src, dst)
     } else {
         return None;
     };
@@ -707,14 +848,15 @@ fn parse_syn(ctx: &TcContext) -> Option<Syn> {
         return None;
     }
     let dport: u16 = ctx.load(tcp_off + 2).ok()?;
-    Some(Syn {
+    Some(Parsed::Syn(Syn {
         src,
         dst,
         dport,
         src_off,
         addr_len,
         tcp_off,
-    })
+        fragmented,
+    }))
 }
 
 #[inline(always)]

@@ -122,6 +122,9 @@ pub struct Agent {
     child: Option<Child>,
     netns_path: PathBuf,
     log_path: PathBuf,
+    /// The `--state-dir` given to `run` when the caller passed none (each agent its own, so
+    /// concurrent tests never share saved DNS answers).
+    _state_dir: Option<crate::util::TempDir>,
 }
 
 impl Agent {
@@ -143,11 +146,17 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
+        let state_dir = (args.first() == Some(&"run") && !args.contains(&"--state-dir"))
+            .then(|| crate::util::TempDir::new("steerd-e2e-state"));
+        if let Some(dir) = &state_dir {
+            cmd.args(["--state-dir", dir.as_str()]);
+        }
         let child = spawn_in(&mut cmd, Some(netns), None);
         Agent {
             child: Some(child),
             netns_path: netns.path(),
             log_path,
+            _state_dir: state_dir,
         }
     }
 

@@ -46,6 +46,14 @@ impl TestCgroup {
         TestCgroup { path }
     }
 
+    /// A cgroup below this one, named `name` (e.g. like kubelet's pod cgroups). Drop it before
+    /// its parent: a cgroup with children cannot be removed.
+    pub fn child(&self, name: &str) -> TestCgroup {
+        let path = self.path.join(name);
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        TestCgroup { path }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -544,3 +544,45 @@ fn kernel_enforcement_survives_kill9_and_a_new_agent_takes_it_over() {
         .collect();
     assert_eq!(links.len(), 3, "{links:?}");
 }
+
+#[test]
+fn l4_ipv6_syns_with_extension_headers_are_checked_and_reset() {
+    let c = Cluster::start(&[(
+        "deny-5432.yaml",
+        policy(
+            "deny-5432",
+            "selector: {matchLabels: {app: db}}\naction: DENY\nrules:\n- to:\n  - operation: {ports: [\"5432\"]}",
+        ),
+    )]);
+    let _other_port = TcpIdentityServer::start(&c.db, c.db.sock_v6(5433), "db-5433");
+    let connect = |port: u16, ext: &str| {
+        let to = format!("[{}]:{port}", c.db.ipv6);
+        let mut args = vec!["tcp", "--to", &to, "--count", "3", "--timeout-ms", "3000"];
+        if !ext.is_empty() {
+            args.extend(["--ipv6-ext", ext]);
+        }
+        run_probe(Some(&c.client.netns), Some(&c.clients), &args)
+    };
+    assert!(
+        wait_until(RELOAD, || connect(5432, "").failures == 3),
+        "{}",
+        c.agent.log()
+    );
+    // The SYN's destination or hop-by-hop options header does not hide its port: refused with
+    // a reset (ECONNREFUSED at once, so the reply was a well-formed RST for this connection).
+    assert_reset(&connect(5432, "dstopts"), 3);
+    assert_reset(&connect(5432, "hopopts"), 3);
+    // The other port, with the same headers, is served.
+    for ext in ["", "dstopts", "hopopts"] {
+        let r = connect(5433, ext);
+        assert_eq!(r.counts.get("db-5433"), Some(&3), "{ext}: {r:?}");
+    }
+    let refused6 = c.metric(
+        "steerd_authz_denied_total{",
+        &[
+            &format!("destination_ip=\"{}\"", c.db.ipv6),
+            "destination_port=\"5432\"",
+        ],
+    );
+    assert!(refused6 >= 9.0, "{}", c.admin_get("/metrics"));
+}

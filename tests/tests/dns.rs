@@ -161,6 +161,8 @@ struct Fixture {
     /// The agent's command line.
     args: Vec<String>,
     _manifests: TempDir,
+    /// `--state-dir`: kept across restarts, like /run/steerd on a node.
+    state: TempDir,
     client: TestCgroup,
     bpffs: BpffsDir,
     dns: DnsServer,
@@ -196,8 +198,11 @@ impl Fixture {
         let source = format!("files:{}", dir.as_str());
         let admin = admin_addr().to_string();
         let server = dns.addr.to_string();
+        let state = TempDir::new("steerd-dns-state");
         let args: Vec<String> = [
             "run",
+            "--state-dir",
+            state.as_str(),
             "--source",
             &source,
             "--bpffs",
@@ -216,6 +221,7 @@ impl Fixture {
             agent,
             args,
             _manifests: dir,
+            state,
             client,
             bpffs,
             dns,
@@ -468,4 +474,63 @@ fn a_restarted_agent_keeps_dns_endpoints_serving() {
     assert_eq!(r.failures, 0, "connects failed across restarts: {r:?}");
     assert_eq!(r.counts.get("db1").copied(), Some(r.attempts), "{r:?}");
     assert!(t.only_to(DB_VIP, &t.db1), "{:?}", t.backends(DB_VIP));
+}
+
+#[test]
+fn dns_answers_outlive_the_agent_and_serve_while_dns_is_down() {
+    let mut t = Fixture::start(&[("db-1.example.test", "db1")], &db_entry());
+    t.wait_for_only(DB_VIP, &t.db1, Duration::from_secs(10));
+    let saved = t.state.path().join("dns-answers.json");
+    assert!(
+        wait_until(Duration::from_secs(5), || std::fs::read_to_string(&saved)
+            .is_ok_and(|s| s.contains(&t.db1.ipv4.to_string()))),
+        "{}",
+        t.agent.log()
+    );
+    // Stop the agent, take its maps away (so only the new agent can steer), stop DNS, start.
+    t.agent.terminate(Duration::from_secs(10));
+    let cleanup = Agent::run_cli(&t.node, &["cleanup", "--bpffs", t.bpffs.as_str()]);
+    assert!(cleanup.status.success(), "{cleanup:?}");
+    t.dns.set_silent(true);
+    t.agent = spawn_agent(&t.node, &t.args);
+    // The last answer serves at once, and still after the new agent's own lookup failed.
+    t.wait_for_only(DB_VIP, &t.db1, Duration::from_secs(5));
+    let kept = format!("; serving its last answer ({})", t.db1.ipv4);
+    // First marked as the previous agent's answer, then with the new lookup's own failure.
+    let failed_lookup = wait_until(Duration::from_secs(30), || {
+        t.diagnostics().iter().any(|d| {
+            d.contains("resolving db-1.example.test failed: ")
+                && d.contains(&kept)
+                && !d.contains(dns_state_marker())
+        })
+    });
+    assert!(
+        failed_lookup,
+        "the seeded answer was not looked up again: {:#?}\n{}",
+        t.diagnostics(),
+        t.agent.log()
+    );
+    assert!(t.only_to(DB_VIP, &t.db1), "{:?}", t.backends(DB_VIP));
+    t.assert_all_reach(&format!("{DB_VIP}:5432"), "db1", 20);
+
+    // DNS back with another answer: the seeded answer is replaced.
+    t.dns.set("db-1.example.test", &[t.db2.ipv4.into()]);
+    t.dns.set_silent(false);
+    t.wait_for_only(DB_VIP, &t.db2, Duration::from_secs(40));
+
+    // A corrupt state file: a warning, and the agent starts as on a first start.
+    t.agent.terminate(Duration::from_secs(10));
+    std::fs::write(&saved, "{not json").unwrap();
+    t.agent = spawn_agent(&t.node, &t.args);
+    t.wait_for_only(DB_VIP, &t.db2, Duration::from_secs(10));
+    assert!(
+        t.agent.log().contains("saved DNS answers are corrupt"),
+        "{}",
+        t.agent.log()
+    );
+}
+
+/// Part of the stale marker a seeded answer carries until its first lookup.
+fn dns_state_marker() -> &'static str {
+    "answer saved by the previous agent"
 }

@@ -7,10 +7,7 @@
 //! one CA, server certificates signed by it, and the clients trust only that CA.
 
 use base64::Engine;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::SocketAddr;
 use std::time::Duration;
 use steerd_e2e::{
     Agent, BpffsDir, HttpIdentityServer, HttpProbeResult, Node, Pod, TempDir, TestCgroup,
@@ -140,6 +137,21 @@ impl Edge {
         run_http_probe(Some(&self.client.netns), None, args)
     }
 
+    /// `steerd inspect ARGS --admin ...` against the running agent's admin API.
+    fn inspect(&self, args: &[&str]) -> String {
+        let admin = admin_addr().to_string();
+        let mut full = vec!["inspect"];
+        full.extend_from_slice(args);
+        full.extend(["--admin", &admin]);
+        let out = Agent::run_cli(&self.node, &full);
+        assert!(
+            out.status.success(),
+            "inspect {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
     /// How often the agent logged that it started listening on `addr` (`ip:port`).
     fn listening_count(&self, addr: &str) -> usize {
         let field = format!("{addr} ");
@@ -155,237 +167,9 @@ impl Edge {
 // Certificates and a small rustls client/server.
 // ---------------------------------------------------------------------------------------------
 
-struct Ca {
-    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-}
-
-/// PEM certificate and key of a leaf.
-struct Leaf {
-    cert_pem: String,
-    key_pem: String,
-    der: Vec<u8>,
-}
-
-impl Ca {
-    fn new() -> Ca {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "steerd e2e CA");
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
-        let key = rcgen::KeyPair::generate().unwrap();
-        Ca {
-            issuer: rcgen::CertifiedIssuer::self_signed(params, key).unwrap(),
-        }
-    }
-
-    fn der(&self) -> rustls::pki_types::CertificateDer<'static> {
-        self.issuer.der().clone()
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    fn leaf(&self, name: &str) -> Leaf {
-        let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &*self.issuer).unwrap();
-        Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().to_vec(),
-        }
-    }
-}
-
-fn tls_secret(name: &str, leaf: &Leaf) -> String {
-    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    format!(
-        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}}}\ntype: kubernetes.io/tls\ndata:\n  tls.crt: {}\n  tls.key: {}\n",
-        b64(&leaf.cert_pem),
-        b64(&leaf.key_pem)
-    )
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// What an HTTPS request got.
-#[derive(Debug)]
-struct HttpsReply {
-    status: u16,
-    head: String,
-    body: String,
-    /// The end-entity certificate the server presented.
-    peer_cert: Vec<u8>,
-}
-
-impl HttpsReply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case(name).then(|| v.trim())
-        })
-    }
-}
-
-/// `GET path` over TLS to `addr` with `sni`, from inside `pod`, trusting only `ca`, presenting
-/// `client` as the client certificate if given.
-fn https_get(
-    pod: &Pod,
-    addr: SocketAddr,
-    sni: &str,
-    path: &str,
-    ca: &rustls::pki_types::CertificateDer<'static>,
-    client: Option<&Leaf>,
-) -> Result<HttpsReply, String> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.clone()).map_err(|e| e.to_string())?;
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots);
-    let config = match client {
-        None => builder.with_no_client_auth(),
-        Some(leaf) => builder
-            .with_client_auth_cert(
-                vec![leaf.der.clone().into()],
-                rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
-            )
-            .unwrap(),
-    };
-    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n");
-    pod.netns.run_in(move || {
-        let mut conn =
-            rustls::ClientConnection::new(Arc::new(config), name).map_err(|e| e.to_string())?;
-        let mut sock = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-            .map_err(|e| format!("connect {addr}: {e}"))?;
-        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        sock.set_write_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        let mut tls = rustls::Stream::new(&mut conn, &mut sock);
-        tls.write_all(request.as_bytes())
-            .map_err(|e| format!("handshake/request: {e}"))?;
-        let mut out = Vec::new();
-        match tls.read_to_end(&mut out) {
-            Ok(_) => {}
-            // A peer that closes without close_notify after a complete response.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !out.is_empty() => {}
-            Err(e) => return Err(format!("reading: {e}")),
-        }
-        let peer_cert = conn
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .map(|c| c.to_vec())
-            .unwrap_or_default();
-        let text = String::from_utf8_lossy(&out).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("not an HTTP response: {text:?}"))?;
-        Ok(HttpsReply {
-            status,
-            head: head.to_string(),
-            body: body.to_string(),
-            peer_cert,
-        })
-    })
-}
-
-/// A TLS server (rustls, blocking) in a pod that answers every request with a fixed HTTP
-/// response naming itself: the PASSTHROUGH backend.
-struct TlsBackend {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl TlsBackend {
-    fn start(pod: &Pod, port: u16, id: &'static str, leaf: &Leaf) -> TlsBackend {
-        use rustls::pki_types::pem::PemObject;
-        let chain = vec![rustls::pki_types::CertificateDer::from(leaf.der.clone())];
-        let key =
-            rustls::pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
-        let config = Arc::new(
-            rustls::ServerConfig::builder_with_provider(provider())
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(chain, key)
-                .unwrap(),
-        );
-        let addr = pod.sock_v4(port);
-        let listener = pod
-            .netns
-            .run_in(|| TcpListener::bind(addr))
-            .unwrap_or_else(|e| panic!("binding {addr}: {e}"));
-        listener.set_nonblocking(true).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok((mut sock, _)) = listener.accept() else {
-                        std::thread::sleep(Duration::from_millis(10));
-                        continue;
-                    };
-                    let config = config.clone();
-                    std::thread::spawn(move || {
-                        let _ = sock.set_nonblocking(false);
-                        let _ = sock.set_read_timeout(Some(Duration::from_secs(5)));
-                        let Ok(mut conn) = rustls::ServerConnection::new(config) else {
-                            return;
-                        };
-                        let mut tls = rustls::Stream::new(&mut conn, &mut sock);
-                        let mut request = Vec::new();
-                        let mut buf = [0u8; 1024];
-                        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match tls.read(&mut buf) {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => request.extend_from_slice(&buf[..n]),
-                            }
-                        }
-                        let body = format!("{id} saw {} bytes", request.len());
-                        let _ = tls.write_all(
-                            format!(
-                                "HTTP/1.1 200 OK\r\nx-backend-id: {id}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                                body.len()
-                            )
-                            .as_bytes(),
-                        );
-                        tls.conn.send_close_notify();
-                        let _ = tls.flush();
-                    });
-                }
-            })
-        };
-        TlsBackend {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for TlsBackend {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
+#[path = "support/tls.rs"]
+mod tls;
+use tls::{Ca, Leaf, TlsBackend, https_get, tls_secret};
 
 // ---------------------------------------------------------------------------------------------
 // HTTP
@@ -790,5 +574,175 @@ spec:
         "{}",
         edge.agent.log()
     );
+
+    // `inspect listeners` (through the admin API's config dump) shows every served server:
+    // address, protocol, TLS mode, hosts, certificate source and state, bound VirtualServices.
+    let listeners = edge.inspect(&["listeners"]);
+    let row = |server: &str| -> String {
+        listeners
+            .lines()
+            .find(|l| l.starts_with(&format!("{NODE_IP4}:443 ")) && l.contains(server))
+            .unwrap_or_else(|| panic!("no row for {server}:\n{listeners}"))
+            .to_string()
+    };
+    assert!(listeners.contains("Gateway listeners:"), "{listeners}");
+    let a = row("spec.servers[1] ");
+    for part in [
+        "default/edge",
+        "HTTPS",
+        "SIMPLE",
+        "a.example.com",
+        "secret default/a-cert",
+        "loaded",
+        "4096-01-01T00:00:00Z",
+        "default/a",
+    ] {
+        assert!(a.contains(part), "{part} missing from {a}");
+    }
+    let m_row = row("spec.servers[4] ");
+    assert!(
+        m_row.contains("MUTUAL") && m_row.contains("default/m"),
+        "{m_row}"
+    );
+    assert!(
+        row("spec.servers[5] ").contains("PASSTHROUGH"),
+        "{listeners}"
+    );
+    assert!(
+        listeners
+            .lines()
+            .any(|l| l.starts_with(&format!("{NODE_IP4}:80 "))
+                && l.contains("HTTP")
+                && l.contains("a.example.com")),
+        "{listeners}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&edge.inspect(&["listeners", "-o", "json"])).unwrap();
+    let b = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["server"] == "spec.servers[2]" && r["address"] == format!("{NODE_IP4}:443"))
+        .unwrap_or_else(|| panic!("{json:#}"));
+    assert_eq!(b["certificate"]["state"], "loaded", "{b}");
+    assert!(
+        b["certificate"]["source"]
+            .as_str()
+            .unwrap()
+            .starts_with("files "),
+        "{b}"
+    );
+    assert_eq!(
+        b["virtual_services"],
+        serde_json::json!(["default/b"]),
+        "{b}"
+    );
+
+    // A malformed Secret: its error shows, and the last good certificate keeps serving.
+    edge.manifests.write(
+        "a-cert.yaml",
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: a-cert}\ntype: kubernetes.io/tls\nstringData: {tls.crt: garbage, tls.key: garbage}\n",
+    );
+    let shows_error = wait_until(Duration::from_secs(10), || {
+        let r = edge.inspect(&["listeners"]);
+        r.lines().any(|l| {
+            l.contains("spec.servers[1] ")
+                && l.contains("serving the last good certificate")
+                && l.contains("spec.servers[1].tls.credentialName: secret default/a-cert")
+        })
+    });
+    assert!(
+        shows_error,
+        "{}\n{}",
+        edge.inspect(&["listeners"]),
+        edge.agent.log()
+    );
+    assert_eq!(get("a.example.com", "/").unwrap().peer_cert, a2.der);
     let _ = &edge.node;
+}
+
+/// MUTUAL with `subjectAltNames`: of two client certificates signed by the same CA, only the one
+/// carrying a listed SAN gets through.
+#[test]
+fn mutual_subject_alt_names_admit_only_listed_client_certificates() {
+    let ca = Ca::new();
+    let server_cert = ca.leaf("m.example.com");
+    let secret = format!(
+        "{}  ca.crt: {}\n",
+        tls_secret("m-cert", &server_cert),
+        base64::engine::general_purpose::STANDARD.encode(ca.pem())
+    );
+    let gateway = r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: edge}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 443, name: https-mutual, protocol: HTTPS}
+    hosts: [m.example.com]
+    tls:
+      mode: MUTUAL
+      credentialName: m-cert
+      subjectAltNames: [spiffe://cluster.local/ns/default/sa/allowed, partner.example.com]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: m}
+spec:
+  hosts: [m.example.com]
+  gateways: [edge]
+  http:
+  - route: [{destination: {host: web-a}}]
+"#;
+    let (edge, _) = Edge::start(
+        &[("web-a", 8080)],
+        &[
+            (
+                "services.yaml",
+                service_manifest("web-a", "10.96.0.21", 80, 8080),
+            ),
+            ("gateway.yaml", gateway.to_string()),
+            ("m-cert.yaml", secret),
+        ],
+        &["edge"],
+        &[],
+    );
+    let node443: SocketAddr = format!("{NODE_IP4}:443").parse().unwrap();
+    let ca_der = ca.der();
+    let get = |client: &Leaf| {
+        https_get(
+            &edge.client,
+            node443,
+            "m.example.com",
+            "/",
+            &ca_der,
+            Some(client),
+        )
+    };
+    let by_uri = ca.leaf_with_sans(
+        "allowed",
+        vec!["spiffe://cluster.local/ns/default/sa/allowed".into()],
+    );
+    let by_dns = ca.leaf("partner.example.com");
+    let other_uri = ca.leaf_with_sans(
+        "other",
+        vec!["spiffe://cluster.local/ns/default/sa/other".into()],
+    );
+    let other_dns = ca.leaf("intruder.example.com");
+    for allowed in [&by_uri, &by_dns] {
+        let r = get(allowed).unwrap_or_else(|e| panic!("{e}\n{}", edge.agent.log()));
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.header("x-backend-id"), Some("web-a"), "{r:?}");
+    }
+    for refused in [&other_uri, &other_dns] {
+        let r = get(refused);
+        assert!(r.is_err(), "a certificate without a listed SAN: {r:?}");
+    }
+    // Not a "not checked" warning any more.
+    assert!(
+        !edge.agent.log().contains("subjectAltNames are not checked"),
+        "{}",
+        edge.agent.log()
+    );
 }

@@ -1056,6 +1056,7 @@ fn deploy_manifests_pass_a_server_side_dry_run() {
         "serviceaccount/steerd",
         "clusterrole.rbac.authorization.k8s.io/steerd",
         "clusterrolebinding.rbac.authorization.k8s.io/steerd",
+        "clusterrole.rbac.authorization.k8s.io/steerd-gateway-secrets",
         "daemonset.apps/steerd",
     ] {
         assert!(
@@ -1068,4 +1069,230 @@ fn deploy_manifests_pass_a_server_side_dry_run() {
         &["-f", deploy.join("uninstall-job.yaml").to_str().unwrap()],
     );
     assert_eq!(uninstall, ["daemonset.apps/steerd-cleanup"]);
+    // The per-gateway-namespace grant of Secrets, for its example namespace.
+    api.kubectl(&["create", "namespace", "istio-system"]);
+    let binding = dry_run_objects(
+        &api,
+        &[
+            "-f",
+            deploy
+                .join("gateway-secrets-rolebinding.yaml")
+                .to_str()
+                .unwrap(),
+        ],
+    );
+    assert_eq!(
+        binding,
+        ["rolebinding.rbac.authorization.k8s.io/steerd-gateway-secrets"]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gateway credentials from the API server
+
+#[path = "support/tls.rs"]
+mod tls;
+
+/// `steerd run --gateway default/edge` with the kube source: the Gateway, its VirtualService and
+/// the `credentialName` Secret come from the API server (created with kubectl), the backend
+/// Service and Pod from a files source. The agent reads Secrets with the ServiceAccount of
+/// `deploy/` plus the documented per-namespace RoleBinding.
+#[test]
+fn gateway_certificates_come_from_secrets_and_rotate_without_rebinding() {
+    use base64::Engine;
+    const NODE_IP: &str = "10.250.0.1";
+    let api = ApiServer::start();
+    api.install_istio_crds();
+    let kubeconfig = api.steerd_kubeconfig();
+    api.kubectl(&[
+        "-n",
+        "default",
+        "create",
+        "rolebinding",
+        "steerd-gateway-secrets",
+        "--clusterrole=steerd-gateway-secrets",
+        "--serviceaccount=steerd-system:steerd",
+    ]);
+
+    let ca = tls::Ca::new();
+    let first = ca.leaf("a.example.com");
+    api.apply(&tls::tls_secret("a-cert", &first));
+    api.apply(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: default}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 443, name: https, protocol: HTTPS}
+    hosts: [a.example.com]
+    tls: {mode: SIMPLE, credentialName: a-cert}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: a, namespace: default}
+spec:
+  hosts: [a.example.com]
+  gateways: [edge]
+  http:
+  - route: [{destination: {host: web}}]
+"#,
+    );
+
+    let node = Node::new();
+    node.netns
+        .ip(&["addr", "add", &format!("{NODE_IP}/32"), "dev", "lo"]);
+    let client = node.add_pod("client");
+    let web = node.add_pod("web");
+    let _server = steerd_e2e::HttpIdentityServer::start(&web, web.sock_v4(8080), "web");
+    let files = TempDir::new("steerd-kube-gw-files");
+    files.write(
+        "web.yaml",
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: 10.255.0.21\n  selector: {{app: web}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web-1, namespace: default, labels: {{app: web}}}}\nstatus: {{phase: Running, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n",
+            ip = web.ipv4
+        ),
+    );
+    let _forwarder = Forwarder::start(&node.netns, api.port());
+    let cgroup = TestCgroup::new();
+    let bpffs = BpffsDir::new();
+    let admin = admin_addr().to_string();
+    let files_source = format!("files:{}", files.as_str());
+    let mut agent = Agent::spawn(
+        &node,
+        &[
+            "run",
+            "--source",
+            "kube",
+            "--source",
+            &files_source,
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--bpffs",
+            bpffs.as_str(),
+            "--cgroup",
+            cgroup.path().to_str().unwrap(),
+            "--admin",
+            &admin,
+            "--node-ip",
+            NODE_IP,
+            "--gateway",
+            "default/edge",
+        ],
+    );
+    agent.wait_ready(admin_addr(), Duration::from_secs(60));
+
+    let addr = format!("{NODE_IP}:443").parse().unwrap();
+    let ca_der = ca.der();
+    let get = || tls::https_get(&client, addr, "a.example.com", "/", &ca_der, None);
+    let serves = |der: &[u8]| {
+        wait_until(FOLLOW, || {
+            get().is_ok_and(|r| {
+                r.status == 200 && r.header("x-backend-id") == Some("web") && r.peer_cert == der
+            })
+        })
+    };
+    assert!(serves(&first.der), "{:?}\n{}", get(), agent.log());
+    assert!(
+        agent.log().lines().any(|l| l.contains("watching")
+            && l.contains("Secret")
+            && l.contains("Some(\"default\")")),
+        "the Secrets of the gateway's namespace are watched:\n{}",
+        agent.log()
+    );
+
+    // Rotated: the new certificate on new handshakes, the listener untouched.
+    let second = ca.leaf("a.example.com");
+    api.apply(&tls::tls_secret("a-cert", &second));
+    assert!(serves(&second.der), "{:?}\n{}", get(), agent.log());
+
+    // Malformed: an error naming the Secret and the server field; the last good one serves.
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    api.apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: a-cert, namespace: default}}\ntype: kubernetes.io/tls\ndata:\n  tls.crt: {}\n  tls.key: {}\n",
+        b64("not a certificate"),
+        b64(&second.key_pem)
+    ));
+    let malformed_logged = wait_until(FOLLOW, || {
+        agent.log().lines().any(|l| {
+            l.contains("last good certificate keeps serving")
+                && l.contains("default/edge spec.servers[0].tls.credentialName")
+                && l.contains("secret default/a-cert")
+        })
+    });
+    assert!(malformed_logged, "{}", agent.log());
+    assert_eq!(get().map(|r| r.peer_cert), Ok(second.der.clone()));
+
+    // Deleted: the same.
+    api.kubectl(&["delete", "secret", "a-cert"]);
+    let deleted_logged = wait_until(FOLLOW, || {
+        agent.log().contains("secret default/a-cert not found")
+    });
+    assert!(deleted_logged, "{}", agent.log());
+    assert_eq!(get().map(|r| r.peer_cert), Ok(second.der.clone()));
+
+    // And back: a third certificate is picked up.
+    let third = ca.leaf("a.example.com");
+    api.apply(&tls::tls_secret("a-cert", &third));
+    assert!(serves(&third.der), "{:?}\n{}", get(), agent.log());
+    let binds = agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("gateway listening") && l.contains(&format!("{NODE_IP}:443 ")))
+        .count();
+    assert_eq!(binds, 1, "rotation must not rebind:\n{}", agent.log());
+    assert!(agent.try_wait().is_none(), "{}", agent.log());
+}
+
+#[test]
+fn a_workload_sidecar_from_the_api_server_finds_its_pod_by_uid() {
+    let c = Cluster::start(("80", "20"), &[], |_| {});
+    // A destination nothing registers, and the v1 Pod's cgroup named as kubelet names it,
+    // after the uid the API server gave the Pod.
+    let stray = c.node.add_pod("stray");
+    let _server = TcpIdentityServer::start(&stray, stray.sock_v4(8080), "stray");
+    let to_stray = format!("{}:8080", stray.ipv4);
+    let uid = c.api.kubectl(&[
+        "get",
+        "pod",
+        "tcp-echo-v1-a",
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ]);
+    assert_eq!(uid.len(), 36, "unexpected uid {uid:?}");
+    let v1_cgroup = c.client.child(&format!("pod{uid}"));
+    let from = |cgroup: &TestCgroup| {
+        run_probe(
+            Some(&c.node.netns),
+            Some(cgroup),
+            &[
+                "tcp",
+                "--to",
+                &to_stray,
+                "--count",
+                "1",
+                "--timeout-ms",
+                "500",
+            ],
+        )
+    };
+    assert_eq!(
+        from(&v1_cgroup).successes(),
+        1,
+        "ALLOW_ANY before the Sidecar"
+    );
+    c.api.apply(
+        "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: v1-locked, namespace: default}\nspec:\n  workloadSelector: {labels: {app: tcp-echo, version: v1}}\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n",
+    );
+    let refused = wait_until(FOLLOW, || from(&v1_cgroup).failures == 1);
+    assert!(refused, "the Sidecar never took effect:\n{}", c.agent.log());
+    assert_eq!(from(&c.client).successes(), 1, "outside the Pod's cgroup");
+    // The registered service still works from the locked Pod.
+    let r = run_probe(
+        Some(&c.node.netns),
+        Some(&v1_cgroup),
+        &["tcp", "--to", &c.to(9000), "--count", "3"],
+    );
+    assert_eq!(r.successes(), 3, "{r:?}");
 }

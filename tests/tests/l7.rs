@@ -28,9 +28,9 @@ struct Mesh {
     node: Node,
 }
 
-fn pod_manifest(name: &str, version: &str, pod: &Pod) -> String {
+fn pod_manifest(name: &str, labels: &str, pod: &Pod) -> String {
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: reviews, version: {version}}}}}\nstatus: {{phase: Running, podIP: {}, podIPs: [{{ip: {}}}, {{ip: \"{}\"}}]}}\n---\n",
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: reviews, {labels}}}}}\nstatus: {{phase: Running, podIP: {}, podIPs: [{{ip: {}}}, {{ip: \"{}\"}}]}}\n---\n",
         pod.ipv4, pod.ipv4, pod.ipv6
     )
 }
@@ -38,6 +38,16 @@ fn pod_manifest(name: &str, version: &str, pod: &Pod) -> String {
 impl Mesh {
     /// A client pod and backends `reviews` v1/v2/v3 (HTTP on 9080), plus `extra` manifests.
     fn start(extra: &[(&str, &str)]) -> Mesh {
+        Mesh::start_with(extra, &[None, None, None], &[])
+    }
+
+    /// [`Mesh::start`] with the pods v1/v2/v3 in `localities` (their `istio-locality` label)
+    /// and more agent arguments.
+    fn start_with(
+        extra: &[(&str, &str)],
+        localities: &[Option<&str>; 3],
+        agent_args: &[&str],
+    ) -> Mesh {
         let node = Node::new();
         // The node's own address, reachable from every pod through its default route (on the
         // node's loopback: this kernel has no dummy interfaces).
@@ -59,7 +69,7 @@ impl Mesh {
             "apiVersion: v1\nkind: Pod\nmetadata: {{name: client, labels: {{app: client, version: v1}}}}\nstatus: {{podIP: {}, podIPs: [{{ip: {}}}, {{ip: \"{}\"}}]}}\n---\n",
             client.ipv4, client.ipv4, client.ipv6
         );
-        for version in ["v1", "v2", "v3"] {
+        for (version, locality) in ["v1", "v2", "v3"].into_iter().zip(localities) {
             let pod = node.add_pod(&format!("reviews-{version}"));
             servers.push(HttpIdentityServer::start(
                 &pod,
@@ -71,9 +81,13 @@ impl Mesh {
                 pod.sock_v6(9080),
                 &format!("reviews-{version}"),
             ));
+            let labels = match locality {
+                Some(l) => format!("version: {version}, istio-locality: {l}"),
+                None => format!("version: {version}"),
+            };
             pods += &pod_manifest(
                 &format!("reviews-{version}-5b9c8d7f6d-abcde"),
-                version,
+                &labels,
                 &pod,
             );
             backends.push(pod);
@@ -92,24 +106,23 @@ impl Mesh {
         let bpffs = BpffsDir::new();
         let source = format!("files:{}", manifests.as_str());
         let admin = admin_addr().to_string();
-        let mut agent = Agent::spawn(
-            &node,
-            &[
-                "run",
-                "--source",
-                &source,
-                "--bpffs",
-                bpffs.as_str(),
-                "--cgroup",
-                client_cgroup.path().to_str().unwrap(),
-                "--admin",
-                &admin,
-                "--node-ip",
-                NODE_IP4,
-                "--node-ip",
-                NODE_IP6,
-            ],
-        );
+        let mut args = vec![
+            "run",
+            "--source",
+            &source,
+            "--bpffs",
+            bpffs.as_str(),
+            "--cgroup",
+            client_cgroup.path().to_str().unwrap(),
+            "--admin",
+            &admin,
+            "--node-ip",
+            NODE_IP4,
+            "--node-ip",
+            NODE_IP6,
+        ];
+        args.extend_from_slice(agent_args);
+        let mut agent = Agent::spawn(&node, &args);
         agent.wait_ready(admin_addr(), Duration::from_secs(20));
         Mesh {
             agent,
@@ -749,5 +762,577 @@ fn destination_rule_connect_timeout_bounds_a_silent_backend() {
         r.latency_ms.max < 2000.0,
         "connect timeout not applied: {:?}",
         r.latency_ms
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// DestinationRule load balancing through the kernel redirect. Every pod serves on its IPv4 and
+// IPv6 address, so the service's cluster has six endpoints, two per pod identity.
+// ---------------------------------------------------------------------------------------------
+
+fn load_balancer_dr(lb: &str) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews}}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer: {lb}\n"
+    )
+}
+
+/// The one backend that answered all of `r` (panics if several did or none did).
+fn only_backend(r: &HttpProbeResult) -> String {
+    assert_eq!(r.failures, 0, "{r:?}");
+    assert_eq!(r.counts.len(), 1, "requests moved between backends: {r:?}");
+    r.counts.keys().next().unwrap().clone()
+}
+
+#[test]
+fn consistent_hash_cookie_is_generated_then_sticky() {
+    let dr =
+        load_balancer_dr("{consistentHash: {httpCookie: {name: session, ttl: 120s, path: /}}}");
+    let m = Mesh::start(&[("dr.yaml", &dr)]);
+    // A new connection per request: each request without the cookie gets a fresh one (Envoy
+    // derives it from the connection's addresses), so first visits spread over the backends.
+    let first = m.http(&["--url", &url("/"), "--count", "30"]);
+    assert_eq!(first.status(200), 30, "{first:?}\n{}", m.agent.log());
+    assert!(
+        first.counts.len() >= 2,
+        "generated cookies all hashed to one backend: {first:?}"
+    );
+    let sample = first.sample.expect("a response");
+    let set_cookie = sample
+        .headers
+        .get("set-cookie")
+        .unwrap_or_else(|| panic!("no cookie generated: {:?}", sample.headers));
+    let value = set_cookie
+        .strip_prefix("session=\"")
+        .and_then(|v| v.split_once("\"; Max-Age=120; Path=/; HttpOnly"))
+        .map(|(v, rest)| {
+            assert!(rest.is_empty(), "{set_cookie}");
+            v
+        })
+        .unwrap_or_else(|| panic!("not Envoy's Set-Cookie: {set_cookie}"));
+    assert_eq!(value.len(), 16, "{set_cookie}");
+    let first_backend = sample.headers["x-backend-id"].clone();
+    // Requests that carry it (quoted, as browsers send it back) stick to that backend, on new
+    // connections too, and get no new cookie.
+    for cookie in [
+        format!("session=\"{value}\""),
+        format!("a=1; session={value}"),
+    ] {
+        let r = m.http(&[
+            "--url",
+            &url("/"),
+            "--count",
+            "20",
+            "--header",
+            &format!("cookie:{cookie}"),
+        ]);
+        assert_eq!(only_backend(&r), first_backend, "{cookie}");
+        let headers = &r.sample.unwrap().headers;
+        assert!(!headers.contains_key("set-cookie"), "{headers:?}");
+    }
+    // Any value of the cookie sticks, even one the proxy did not generate.
+    let mut seen = std::collections::HashSet::new();
+    for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
+        let r = m.http(&[
+            "--url",
+            &url("/"),
+            "--count",
+            "10",
+            "--header",
+            &format!("cookie:session={user}"),
+        ]);
+        seen.insert(only_backend(&r));
+    }
+    assert!(
+        seen.len() >= 2,
+        "all cookies hashed to one backend: {seen:?}"
+    );
+}
+
+#[test]
+fn consistent_hash_on_the_source_ip_sticks_per_client() {
+    let dr = load_balancer_dr("{consistentHash: {useSourceIp: true}}");
+    let m = Mesh::start(&[("dr.yaml", &dr)]);
+    // More client pods, each with an address of its own, all in the steered cgroup.
+    let clients: Vec<Pod> = (0..5)
+        .map(|i| m.node.add_pod(&format!("client{i}")))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    for client in std::iter::once(&m.client).chain(&clients) {
+        // A new connection (and source port) per request: only the address is the key.
+        let r = run_http_probe(
+            Some(&client.netns),
+            Some(&m.client_cgroup),
+            &["--url", &url("/"), "--count", "20"],
+        );
+        let backend = only_backend(&r);
+        // Sticky over time and over HTTP/2 too.
+        let again = run_http_probe(
+            Some(&client.netns),
+            Some(&m.client_cgroup),
+            &["--url", &url("/"), "--count", "20", "--h2"],
+        );
+        assert_eq!(only_backend(&again), backend, "{}", client.ipv4);
+        seen.insert(backend);
+    }
+    assert!(
+        seen.len() >= 2,
+        "six client addresses all hashed to one backend: {seen:?}"
+    );
+}
+
+#[test]
+fn consistent_hash_on_a_query_parameter_is_sticky() {
+    let dr = load_balancer_dr("{consistentHash: {httpQueryParameterName: user}}");
+    let m = Mesh::start(&[("dr.yaml", &dr)]);
+    let mut seen = std::collections::HashSet::new();
+    for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
+        let r = m.http(&[
+            "--url",
+            &url(&format!("/reviews?x=1&user={user}")),
+            "--count",
+            "20",
+        ]);
+        seen.insert(only_backend(&r));
+    }
+    assert!(seen.len() >= 2, "all users hashed to one backend: {seen:?}");
+    // Without the parameter there is no key: requests spread (Envoy picks at random).
+    let r = m.http(&["--url", &url("/reviews?x=1"), "--count", "60"]);
+    assert!(r.counts.len() >= 2, "{r:?}");
+}
+
+#[test]
+fn ring_hash_and_maglev_settings_keep_hashing_sticky() {
+    for lb in [
+        "{consistentHash: {httpHeaderName: x-user, ringHash: {minimumRingSize: 1024}}}",
+        "{consistentHash: {httpHeaderName: x-user, maglev: {tableSize: 65537}}}",
+    ] {
+        let dr = load_balancer_dr(lb);
+        let m = Mesh::start(&[("dr.yaml", &dr)]);
+        let mut seen = std::collections::HashSet::new();
+        for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
+            let r = m.http(&[
+                "--url",
+                &url("/"),
+                "--count",
+                "15",
+                "--header",
+                &format!("x-user:{user}"),
+            ]);
+            seen.insert(only_backend(&r));
+        }
+        assert!(seen.len() >= 2, "{lb}: {seen:?}");
+    }
+}
+
+#[test]
+fn random_spreads_over_every_endpoint() {
+    let dr = load_balancer_dr("{simple: RANDOM}");
+    let m = Mesh::start(&[("dr.yaml", &dr)]);
+    let r = m.http(&["--url", &url("/"), "--count", "300", "--keepalive"]);
+    assert_eq!(r.status(200), 300, "{r:?}\n{}", m.agent.log());
+    // Expected 100 each; below 30 is more than 8 standard deviations away.
+    for pod in ["reviews-v1", "reviews-v2", "reviews-v3"] {
+        assert!(r.count(pod) >= 30, "{pod}: {r:?}");
+    }
+}
+
+#[test]
+fn least_request_sends_new_requests_to_idle_backends() {
+    let dr = load_balancer_dr("{simple: LEAST_REQUEST}");
+    let m = Mesh::start(&[("dr.yaml", &dr)]);
+    // v1 (both of its endpoints) holds every request it gets for 8 s.
+    m.servers[0].set_delay(Duration::from_secs(8));
+    m.servers[1].set_delay(Duration::from_secs(8));
+    // Concurrent load for a moment: with every endpoint idle at first, v1's endpoints get
+    // requests too, which they then hold.
+    let load = steerd_e2e::spawn_http_probe(
+        Some(&m.client.netns),
+        Some(&m.client_cgroup),
+        &[
+            "--url",
+            &url("/load"),
+            "--duration-ms",
+            "500",
+            "--concurrency",
+            "8",
+            "--timeout-ms",
+            "12000",
+        ],
+    );
+    let holding = steerd_e2e::wait_until(Duration::from_secs(5), || {
+        m.servers[0].in_flight() >= 1 && m.servers[1].in_flight() >= 1
+    });
+    assert!(
+        holding,
+        "v1 never got a request to hold:\n{}",
+        m.agent.log()
+    );
+    // Past the load's 500 ms its other requests finish: only v1 has requests in flight.
+    std::thread::sleep(Duration::from_millis(700));
+    let settled = steerd_e2e::wait_until(Duration::from_secs(5), || {
+        m.servers[2..].iter().all(|s| s.in_flight() == 0)
+    });
+    assert!(settled, "the load did not stop");
+    let r = m.http(&["--url", &url("/new"), "--count", "60", "--keepalive"]);
+    assert_eq!(r.status(200), 60, "{r:?}\n{}", m.agent.log());
+    assert_eq!(
+        r.count("reviews-v1"),
+        0,
+        "a new request went to the busy v1: {r:?}"
+    );
+    assert!(
+        r.count("reviews-v2") > 0 && r.count("reviews-v3") > 0,
+        "idle backends share the load: {r:?}"
+    );
+    assert!(
+        m.servers[0].in_flight() + m.servers[1].in_flight() >= 2,
+        "v1 still held its requests while the new ones were served"
+    );
+    drop(load);
+}
+
+#[test]
+fn cors_preflights_are_answered_and_allowed_origins_get_cors_headers() {
+    let http = "  - match: [{uri: {prefix: /ignore}}]\n    corsPolicy:\n      allowOrigins: [{exact: 'https://a.example'}]\n      unmatchedPreflights: IGNORE\n    route: [{destination: {host: reviews, subset: v1}}]\n  - corsPolicy:\n      allowOrigins: [{exact: 'https://a.example'}, {prefix: 'https://dev.'}, {regex: 'https://[a-z]+\\.b\\.example'}]\n      allowMethods: [GET, POST]\n      allowHeaders: [x-token]\n      exposeHeaders: [x-backend-id]\n      maxAge: 10m\n      allowCredentials: true\n    route: [{destination: {host: reviews, subset: v1}}]\n";
+    let m = Mesh::start(&[("dr.yaml", REVIEWS_DR), ("vs.yaml", &virtual_service(http))]);
+    let v1_requests = || m.servers[0].requests() + m.servers[1].requests();
+    let preflight = |path: &str, origin: &str| {
+        m.http(&[
+            "--url",
+            &url(path),
+            "--count",
+            "1",
+            "--method",
+            "OPTIONS",
+            "--header",
+            &format!("origin:{origin}"),
+            "--header",
+            "access-control-request-method:POST",
+            "--header",
+            "access-control-request-headers:x-token",
+        ])
+    };
+
+    // A preflight from an allowed origin is answered by the proxy, never forwarded.
+    for origin in [
+        "https://a.example",
+        "https://dev.local",
+        "https://shop.b.example",
+    ] {
+        let r = preflight("/api", origin);
+        assert_eq!(r.status(200), 1, "{origin}: {r:?}\n{}", m.agent.log());
+        let h = &r.sample.unwrap().headers;
+        assert!(!h.contains_key("x-backend-id"), "forwarded: {h:?}");
+        assert_eq!(h["access-control-allow-origin"], origin);
+        assert_eq!(h["access-control-allow-credentials"], "true");
+        assert_eq!(h["access-control-allow-methods"], "GET,POST");
+        assert_eq!(h["access-control-allow-headers"], "x-token");
+        assert_eq!(h["access-control-max-age"], "600");
+    }
+    assert_eq!(v1_requests(), 0, "preflights reached a backend");
+
+    // Another origin's preflight goes on to the backend (unmatchedPreflights FORWARD, the
+    // default) and its response gets no CORS headers.
+    let r = preflight("/api", "https://evil.example");
+    assert_eq!(r.count("reviews-v1"), 1, "{r:?}");
+    let sample = r.sample.unwrap();
+    assert_eq!(sample.body["method"], "OPTIONS");
+    assert!(
+        !sample.headers.contains_key("access-control-allow-origin"),
+        "{:?}",
+        sample.headers
+    );
+    assert_eq!(v1_requests(), 1);
+
+    // With IGNORE the proxy answers it without CORS headers and does not forward it.
+    let r = preflight("/ignore", "https://evil.example");
+    assert_eq!(r.status(200), 1, "{r:?}");
+    let h = &r.sample.unwrap().headers;
+    assert!(!h.contains_key("x-backend-id"), "{h:?}");
+    assert!(!h.contains_key("access-control-allow-origin"), "{h:?}");
+    assert_eq!(v1_requests(), 1, "an ignored preflight was forwarded");
+
+    // Actual requests are forwarded; an allowed origin's response gets the CORS headers.
+    let r = m.http(&[
+        "--url",
+        &url("/api"),
+        "--count",
+        "3",
+        "--method",
+        "POST",
+        "--header",
+        "origin:https://a.example",
+    ]);
+    assert_eq!(r.count("reviews-v1"), 3, "{r:?}");
+    let h = &r.sample.unwrap().headers;
+    assert_eq!(h["access-control-allow-origin"], "https://a.example");
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    assert_eq!(h["access-control-expose-headers"], "x-backend-id");
+    for headers in [&["--header", "origin:https://evil.example"][..], &[][..]] {
+        let target = url("/api");
+        let mut args = vec!["--url", &target, "--count", "1"];
+        args.extend_from_slice(headers);
+        let r = m.http(&args);
+        assert_eq!(r.count("reviews-v1"), 1, "{r:?}");
+        let h = &r.sample.unwrap().headers;
+        assert!(!h.contains_key("access-control-allow-origin"), "{h:?}");
+    }
+}
+
+#[test]
+fn delegate_virtual_service_routes_under_the_root_prefix() {
+    let root = "  - name: productpage\n    match: [{uri: {prefix: /productpage}}]\n    delegate: {name: reviews-split}\n  - route: [{destination: {host: reviews, subset: v1}}]\n";
+    let split = |rest: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews-split}}\nspec:\n  http:\n  - match: [{{headers: {{end-user: {{exact: jason}}}}}}]\n    route: [{{destination: {{host: reviews, subset: v2}}}}]\n  - route: [{{destination: {{host: reviews, subset: {rest}}}}}]\n"
+        )
+    };
+    let m = Mesh::start(&[
+        ("dr.yaml", REVIEWS_DR),
+        ("vs.yaml", &virtual_service(root)),
+        ("split.yaml", &split("v3")),
+    ]);
+    let get = |path: &str, user: Option<&str>| {
+        let mut args = vec![
+            "--url".to_string(),
+            url(path),
+            "--count".into(),
+            "10".into(),
+        ];
+        if let Some(u) = user {
+            args.extend(["--header".into(), format!("end-user:{u}")]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        m.http(&args)
+    };
+    let r = get("/productpage/1", Some("jason"));
+    assert_eq!(r.count("reviews-v2"), 10, "{r:?}\n{}", m.agent.log());
+    assert_eq!(get("/productpage", None).count("reviews-v3"), 10);
+    // Outside the root's prefix the delegate does not apply.
+    assert_eq!(get("/other", Some("jason")).count("reviews-v1"), 10);
+
+    // A change of the delegate alone re-routes the root's host.
+    m.manifests.write("split.yaml", split("v1"));
+    let applied = steerd_e2e::wait_until(Duration::from_secs(10), || {
+        get("/productpage", None).count("reviews-v1") == 10
+    });
+    assert!(
+        applied,
+        "the delegate's change never applied:\n{}",
+        m.agent.log()
+    );
+    assert_eq!(get("/productpage", Some("jason")).count("reviews-v2"), 10);
+
+    // Without its delegate the route is dropped: the next route takes /productpage.
+    std::fs::remove_file(m.manifests.path().join("split.yaml")).unwrap();
+    let dropped = steerd_e2e::wait_until(Duration::from_secs(10), || {
+        get("/productpage", Some("jason")).count("reviews-v1") == 10
+    });
+    assert!(
+        dropped,
+        "the delegating route still applies:\n{}",
+        m.agent.log()
+    );
+    assert!(
+        m.agent.log().contains("reviews-split"),
+        "the missing delegate is reported:\n{}",
+        m.agent.log()
+    );
+}
+
+#[test]
+fn locality_failover_prefers_the_local_zone_then_the_region_then_elsewhere() {
+    // The node is in us-east/zone1: v1 is local, v2 in the same region, v3 in another one.
+    let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer: {simple: ROUND_ROBIN}\n    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100}\n";
+    let m = Mesh::start_with(
+        &[("dr.yaml", dr)],
+        &[
+            Some("us-east.zone1"),
+            Some("us-east.zone2"),
+            Some("us-west.zone1"),
+        ],
+        &["--locality", "us-east/zone1"],
+    );
+    let r = m.http(&["--url", &url("/"), "--count", "40", "--keepalive"]);
+    assert_eq!(r.count("reviews-v1"), 40, "{r:?}\n{}", m.agent.log());
+
+    // v1 fails: outlier detection ejects its endpoints and traffic fails over to the same
+    // region's other zone, never to the other region while that one is healthy.
+    m.servers[0].fail_next(1000, 503);
+    m.servers[1].fail_next(1000, 503);
+    let ejected = steerd_e2e::wait_until(Duration::from_secs(10), || {
+        m.http(&["--url", &url("/"), "--count", "20", "--keepalive"])
+            .count("reviews-v2")
+            == 20
+    });
+    assert!(ejected, "v1 never failed over to v2:\n{}", m.agent.log());
+    let r = m.http(&["--url", &url("/"), "--count", "40", "--keepalive"]);
+    assert_eq!(r.count("reviews-v2"), 40, "{r:?}");
+    let v3_before = m.servers[4].requests() + m.servers[5].requests();
+    assert_eq!(
+        v3_before, 0,
+        "the other region got requests while us-east was healthy"
+    );
+
+    // The whole region down: the other region takes over.
+    m.servers[2].fail_next(1000, 503);
+    m.servers[3].fail_next(1000, 503);
+    let moved = steerd_e2e::wait_until(Duration::from_secs(10), || {
+        m.http(&["--url", &url("/"), "--count", "20", "--keepalive"])
+            .count("reviews-v3")
+            == 20
+    });
+    assert!(moved, "never failed over to us-west:\n{}", m.agent.log());
+}
+
+// ---------------------------------------------------------------------------------------------
+// DestinationRule TLS origination
+// ---------------------------------------------------------------------------------------------
+
+#[path = "support/tls.rs"]
+mod tls;
+
+/// Istio's "egress TLS origination": the client speaks plain HTTP to a service's port 80, a
+/// DestinationRule `tls: SIMPLE` makes the proxy open TLS to the endpoint (port 8443 of the v1
+/// pod, a rustls server with a test certificate) with the configured SNI, verifying the
+/// server against `caCertificates` and `subjectAltNames`. A wrong SAN, an unknown CA and a
+/// unknown CA give 503 `UF` with the TLS error, while the other services keep serving. MUTUAL
+/// presents the configured client certificate to a backend that requires one.
+#[test]
+fn destination_rule_tls_originates_and_verifies_the_server() {
+    let ca = tls::Ca::new();
+    let server_cert = ca.leaf("api.example.com");
+    let certs = TempDir::new("steerd-l7-certs");
+    let ca_file = certs.write("ca.pem", ca.pem());
+    let service = |name: &str, vip: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  clusterIP: {vip}\n  selector: {{app: reviews, version: v1}}\n  ports: [{{name: http, port: 80, targetPort: 8443}}]\n---\n"
+        )
+    };
+    let dr = |host: &str, tls: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: {host}}}\nspec:\n  host: {host}\n  trafficPolicy:\n    tls: {tls}\n---\n"
+        )
+    };
+    let ca_path = ca_file.display().to_string();
+    let services = [
+        service("secure", "10.96.0.60"),
+        service("wrong-san", "10.96.0.61"),
+        service("unknown-ca", "10.96.0.62"),
+    ]
+    .concat();
+    let rules = [
+        dr(
+            "secure",
+            &format!("{{mode: SIMPLE, sni: api.example.com, caCertificates: {ca_path}}}"),
+        ),
+        dr(
+            "wrong-san",
+            &format!(
+                "{{mode: SIMPLE, sni: api.example.com, caCertificates: {ca_path}, subjectAltNames: [other.example.com]}}"
+            ),
+        ),
+        // No caCertificates: the system CAs, which never signed the test certificate.
+        dr("unknown-ca", "{mode: SIMPLE, sni: api.example.com}"),
+    ]
+    .concat();
+    let m = Mesh::start(&[("services.yaml", &services), ("tls-drs.yaml", &rules)]);
+    // The pod's IPv4 and IPv6 addresses are both endpoints.
+    let v1 = &m.backends[0];
+    let _backends = [v1.sock_v4(8443), v1.sock_v6(8443)]
+        .map(|addr| tls::TlsBackend::start_at(v1, addr, "secure-backend", &server_cert));
+
+    let r = m.http(&["--url", "http://10.96.0.60/orders?id=7", "--count", "3"]);
+    assert_eq!(r.status(200), 3, "{r:?}\n{}", m.agent.log());
+    let sample = r.sample.as_ref().unwrap();
+    assert_eq!(sample.headers["x-backend-id"], "secure-backend", "{r:?}");
+    assert_eq!(sample.headers["x-sni"], "api.example.com", "{r:?}");
+    assert!(
+        sample
+            .body
+            .as_str()
+            .is_some_and(|b| b.ends_with("GET /orders?id=7 HTTP/1.1")),
+        "the request went through the TLS connection: {r:?}"
+    );
+
+    for (vip, why) in [
+        ("10.96.0.61", "other.example.com"),
+        ("10.96.0.62", "UnknownIssuer"),
+    ] {
+        let r = m.http(&["--url", &format!("http://{vip}/"), "--count", "2"]);
+        assert_eq!(r.status(503), 2, "{vip}: {r:?}\n{}", m.agent.log());
+        let body = r.sample.as_ref().unwrap().body.to_string();
+        assert!(
+            body.contains("reset reason: connection failure")
+                && body.contains("transport failure reason: TLS_error")
+                && body.contains(why),
+            "{vip}: {body}\n{}",
+            m.agent.log()
+        );
+    }
+
+    // The rest serves: the mesh service, and the secure one again.
+    let r = m.http(&["--url", &url("/"), "--count", "3"]);
+    assert_eq!(r.status(200), 3, "{r:?}");
+    let r = m.http(&["--url", "http://10.96.0.60/", "--count", "1"]);
+    assert_eq!(r.status(200), 1, "{r:?}");
+
+    // MUTUAL: a backend that requires a client certificate from the test CA (port 9443) gets
+    // the one of `clientCertificate`/`privateKey`; SIMPLE to it fails the handshake.
+    let client_cert = ca.leaf("client.example.com");
+    let crt = certs.write("client.crt", &client_cert.cert_pem);
+    let key = certs.write("client.key", &client_cert.key_pem);
+    let _mutual = [v1.sock_v4(9443), v1.sock_v6(9443)].map(|addr| {
+        tls::TlsBackend::start_with(v1, addr, "mutual-backend", &server_cert, Some(&ca))
+    });
+    let mutual_services = "apiVersion: v1\nkind: Service\nmetadata: {name: mutual}\nspec:\n  clusterIP: 10.96.0.63\n  selector: {app: reviews, version: v1}\n  ports: [{name: http, port: 80, targetPort: 9443}]\n---\napiVersion: v1\nkind: Service\nmetadata: {name: mutual-nocert}\nspec:\n  clusterIP: 10.96.0.64\n  selector: {app: reviews, version: v1}\n  ports: [{name: http, port: 80, targetPort: 9443}]\n---\n";
+    let mutual_rules = [
+        dr(
+            "mutual",
+            &format!(
+                "{{mode: MUTUAL, sni: api.example.com, caCertificates: {ca_path}, clientCertificate: {}, privateKey: {}}}",
+                crt.display(),
+                key.display()
+            ),
+        ),
+        dr(
+            "mutual-nocert",
+            &format!("{{mode: SIMPLE, sni: api.example.com, caCertificates: {ca_path}}}"),
+        ),
+    ]
+    .concat();
+    m.manifests
+        .write("mutual.yaml", format!("{mutual_services}{mutual_rules}"));
+    let mut last = None;
+    let served = steerd_e2e::wait_until(Duration::from_secs(10), || {
+        let r = m.http(&["--url", "http://10.96.0.63/m", "--count", "1"]);
+        let ok = r.status(200) == 1
+            && r.sample.as_ref().unwrap().headers["x-backend-id"] == "mutual-backend";
+        last = Some(r);
+        ok
+    });
+    assert!(served, "{last:?}\n{}", m.agent.log());
+    let r = m.http(&["--url", "http://10.96.0.64/m", "--count", "1"]);
+    assert_eq!(r.status(503), 1, "no client certificate, no request: {r:?}");
+
+    // The TLS settings show in `inspect clusters`.
+    let out = Agent::run_cli(
+        &m.node,
+        &["inspect", "clusters", "--admin", "127.0.0.1:15000"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let clusters = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        clusters
+            .lines()
+            .any(|l| l.starts_with("secure.default.svc.cluster.local ")
+                && l.contains("SIMPLE sni=api.example.com ca=/")),
+        "{clusters}"
+    );
+    assert!(
+        clusters
+            .lines()
+            .any(|l| l.starts_with("unknown-ca.default") && l.contains("ca=system")),
+        "{clusters}"
     );
 }

@@ -15,8 +15,128 @@ pub struct ConfigDump {
     /// AuthorizationPolicies and the workloads they apply to.
     #[serde(default)]
     pub authorization: Vec<PolicyView>,
+    /// Istio's `outboundTrafficPolicy`: the mesh default and the Pods with a Sidecar of their own.
+    #[serde(default)]
+    pub outbound: OutboundView,
     /// Current configuration findings, one line each.
     pub diagnostics: Vec<String>,
+    /// The servers of the Gateways this agent serves (`--gateway`), per bound address.
+    #[serde(default)]
+    pub gateway_listeners: Vec<GatewayListenerView>,
+}
+
+/// One server of a served Gateway on one bound address.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GatewayListenerView {
+    /// `ip:port`.
+    pub address: String,
+    pub port: u16,
+    /// `ns/name`.
+    pub gateway: String,
+    /// `spec.servers[i]`, with the server's name if it has one.
+    pub server: String,
+    pub protocol: String,
+    /// `SIMPLE`, `MUTUAL`, `OPTIONAL_MUTUAL`, `PASSTHROUGH`, or `-` (no TLS).
+    pub tls_mode: String,
+    pub hosts: Vec<String>,
+    /// Terminating servers: where the certificate comes from and its state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateView>,
+    /// `ns/name` of the VirtualServices bound to this server.
+    pub virtual_services: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CertificateView {
+    /// `secret ns/name`, `files CERT KEY` or `missing`.
+    pub source: String,
+    /// `loaded`, `error (serving the last good certificate)` or `error`.
+    pub state: String,
+    /// notAfter of the certificate being served (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The gateway listeners view of what `gateways` serves right now.
+pub fn gateway_listeners(
+    gateways: &crate::dataplane::gateway::Gateways,
+) -> Vec<GatewayListenerView> {
+    gateways
+        .served()
+        .into_iter()
+        .map(|(addr, server, status)| {
+            let mut vs: Vec<String> = server
+                .virtual_hosts
+                .iter()
+                .filter_map(|v| v.routes.virtual_service.clone())
+                .chain(server.tls_routes.iter().map(|r| r.route.clone()))
+                .chain(server.tcp.iter().map(|r| r.route.clone()))
+                .map(|r| {
+                    // `VirtualService ns/name tcp[0]` → `ns/name`.
+                    let r = r.strip_prefix("VirtualService ").unwrap_or(&r).to_string();
+                    r.split_whitespace().next().unwrap_or_default().to_string()
+                })
+                .collect();
+            vs.sort();
+            vs.dedup();
+            GatewayListenerView {
+                address: addr.to_string(),
+                port: addr.port(),
+                gateway: server.gateway.clone(),
+                server: match &server.name {
+                    Some(n) => format!("spec.servers[{}] {n}", server.index),
+                    None => format!("spec.servers[{}]", server.index),
+                },
+                protocol: server.protocol.clone(),
+                tls_mode: server
+                    .tls
+                    .as_ref()
+                    .map_or("-".to_string(), |t| t.mode.as_str().to_string()),
+                hosts: server.hosts.clone(),
+                certificate: status.map(|c| CertificateView {
+                    source: c.source,
+                    state: match (c.loaded, &c.error) {
+                        (true, None) => "loaded".into(),
+                        (true, Some(_)) => "error (serving the last good certificate)".into(),
+                        (false, _) => "error".into(),
+                    },
+                    not_after: c.not_after,
+                    error: c.error,
+                }),
+                virtual_services: vs,
+            }
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct OutboundView {
+    /// From the root namespace's selector-less Sidecar: `REGISTRY_ONLY`, `ALLOW_ANY`, or
+    /// `mesh config` (`--outbound-traffic-policy`).
+    pub mesh: String,
+    pub workloads: Vec<WorkloadOutboundView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkloadOutboundView {
+    /// `namespace/name`.
+    pub pod: String,
+    pub uid: String,
+    pub sidecar: String,
+    /// `workload` (its selector) or `namespace` (the namespace's default).
+    pub scope: String,
+    pub policy: String,
+}
+
+fn policy_text(registry_only: Option<bool>) -> String {
+    match registry_only {
+        Some(true) => "REGISTRY_ONLY",
+        Some(false) => "ALLOW_ANY",
+        None => "mesh config",
+    }
+    .into()
 }
 
 /// One AuthorizationPolicy as the agent enforces it.
@@ -77,6 +197,9 @@ pub struct RuleView {
     pub retries: String,
     pub fault: Option<String>,
     pub mirrors: Vec<WeightedCluster>,
+    /// For a rule of a delegate VirtualService: `ns/name http[i]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegate: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,6 +218,9 @@ pub struct ClusterView {
     pub direction: String,
     pub r#type: String,
     pub destination_rule: Option<String>,
+    /// DestinationRule `tls` origination, described (None: plain text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<String>,
     pub endpoints: Vec<EndpointView>,
 }
 
@@ -159,6 +285,7 @@ pub fn build(plan: &Plan, proxy: Option<&Proxy>) -> ConfigDump {
                     direction: "outbound".into(),
                     r#type: "EDS".into(),
                     destination_rule: None,
+                    tls: None,
                     endpoints: Vec::new(),
                 });
                 if !view
@@ -210,6 +337,10 @@ pub fn build(plan: &Plan, proxy: Option<&Proxy>) -> ConfigDump {
                         RuleView {
                             index: r.index,
                             name: r.name.clone(),
+                            delegate: r
+                                .delegate
+                                .as_ref()
+                                .map(|d| format!("{} http[{}]", d.virtual_service, d.index)),
                             matches: if matches.is_empty() {
                                 vec!["*".into()]
                             } else {
@@ -270,9 +401,11 @@ pub fn build(plan: &Plan, proxy: Option<&Proxy>) -> ConfigDump {
                             direction: "outbound".into(),
                             r#type: "EDS".into(),
                             destination_rule: None,
+                            tls: None,
                             endpoints: Vec::new(),
                         });
                     view.destination_rule = c.destination_rule.clone();
+                    view.tls = c.policy.tls.as_ref().map(|t| t.describe());
                     let total: f64 = c.endpoints.iter().map(|e| e.weight).sum();
                     view.endpoints = c
                         .endpoints
@@ -322,6 +455,26 @@ pub fn build(plan: &Plan, proxy: Option<&Proxy>) -> ConfigDump {
             status: p.not_enforced.clone().unwrap_or_else(|| "enforced".into()),
         })
         .collect();
+    dump.outbound = OutboundView {
+        mesh: policy_text(plan.egress.registry_only),
+        workloads: plan
+            .egress
+            .workloads
+            .iter()
+            .map(|(uid, w)| WorkloadOutboundView {
+                pod: w.pod.clone(),
+                uid: uid.clone(),
+                sidecar: w.sidecar.clone(),
+                scope: match w.scope {
+                    crate::compile::egress::Scope::Workload => "workload",
+                    crate::compile::egress::Scope::Namespace => "namespace",
+                    crate::compile::egress::Scope::Mesh => "mesh",
+                }
+                .into(),
+                policy: policy_text(w.registry_only),
+            })
+            .collect(),
+    };
     dump.diagnostics = plan.diagnostics.iter().map(|d| d.to_string()).collect();
     dump
 }

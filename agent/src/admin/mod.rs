@@ -28,6 +28,8 @@ pub struct AdminState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The L7 proxy, when running (live outlier status for the dump).
     pub proxy: OnceLock<Arc<Proxy>>,
+    /// The gateway listeners (`--gateway`), when serving any.
+    pub gateways: OnceLock<Arc<crate::dataplane::gateway::Gateways>>,
 }
 
 impl AdminState {
@@ -78,7 +80,10 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         ),
         "/debug/config_dump" => {
             let plan = state.plan.read().expect("plan lock").clone();
-            let dump = dump::build(&plan, state.proxy.get().map(|p| p.as_ref()));
+            let mut dump = dump::build(&plan, state.proxy.get().map(|p| p.as_ref()));
+            if let Some(g) = state.gateways.get() {
+                dump.gateway_listeners = dump::gateway_listeners(g);
+            }
             let body = serde_json::to_vec_pretty(&dump).expect("the dump serializes");
             respond(StatusCode::OK, "application/json", body)
         }

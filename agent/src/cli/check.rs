@@ -99,6 +99,10 @@ pub struct ExplainArgs {
     /// Evaluate as this Gateway (`name` or `ns/name`) instead of the mesh.
     #[arg(long)]
     pub gateway: Option<String>,
+    /// The client Pod (`ns/name`): shows which Sidecar's outboundTrafficPolicy applies to it,
+    /// and for an unregistered destination whether REGISTRY_ONLY refuses it.
+    #[arg(long)]
+    pub source_pod: Option<String>,
     #[arg(short, long, value_enum, default_value_t)]
     pub output: Output,
 }
@@ -180,7 +184,49 @@ pub fn explain(args: &ExplainArgs) -> i32 {
         source_namespace: args.source_namespace.clone(),
         gateway: args.gateway.clone(),
     };
-    match run_explain(&snapshot.config, &q) {
+    let outbound = match &args.source_pod {
+        None => None,
+        Some(key) => match crate::compile::egress::for_pod(&snapshot.config, key) {
+            Some(o) => Some(o),
+            None => {
+                eprintln!("steerd explain: --source-pod {key}: no such Pod in the manifests");
+                return COULD_NOT_RUN;
+            }
+        },
+    };
+    let result = run_explain(&snapshot.config, &q);
+    // An address no Service or ServiceEntry registers: what the client's policy does with it.
+    if let (Err(crate::compile::explain::ExplainError::UnknownHost(host)), Some(o)) =
+        (&result, &outbound)
+        && let Ok(ip) = host.parse::<std::net::IpAddr>()
+    {
+        let registered = crate::compile::compile(&snapshot.config)
+            .egress
+            .registered
+            .iter()
+            .any(|net| net.contains(&ip));
+        let verdict = match o.policy.as_str() {
+            _ if registered => "passes (a registered endpoint or ServiceEntry address)",
+            "REGISTRY_ONLY" => "refused (EPERM) by REGISTRY_ONLY",
+            "ALLOW_ANY" => "passed through unchanged (ALLOW_ANY)",
+            _ => "refused if --outbound-traffic-policy is REGISTRY_ONLY, else passed through",
+        };
+        match args.output {
+            Output::Table => println!("{o}\n{host} is not a service VIP: {verdict}"),
+            Output::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({
+                    "host": host, "registered": registered, "outbound": o, "verdict": verdict,
+                }))
+                .expect("explanations serialize")
+            ),
+        }
+        return CLEAN;
+    }
+    match result.map(|mut e| {
+        e.outbound = outbound;
+        e
+    }) {
         Ok(e) => {
             match args.output {
                 Output::Table => print!("{}", render_text(&e)),

@@ -110,35 +110,33 @@ pub fn render(dump: &ConfigDump, what: What, f: &Filter, output: Output) -> Stri
                 .iter()
                 .filter(|l| f.host(&l.host) && f.port(l.port))
                 .collect();
+            let gateway_rows: Vec<_> = dump
+                .gateway_listeners
+                .iter()
+                .filter(|g| {
+                    f.port(g.port) && (f.fqdn.is_none() || g.hosts.iter().any(|h| f.host(h)))
+                })
+                .collect();
             match output {
-                Output::Json => json(serde_json::to_value(&rows).expect("views serialize")),
-                Output::Table => table(
-                    &[
-                        "ADDRESSES",
-                        "PORT",
-                        "PROTOCOL",
-                        "MODE",
-                        "HOST",
-                        "DESTINATION",
-                    ],
-                    rows.iter()
-                        .map(|l| {
-                            let dest = if l.mode == "L7" {
-                                format!("Route: {}", l.route)
-                            } else {
-                                format!("{} -> {}", l.route, l.clusters.join(","))
-                            };
-                            vec![
-                                l.address.clone(),
-                                l.port.to_string(),
-                                l.protocol.clone(),
-                                l.mode.clone(),
-                                l.host.clone(),
-                                dest,
-                            ]
-                        })
-                        .collect(),
-                ),
+                // Gateway listeners follow the mesh ones; they are the rows with a `gateway`.
+                Output::Json => {
+                    let mut all = serde_json::to_value(&rows).expect("views serialize");
+                    if let (Some(list), serde_json::Value::Array(more)) = (
+                        all.as_array_mut(),
+                        serde_json::to_value(&gateway_rows).expect("views serialize"),
+                    ) {
+                        list.extend(more);
+                    }
+                    json(all)
+                }
+                Output::Table => {
+                    let mut out = listeners_table(&rows);
+                    if !gateway_rows.is_empty() {
+                        out.push_str("\nGateway listeners:\n");
+                        out.push_str(&gateway_table(&gateway_rows));
+                    }
+                    out
+                }
             }
         }
         What::Routes => {
@@ -198,6 +196,7 @@ pub fn render(dump: &ConfigDump, what: What, f: &Filter, output: Output) -> Stri
                         "DIRECTION",
                         "TYPE",
                         "DESTINATION RULE",
+                        "TLS",
                     ],
                     rows.iter()
                         .map(|c| {
@@ -212,6 +211,7 @@ pub fn render(dump: &ConfigDump, what: What, f: &Filter, output: Output) -> Stri
                                 c.direction.clone(),
                                 c.r#type.clone(),
                                 c.destination_rule.clone().unwrap_or_else(|| "-".into()),
+                                c.tls.clone().unwrap_or_else(|| "-".into()),
                             ]
                         })
                         .collect(),
@@ -240,6 +240,82 @@ pub fn render(dump: &ConfigDump, what: What, f: &Filter, output: Output) -> Stri
             }
         }
     }
+}
+
+/// The mesh listeners table.
+fn listeners_table(rows: &[&crate::admin::dump::ListenerView]) -> String {
+    table(
+        &[
+            "ADDRESSES",
+            "PORT",
+            "PROTOCOL",
+            "MODE",
+            "HOST",
+            "DESTINATION",
+        ],
+        rows.iter()
+            .map(|l| {
+                let dest = if l.mode == "L7" {
+                    format!("Route: {}", l.route)
+                } else {
+                    format!("{} -> {}", l.route, l.clusters.join(","))
+                };
+                vec![
+                    l.address.clone(),
+                    l.port.to_string(),
+                    l.protocol.clone(),
+                    l.mode.clone(),
+                    l.host.clone(),
+                    dest,
+                ]
+            })
+            .collect(),
+    )
+}
+
+/// Each served gateway server: address, protocol, TLS mode, hosts, certificate and its state,
+/// bound VirtualServices.
+fn gateway_table(rows: &[&crate::admin::dump::GatewayListenerView]) -> String {
+    table(
+        &[
+            "ADDRESS",
+            "GATEWAY",
+            "SERVER",
+            "PROTOCOL",
+            "TLS",
+            "HOSTS",
+            "CERTIFICATE",
+            "STATE",
+            "NOT AFTER",
+            "VIRTUAL SERVICES",
+        ],
+        rows.iter()
+            .map(|g| {
+                let cert = g.certificate.as_ref();
+                let state = cert.map_or("-".to_string(), |c| match &c.error {
+                    Some(e) => format!("{}: {e}", c.state),
+                    None => c.state.clone(),
+                });
+                vec![
+                    g.address.clone(),
+                    g.gateway.clone(),
+                    g.server.clone(),
+                    g.protocol.clone(),
+                    g.tls_mode.clone(),
+                    g.hosts.join(","),
+                    cert.map_or("-".into(), |c| c.source.clone()),
+                    state,
+                    cert.and_then(|c| c.not_after.clone())
+                        .unwrap_or_else(|| "-".into()),
+                    if g.virtual_services.is_empty() {
+                        "-".into()
+                    } else {
+                        g.virtual_services.join(",")
+                    },
+                ]
+            })
+            .collect(),
+    )
 }
 
 /// The AuthorizationPolicies view; `--fqdn` filters by workload (`namespace/name` or a prefix

@@ -83,9 +83,28 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
 #[derive(Debug, Serialize)]
 pub struct EgressView {
     pub outbound_traffic_policy: &'static str,
+    /// Pod cgroups whose Sidecar sets their own policy.
+    pub workloads: Vec<WorkloadPolicyView>,
     pub registered: Vec<String>,
     /// (destination, refused connects)
     pub denied: Vec<(String, u64)>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WorkloadPolicyView {
+    pub cgroup_id: u64,
+    pub outbound_traffic_policy: &'static str,
+    /// The Pod uid and cgroup directory (found under the cgroup2 mount), if still there.
+    pub pod_uid: Option<String>,
+    pub cgroup: Option<String>,
+}
+
+fn policy_name(registry_only: bool) -> &'static str {
+    if registry_only {
+        "REGISTRY_ONLY"
+    } else {
+        "ALLOW_ANY"
+    }
 }
 
 /// The egress maps, read from their pins.
@@ -101,6 +120,26 @@ pub fn egress(bpffs: &Path) -> Result<EgressView, aya::maps::MapError> {
     let denied: HashMap<MapData, Addr, u64> =
         HashMap::try_from(Map::LruHashMap(open(map_names::DENIED)?))?;
     let registry_only = policy.get(&0, 0)?.registry_only != 0;
+    // Pins of an agent from before per-workload policies have no such map.
+    let workload_map: Option<HashMap<MapData, u64, u32>> = open(map_names::EGRESS_WORKLOADS)
+        .ok()
+        .and_then(|m| HashMap::try_from(Map::HashMap(m)).ok());
+    let mut workloads: Vec<WorkloadPolicyView> = Vec::new();
+    if let Some(map) = workload_map {
+        let cgroups = super::cgroup2_root()
+            .map(|root| crate::dataplane::cgroups::by_id(&root))
+            .unwrap_or_default();
+        for (id, p) in map.iter().filter_map(Result::ok) {
+            let found = cgroups.get(&id);
+            workloads.push(WorkloadPolicyView {
+                cgroup_id: id,
+                outbound_traffic_policy: policy_name(p == steerd_common::EGRESS_REGISTRY_ONLY),
+                pod_uid: found.map(|(uid, _)| uid.clone()),
+                cgroup: found.map(|(_, path)| path.display().to_string()),
+            });
+        }
+        workloads.sort_by(|a, b| (&a.cgroup, a.cgroup_id).cmp(&(&b.cgroup, b.cgroup_id)));
+    }
     let mut registered: Vec<String> = registry
         .keys()
         .filter_map(Result::ok)
@@ -116,11 +155,8 @@ pub fn egress(bpffs: &Path) -> Result<EgressView, aya::maps::MapError> {
         .collect();
     registered.sort();
     Ok(EgressView {
-        outbound_traffic_policy: if registry_only {
-            "REGISTRY_ONLY"
-        } else {
-            "ALLOW_ANY"
-        },
+        outbound_traffic_policy: policy_name(registry_only),
+        workloads,
         registered,
         denied: crate::dataplane::egress::denied(&denied)
             .into_iter()
@@ -188,9 +224,26 @@ pub fn render(bpffs: &Path, which: MapsTable, output: Output) -> Result<String, 
             Output::Json => serde_json::to_string_pretty(&view).expect("views serialize") + "\n",
             Output::Table => {
                 let mut out = format!(
-                    "outboundTrafficPolicy: {}\n\n",
+                    "outboundTrafficPolicy (mesh default): {}\n\n",
                     view.outbound_traffic_policy
                 );
+                if !view.workloads.is_empty() {
+                    out += &table(
+                        &["CGROUP ID", "POLICY", "POD UID", "CGROUP"],
+                        view.workloads
+                            .iter()
+                            .map(|w| {
+                                vec![
+                                    w.cgroup_id.to_string(),
+                                    w.outbound_traffic_policy.to_string(),
+                                    w.pod_uid.clone().unwrap_or_else(|| "-".into()),
+                                    w.cgroup.clone().unwrap_or_else(|| "(gone)".into()),
+                                ]
+                            })
+                            .collect(),
+                    );
+                    out += "\n";
+                }
                 out += &table(
                     &["REGISTERED"],
                     view.registered.iter().map(|r| vec![r.clone()]).collect(),

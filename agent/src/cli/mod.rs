@@ -139,6 +139,11 @@ pub struct RunArgs {
     /// address the L7 proxy is off and HTTP services are balanced per connection.
     #[arg(long = "node-ip")]
     pub node_ips: Vec<std::net::IpAddr>,
+    /// This node's locality, `region/zone/subzone` (in the DaemonSet: from the Node's
+    /// `topology.kubernetes.io/region` and `zone` labels), for locality load balancing in the
+    /// L7 proxy. Without it, endpoints are balanced without regard to locality.
+    #[arg(long, env = "STEERD_LOCALITY")]
+    pub locality: Option<String>,
     /// The mesh's default `outboundTrafficPolicy` (meshConfig). A Sidecar without
     /// workloadSelector in the root namespace (istio-system) overrides it, as in Istio.
     #[arg(long, value_enum)]
@@ -179,13 +184,18 @@ pub struct RunArgs {
     /// Default: the system's (/etc/resolv.conf).
     #[arg(long, value_parser = crate::sources::dns::parse_server)]
     pub dns_server: Option<SocketAddr>,
-    /// Worker threads of the agent's runtime (the L7 proxy's request handlers). Default: the
-    /// CPUs the agent may use (its CPU affinity and cgroup CPU quota).
+    /// Where the agent keeps state that must outlive it in regular files (bpffs cannot hold
+    /// them): the last DNS answers, so that a restarted agent steers DNS ServiceEntries even
+    /// while DNS is down.
+    #[arg(long, default_value = "/run/steerd")]
+    pub state_dir: PathBuf,
+    /// Worker threads of the L7 proxy (each a single-threaded event loop with its own listener).
+    /// Default: the CPUs the agent may use (its CPU affinity and cgroup CPU quota).
     #[arg(long, env = "STEERD_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
 }
 
-/// Worker threads for the runtime: `configured`, else what [`std::thread::available_parallelism`]
+/// Worker threads for the L7 proxy: `configured`, else what [`std::thread::available_parallelism`]
 /// reports (which honours `sched_setaffinity`/`taskset` and the cgroup v2 `cpu.max` quota, so a
 /// DaemonSet with a CPU limit of 1 gets one worker: more threads than cores only add wake-ups
 /// and context switches on the request path).

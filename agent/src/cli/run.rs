@@ -10,6 +10,7 @@ use crate::compile::{
 use crate::dataplane::{
     Dataplane, MapSizes, Pins, authz, kernel,
     proxy::{Proxy, ProxyTable},
+    workers::ProxyWorkers,
 };
 use crate::sources::{
     self, Snapshot, SourceSpec, Update,
@@ -54,11 +55,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
     .with_context(|| format!("starting the dataplane (bpffs {})", args.bpffs.display()))?;
 
     let state = Arc::new(AdminState::default());
-    let proxy = start_proxy(&args, &mut dataplane, state.metrics.clone()).await?;
+    let (proxy, _proxy_workers) = match start_proxy(&args, &mut dataplane, state.metrics.clone())? {
+        Some((proxy, workers)) => (Some(proxy), Some(workers)),
+        None => (None, None),
+    };
     if let Some(p) = &proxy {
         let _ = state.proxy.set(p.clone());
     }
     let gateways = start_gateways(&args, proxy.as_ref())?;
+    if let Some(g) = &gateways {
+        let _ = state.gateways.set(g.clone());
+    }
     if let Some(stats) = dataplane.stats.take() {
         state.metrics.attach_stats(stats);
     }
@@ -111,9 +118,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 tokio::spawn(forward(index, snap_rx, tx));
             }
             SourceSpec::Kube => {
+                // Gateways read their `credentialName` Secrets from their own namespace.
+                let secret_namespaces = args.gateways.iter().filter_map(|g| {
+                    let key = compile::gateway_ref(g, compile::gateway::DEFAULT_NAMESPACE);
+                    key.split_once('/').map(|(ns, _)| ns.to_string())
+                });
                 let source = KubeSource::connect(args.kubeconfig.as_deref())
                     .await
-                    .context("--source kube")?;
+                    .context("--source kube")?
+                    .watch_secrets_in(secret_namespaces);
                 let (snap_tx, snap_rx) = mpsc::channel(4);
                 tokio::spawn(source.watch(snap_tx));
                 tokio::spawn(forward(index, snap_rx, tx));
@@ -124,7 +137,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let dns = {
         let (snap_tx, snap_rx) = mpsc::channel(4);
         tokio::spawn(forward_snapshots(args.sources.len(), snap_rx, tx.clone()));
-        DnsSource::spawn(args.dns_server, snap_tx)
+        DnsSource::spawn(
+            args.dns_server,
+            Some(dns::StateFile::in_dir(&args.state_dir)),
+            snap_tx,
+        )
     };
     // Held so the channel stays open after one-shot sources (builtin) have sent.
     let _sources_open = tx;
@@ -134,6 +151,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut writer = PlanWriter::default();
     let mut gc = tokio::time::interval(GC_INTERVAL);
     let mut rescan = tokio::time::interval(authz::RESCAN);
+    // Without inotify, new pod cgroups are found by the periodic scan alone.
+    let mut pod_watcher = match crate::dataplane::cgroups::PodCgroupWatcher::new() {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(error = %e, "cannot watch cgroups; new pods are found by the scan every second");
+            None
+        }
+    };
     let (started, mut planned) = (Instant::now(), false);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
@@ -169,6 +194,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     g.apply(&compiler.store().to_config());
                 }
                 writer.reconcile(&mut dataplane, proxy.as_deref(), &mut compiler, &state, mesh_registry_only, compile_started);
+                writer.sync_workloads(&mut dataplane, compiler.plan(), &cgroup, pod_watcher.as_mut(), mesh_registry_only, false);
                 // Publishing copies the plan: done once the burst of updates is over.
                 if rx.is_empty() || writer.published_at.elapsed() > PUBLISH_INTERVAL {
                     writer.publish(&compiler, &state);
@@ -182,8 +208,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 dataplane.authz.collect_garbage(Instant::now());
             }
             _ = rescan.tick() => {
-                // New pods bring new veths.
+                // New pods bring new veths and new pod cgroups.
                 dataplane.rescan_policy_interfaces();
+                if planned {
+                    let mesh_registry_only = args.outbound_traffic_policy == Some(super::OutboundPolicy::RegistryOnly);
+                    writer.sync_workloads(&mut dataplane, compiler.plan(), &cgroup, pod_watcher.as_mut(), mesh_registry_only, true);
+                }
+            }
+            _ = async { pod_watcher.as_mut().expect("guarded").changed().await }, if pod_watcher.is_some() && planned => {
+                // A new directory next to known pod cgroups: likely a new Pod's.
+                let mesh_registry_only = args.outbound_traffic_policy == Some(super::OutboundPolicy::RegistryOnly);
+                writer.sync_workloads(&mut dataplane, compiler.plan(), &cgroup, pod_watcher.as_mut(), mesh_registry_only, true);
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
@@ -230,12 +265,12 @@ async fn forward_snapshots(
     }
 }
 
-/// Starts the L7 proxy on the node addresses and tells the kernel about it.
-async fn start_proxy(
+/// Starts the L7 proxy's workers on the node addresses and tells the kernel about it.
+fn start_proxy(
     args: &RunArgs,
     dataplane: &mut Dataplane,
     metrics: Arc<crate::metrics::Metrics>,
-) -> Result<Option<Arc<Proxy>>> {
+) -> Result<Option<(Arc<Proxy>, ProxyWorkers)>> {
     let node_ips = if args.node_ips.is_empty() {
         super::default_node_ip().into_iter().collect()
     } else {
@@ -260,7 +295,14 @@ async fn start_proxy(
         dataplane.set_proxy(None, None, None)?;
         return Ok(None);
     };
-    let proxy = Proxy::new(connections, metrics);
+    let locality = args
+        .locality
+        .as_deref()
+        .filter(|l| !l.is_empty())
+        .map(crate::compile::http::Locality::parse);
+    let proxy = Proxy::new(connections, metrics, locality);
+    let workers = ProxyWorkers::start(super::worker_threads(args.worker_threads))
+        .context("starting the L7 proxy's worker threads")?;
     for ip in [
         ipv4.map(std::net::IpAddr::V4),
         ipv6.map(std::net::IpAddr::V6),
@@ -268,11 +310,10 @@ async fn start_proxy(
     .into_iter()
     .flatten()
     {
-        let serve = proxy.bind((ip, args.proxy_port).into()).await?;
-        tokio::spawn(serve);
+        proxy.bind_workers(&workers, (ip, args.proxy_port).into())?;
     }
     dataplane.set_proxy(ipv4, ipv6, Some(args.proxy_port))?;
-    Ok(Some(proxy))
+    Ok(Some((proxy, workers)))
 }
 
 /// Writes what the compiler changed to the kernel and the proxy.
@@ -286,6 +327,10 @@ struct PlanWriter {
     authz_failed: bool,
     /// Diagnostics already logged.
     logged: std::collections::BTreeSet<Diagnostic>,
+    /// Pod cgroups by Pod uid, from the last scan.
+    pod_cgroups: std::collections::BTreeMap<String, crate::dataplane::cgroups::PodCgroup>,
+    /// The Pod uids the last scan looked for.
+    scanned_for: std::collections::BTreeSet<String>,
     published_at: Instant,
     /// A plan is in the maps that admin and metrics have not seen yet.
     unpublished: bool,
@@ -298,6 +343,8 @@ impl Default for PlanWriter {
             egress_full: true,
             authz_failed: false,
             logged: Default::default(),
+            pod_cgroups: Default::default(),
+            scanned_for: Default::default(),
             published_at: Instant::now(),
             unpublished: false,
         }
@@ -449,6 +496,49 @@ impl PlanWriter {
                 metrics.map_write_errors.inc();
                 error!(error = %e, "writing the plan to the maps failed; will retry on the next change");
             }
+        }
+    }
+
+    /// Points the pod cgroups of Pods with a Sidecar policy of their own at it. `rescan` looks
+    /// for pod cgroups again (the timer); otherwise only when a Pod's is not known yet.
+    fn sync_workloads(
+        &mut self,
+        dataplane: &mut Dataplane,
+        plan: &compile::Plan,
+        cgroup_root: &std::path::Path,
+        watcher: Option<&mut crate::dataplane::cgroups::PodCgroupWatcher>,
+        mesh_registry_only: bool,
+        rescan: bool,
+    ) {
+        let workloads = &plan.egress.workloads;
+        // Pods of other nodes have no cgroup here: only Pods new since the last scan trigger one.
+        let new_pods = workloads
+            .keys()
+            .any(|uid| !self.pod_cgroups.contains_key(uid) && !self.scanned_for.contains(uid));
+        if rescan || new_pods {
+            self.pod_cgroups = if workloads.is_empty() {
+                Default::default()
+            } else {
+                crate::dataplane::cgroups::scan(cgroup_root)
+            };
+            self.scanned_for = workloads.keys().cloned().collect();
+            if let Some(w) = watcher {
+                if workloads.is_empty() {
+                    w.clear();
+                } else {
+                    w.follow(cgroup_root, &self.pod_cgroups);
+                }
+            }
+        }
+        let want: std::collections::BTreeMap<u64, bool> = workloads
+            .iter()
+            .filter_map(|(uid, w)| {
+                let cgroup = self.pod_cgroups.get(uid)?;
+                Some((cgroup.id, w.registry_only.unwrap_or(mesh_registry_only)))
+            })
+            .collect();
+        if let Err(e) = dataplane.egress.set_workloads(&want) {
+            error!(error = %e, "writing the per-workload outbound policies failed; will retry");
         }
     }
 

@@ -50,6 +50,7 @@ pub fn analyze(config: &ConfigSet) -> Vec<Diagnostic> {
     service_entry_addresses(config, &mut out);
     conflicting_gateways(config, &mut out);
     unreachable_rules(config, &mut out);
+    sidecar_selection(config, &mut out);
     out.sort();
     out.dedup();
     out
@@ -288,6 +289,64 @@ fn conflicting_gateways(config: &ConfigSet, out: &mut Vec<Diagnostic>) {
     }
 }
 
+/// IST0123: several Sidecars without workloadSelector in one namespace; IST0110: several
+/// Sidecars selecting one Pod. Istio then picks one by age, steerd by name: which
+/// `outboundTrafficPolicy` applies is not what either author may expect.
+fn sidecar_selection(config: &ConfigSet, out: &mut Vec<Diagnostic>) {
+    let sidecars = super::egress::ordered(&config.sidecars);
+    let mut defaults: BTreeMap<&str, Vec<&Resource<istio::Sidecar>>> = BTreeMap::new();
+    for s in sidecars
+        .iter()
+        .filter(|s| s.spec.workload_selector.is_none())
+    {
+        defaults.entry(&s.meta.namespace).or_default().push(s);
+    }
+    for (ns, list) in defaults.into_iter().filter(|(_, l)| l.len() > 1) {
+        let names: Vec<String> = list.iter().map(|s| s.meta.key()).collect();
+        for s in &list {
+            out.push(diag(
+                Level::Error,
+                "IST0123",
+                "Sidecar",
+                s,
+                "spec.workloadSelector",
+                format!(
+                    "The Sidecars {names:?} in namespace {ns:?} have no workload selector, which can lead to undefined behavior."
+                ),
+            ));
+        }
+    }
+    for pod in &config.pods {
+        let selecting: Vec<&&Resource<istio::Sidecar>> = sidecars
+            .iter()
+            .filter(|s| {
+                s.meta.namespace == pod.meta.namespace
+                    && s.spec.workload_selector.as_ref().is_some_and(|sel| {
+                        sel.labels
+                            .iter()
+                            .all(|(k, v)| pod.meta.labels.get(k) == Some(v))
+                    })
+            })
+            .collect();
+        if selecting.len() > 1 {
+            let names: Vec<String> = selecting.iter().map(|s| s.meta.key()).collect();
+            for s in selecting {
+                out.push(diag(
+                    Level::Error,
+                    "IST0110",
+                    "Sidecar",
+                    s,
+                    "spec.workloadSelector",
+                    format!(
+                        "The Sidecars {names:?} in namespace {:?} select the same workload pod {:?}, which can lead to undefined behavior.",
+                        pod.meta.namespace, pod.meta.name
+                    ),
+                ));
+            }
+        }
+    }
+}
+
 /// IST0130/IST0131: http rules after a catch-all are never used; a match block identical to an
 /// earlier one never matches anything new.
 fn unreachable_rules(config: &ConfigSet, out: &mut Vec<Diagnostic>) {
@@ -473,6 +532,31 @@ mod tests {
         let found = codes(&load(&[("vs.yaml", vs)]));
         assert!(found.contains(&"Warning IST0130".to_string()), "{found:?}");
         assert!(found.contains(&"Warning IST0131".to_string()), "{found:?}");
+    }
+
+    #[test]
+    fn sidecars_competing_for_a_workload_or_a_namespace() {
+        let sc = |name: &str, sel: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: {name}, namespace: a}}\nspec: {{{sel}outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}}}\n---\n"
+            )
+        };
+        let text = sc("d1", "")
+            + &sc("d2", "")
+            + &sc("w1", "workloadSelector: {labels: {app: web}}, ")
+            + &sc("w2", "workloadSelector: {labels: {app: web}}, ")
+            + "apiVersion: v1\nkind: Pod\nmetadata: {name: web-1, namespace: a, labels: {app: web}}\n";
+        let found = codes(&load(&[("sc.yaml", text)]));
+        assert_eq!(
+            found.iter().filter(|c| *c == "Error IST0123").count(),
+            2,
+            "{found:?}"
+        );
+        assert_eq!(
+            found.iter().filter(|c| *c == "Error IST0110").count(),
+            2,
+            "{found:?}"
+        );
     }
 
     #[test]

@@ -59,6 +59,10 @@ pub struct RouteRef {
     pub name: Option<String>,
     /// `http`, `tcp`, `tls`, or `default` (no VirtualService rule).
     pub kind: String,
+    /// For a rule of a delegate VirtualService: `ns/name http[i]` (`index` is then the
+    /// delegating route's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delegate: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -71,6 +75,9 @@ pub struct DestinationView {
     /// Route weight (relative, as written) for HTTP; share of connections (percent) for TCP.
     pub weight: f64,
     pub endpoints: Vec<String>,
+    /// DestinationRule `tls` origination (HTTP destinations), described.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -94,10 +101,16 @@ pub struct Explanation {
     pub retries: Option<String>,
     pub fault: Option<String>,
     pub rewrite: Option<String>,
+    /// What the rule's `corsPolicy` does with the request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cors: Option<String>,
     /// What the AuthorizationPolicies of each destination endpoint decide.
     pub authorization: Vec<AuthorizationView>,
     /// Findings of the compiler about the objects involved.
     pub diagnostics: Vec<String>,
+    /// The client Pod's outbound traffic policy (`--source-pod`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outbound: Option<super::egress::PodOutbound>,
 }
 
 /// The authorization decision at one destination endpoint.
@@ -124,6 +137,7 @@ fn cluster_view(c: &http::Cluster, weight: f64) -> DestinationView {
         port: c.port,
         weight,
         endpoints: c.endpoints.iter().map(|e| e.addr.to_string()).collect(),
+        tls: c.policy.tls.as_ref().map(|t| t.describe()),
     }
 }
 
@@ -210,8 +224,10 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
         retries: None,
         fault: None,
         rewrite: None,
+        cors: None,
         authorization: Vec::new(),
         diagnostics: Vec::new(),
+        outbound: None,
     };
     let plan = super::compile(config);
     let source_ip = q.source_ip.map(|ip| ip.to_canonical());
@@ -264,6 +280,10 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
                 out.route = Some(RouteRef {
                     index: rule.index,
                     name: rule.name.clone(),
+                    delegate: rule
+                        .delegate
+                        .as_ref()
+                        .map(|d| format!("{} http[{}]", d.virtual_service, d.index)),
                     kind: if routes.virtual_service.is_some() {
                         "http".into()
                     } else {
@@ -271,6 +291,13 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
                     },
                 });
                 out.matched = rule.describe_matches();
+                let cors = rule.cors.as_ref().map(|c| c.evaluate(&view));
+                if let (Some(policy), Some(decision)) = (&rule.cors, &cors) {
+                    out.cors = Some(format!(
+                        "allow origins [{}]: {decision}",
+                        policy.describe_origins().join(", ")
+                    ));
+                }
                 match &rule.action {
                     RouteAction::Forward(dests) => {
                         out.action = "route".into();
@@ -293,6 +320,9 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
                             body.as_ref().map(|b| format!(" {b:?}")).unwrap_or_default()
                         );
                     }
+                }
+                if let Some(http::CorsDecision::Preflight { .. }) = cors {
+                    out.action = "CORS preflight answered 200 by the proxy (not forwarded)".into();
                 }
                 out.mirrors = rule
                     .mirrors
@@ -434,16 +464,25 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
                     port: port.port,
                     weight: (weight * 100.0).round() / 100.0,
                     endpoints,
+                    tls: None,
                 }
             })
             .collect();
     }
+    let delegates: Vec<String> = vs
+        .map(super::delegate::delegate_keys)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(ns, name)| format!("{ns}/{name}"))
+        .collect();
     diags.sort();
     diags.dedup();
     out.diagnostics = diags
         .iter()
         .filter(|d| {
-            out.virtual_service.as_deref() == Some(d.object.as_str()) || d.object == svc.object
+            out.virtual_service.as_deref() == Some(d.object.as_str())
+                || d.object == svc.object
+                || (d.kind == "VirtualService" && delegates.contains(&d.object))
         })
         .map(|d| d.to_string())
         .collect();
@@ -513,6 +552,7 @@ fn route_ref(desc: &str) -> RouteRef {
         index,
         name: None,
         kind,
+        delegate: None,
     }
 }
 
@@ -549,7 +589,15 @@ pub fn render_text(e: &Explanation) -> String {
                 .as_ref()
                 .map(|n| format!(" {n:?}"))
                 .unwrap_or_default();
-            line(&mut s, format!("Route: {}[{}]{name}", r.kind, r.index));
+            let delegate = r
+                .delegate
+                .as_ref()
+                .map(|d| format!(", delegated to VirtualService {d}"))
+                .unwrap_or_default();
+            line(
+                &mut s,
+                format!("Route: {}[{}]{name}{delegate}", r.kind, r.index),
+            );
             for m in &e.matched {
                 line(&mut s, format!("  matched: {m}"));
             }
@@ -569,6 +617,9 @@ pub fn render_text(e: &Explanation) -> String {
                 &mut s,
                 format!("  {}  weight {}  endpoints: {eps}", d.cluster, d.weight),
             );
+            if let Some(tls) = &d.tls {
+                line(&mut s, format!("    TLS origination: {tls}"));
+            }
         }
     }
     for m in &e.mirrors {
@@ -587,6 +638,7 @@ pub fn render_text(e: &Explanation) -> String {
         ("Retries", &e.retries),
         ("Fault", &e.fault),
         ("Rewrite", &e.rewrite),
+        ("CORS", &e.cors),
     ] {
         if let Some(v) = v {
             line(&mut s, format!("{label}: {v}"));
@@ -608,6 +660,9 @@ pub fn render_text(e: &Explanation) -> String {
                 line(&mut s, format!("    not enforced: {n}"));
             }
         }
+    }
+    if let Some(o) = &e.outbound {
+        line(&mut s, format!("Client: {o}"));
     }
     for d in &e.diagnostics {
         line(&mut s, format!("Note: {d}"));
@@ -729,6 +784,72 @@ mod tests {
             Some(
                 "2 attempts on connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes"
             )
+        );
+    }
+
+    #[test]
+    fn cors_preflights_and_allowed_origins() {
+        let mut cfg = samples(&["bookinfo/platform/kube/bookinfo.yaml"]);
+        let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ratings}\nspec:\n  hosts: [ratings]\n  http:\n  - corsPolicy:\n      allowOrigins: [{exact: 'https://a.example'}]\n      allowMethods: [GET, POST]\n      maxAge: 1m\n    route: [{destination: {host: ratings}}]\n";
+        let (objs, errs) = parse_documents("vs.yaml", vs);
+        assert!(errs.is_empty(), "{errs:?}");
+        cfg.extend(objs);
+        let mut query = q(
+            "ratings",
+            &[
+                ("origin", "https://a.example"),
+                ("access-control-request-method", "POST"),
+            ],
+        );
+        query.method = Some("OPTIONS".into());
+        let e = explain(&cfg, &query).unwrap();
+        assert_eq!(
+            e.action,
+            "CORS preflight answered 200 by the proxy (not forwarded)"
+        );
+        assert_eq!(
+            e.cors.as_deref(),
+            Some(
+                "allow origins [exact \"https://a.example\"]: preflight answered 200 by the proxy (access-control-allow-origin: https://a.example, access-control-allow-methods: GET,POST, access-control-max-age: 60)"
+            )
+        );
+        let e = explain(&cfg, &q("ratings", &[("origin", "https://a.example")])).unwrap();
+        assert_eq!(e.action, "route");
+        assert_eq!(
+            e.cors.as_deref(),
+            Some(
+                "allow origins [exact \"https://a.example\"]: origin allowed; the response gets access-control-allow-origin: https://a.example"
+            )
+        );
+        query.headers[0].1 = "https://evil.example".into();
+        let e = explain(&cfg, &query).unwrap();
+        assert_eq!(e.action, "route", "forwarded (unmatchedPreflights FORWARD)");
+        assert!(
+            e.cors
+                .unwrap()
+                .ends_with("origin not allowed: forwarded without CORS headers")
+        );
+    }
+
+    #[test]
+    fn delegated_rules_name_their_delegate() {
+        let mut cfg = bookinfo("virtual-service-reviews-v3.yaml");
+        let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\nspec:\n  hosts: [reviews]\n  http:\n  - match: [{uri: {prefix: /r}}]\n    delegate: {name: split}\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: split}\nspec:\n  http:\n  - match: [{headers: {end-user: {exact: jason}}}]\n    route: [{destination: {host: reviews, subset: v2}}]\n";
+        cfg.virtual_services.clear();
+        let (objs, errs) = parse_documents("vs.yaml", vs);
+        assert!(errs.is_empty(), "{errs:?}");
+        cfg.extend(objs);
+        let mut query = q("reviews", &[("end-user", "jason")]);
+        query.path = Some("/r/1".into());
+        let e = explain(&cfg, &query).unwrap();
+        let route = e.route.as_ref().unwrap();
+        assert_eq!(route.delegate.as_deref(), Some("default/split http[0]"));
+        assert_eq!(e.destinations[0].subset.as_deref(), Some("v2"));
+        assert!(
+            render_text(&e)
+                .contains("Route: http[0], delegated to VirtualService default/split http[0]"),
+            "{}",
+            render_text(&e)
         );
     }
 

@@ -133,6 +133,10 @@ pub struct TlsPlan {
     pub credential: Credential,
     /// MUTUAL and OPTIONAL_MUTUAL: the CA client certificates must chain to.
     pub client_ca: Option<ClientCa>,
+    /// MUTUAL and OPTIONAL_MUTUAL: a client certificate must carry one of these SANs (exact
+    /// match on its DNS, URI, email or IP SANs); empty: any certificate the CA signed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
     pub min_version: Option<TlsProtocolVersion>,
     pub max_version: Option<TlsProtocolVersion>,
 }
@@ -561,18 +565,18 @@ impl<'a> Ctx<'a> {
                 let client_ca =
                     matches!(mode, ServerTlsMode::Mutual | ServerTlsMode::OptionalMutual)
                         .then(|| self.client_ca(gw, &field, t));
-                if client_ca.is_some() && !t.subject_alt_names.is_empty() {
-                    self.gateway_diag(
-                        Level::Warning,
-                        gw,
-                        format!("{field}.tls.subjectAltNames"),
-                        "subjectAltNames are not checked yet: any client certificate the CA signed is accepted".into(),
-                    );
-                }
+                // Only client certificates are checked against them (Envoy's
+                // match_typed_subject_alt_names on a downstream validation context).
+                let subject_alt_names = if client_ca.is_some() {
+                    t.subject_alt_names.clone()
+                } else {
+                    Vec::new()
+                };
                 Some(TlsPlan {
                     mode,
                     credential,
                     client_ca,
+                    subject_alt_names,
                     min_version: t.min_protocol_version,
                     max_version: t.max_protocol_version,
                 })
@@ -806,40 +810,15 @@ impl<'a> Ctx<'a> {
     fn at_gateway(&self, vs: &Resource<istio::VirtualService>) -> Resource<istio::VirtualService> {
         let mut vs = vs.clone();
         let ns = vs.meta.namespace.clone();
-        let registry = self.registry;
-        let fill = |d: &mut istio::Destination| {
-            if d.port.as_ref().and_then(|p| p.number).is_some() {
-                return;
-            }
-            let Some(svc) = registry.services.get(&resolve_host(&d.host, &ns)) else {
-                return;
-            };
-            let mut ports: Vec<u16> = svc
-                .ports
-                .iter()
-                .filter(|p| p.transport == registry::Transport::Tcp)
-                .map(|p| p.port)
-                .collect();
-            ports.dedup();
-            if let [only] = ports.as_slice() {
-                d.port = Some(istio::PortSelector {
-                    number: Some(*only as u32),
-                });
-            }
-        };
+        for h in &mut vs.spec.http {
+            self.http_route_at_gateway(h, &ns);
+        }
+        let fill = |d: &mut istio::Destination| self.fill_destination_port(d, &ns);
         let refs = |gateways: &mut Vec<String>| {
             for g in gateways.iter_mut() {
                 *g = gateway_ref(g, &ns);
             }
         };
-        for h in &mut vs.spec.http {
-            h.route.iter_mut().for_each(|r| fill(&mut r.destination));
-            if let Some(m) = &mut h.mirror {
-                fill(m);
-            }
-            h.mirrors.iter_mut().for_each(|m| fill(&mut m.destination));
-            h.matches.iter_mut().for_each(|m| refs(&mut m.gateways));
-        }
         for t in &mut vs.spec.tls {
             t.route.iter_mut().for_each(|r| fill(&mut r.destination));
             t.matches.iter_mut().for_each(|m| refs(&mut m.gateways));
@@ -849,6 +828,45 @@ impl<'a> Ctx<'a> {
             t.matches.iter_mut().for_each(|m| refs(&mut m.gateways));
         }
         vs
+    }
+
+    /// One http route as seen at a gateway (see [`Self::at_gateway`]), for a route written in
+    /// namespace `ns` (a delegate's routes are written in the delegate's).
+    fn http_route_at_gateway(&self, h: &mut istio::HttpRoute, ns: &str) {
+        let fill = |d: &mut istio::Destination| self.fill_destination_port(d, ns);
+        h.route.iter_mut().for_each(|r| fill(&mut r.destination));
+        if let Some(m) = &mut h.mirror {
+            fill(m);
+        }
+        h.mirrors.iter_mut().for_each(|m| fill(&mut m.destination));
+        for m in &mut h.matches {
+            for g in m.gateways.iter_mut() {
+                *g = gateway_ref(g, ns);
+            }
+        }
+    }
+
+    /// Istio's GetDestinationCluster: a destination without a port gets its service's only
+    /// port.
+    fn fill_destination_port(&self, d: &mut istio::Destination, ns: &str) {
+        if d.port.as_ref().and_then(|p| p.number).is_some() {
+            return;
+        }
+        let Some(svc) = self.registry.services.get(&resolve_host(&d.host, ns)) else {
+            return;
+        };
+        let mut ports: Vec<u16> = svc
+            .ports
+            .iter()
+            .filter(|p| p.transport == registry::Transport::Tcp)
+            .map(|p| p.port)
+            .collect();
+        ports.dedup();
+        if let [only] = ports.as_slice() {
+            d.port = Some(istio::PortSelector {
+                number: Some(*only as u32),
+            });
+        }
     }
 
     fn virtual_hosts(
@@ -885,15 +903,14 @@ impl<'a> Ctx<'a> {
                     None => {
                         let vs = self.at_gateway(bound[i].0);
                         let mut cache = HashMap::new();
-                        let built: Vec<HttpRule> = vs
-                            .spec
-                            .http
-                            .iter()
-                            .enumerate()
-                            .filter_map(|(n, route)| {
-                                self.http_rule(&vs, n, route, port, &mut cache)
-                            })
-                            .collect();
+                        let mut built: Vec<HttpRule> = Vec::new();
+                        for mut r in self.expanded_http(&vs) {
+                            if r.delegated_by.is_some() {
+                                let ns = r.owner.meta.namespace.clone();
+                                self.http_route_at_gateway(r.route.to_mut(), &ns);
+                            }
+                            built.extend(self.expanded_rule(&r, port, &mut cache));
+                        }
                         rules_of.insert(i, built.clone());
                         built
                     }
@@ -1368,6 +1385,57 @@ spec:
             matches!(rule.action, RouteAction::Forward(_)),
             "mesh-only block is skipped"
         );
+    }
+
+    #[test]
+    fn delegated_routes_apply_at_the_gateway() {
+        let text = r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  servers:
+  - port: {number: 8080, name: http, protocol: HTTP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: root}
+spec:
+  hosts: ["*"]
+  gateways: [gw]
+  http:
+  - match: [{uri: {prefix: /productpage}, gateways: [gw]}]
+    delegate: {name: split, namespace: team}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: split, namespace: team}
+spec:
+  http:
+  - match: [{uri: {exact: /productpage/teapot}}]
+    directResponse: {status: 418}
+  - route: [{destination: {host: productpage.default.svc.cluster.local}}]
+"#;
+        let c = config(&[PRODUCTPAGE, text]);
+        let plan = compile(&c, &["default/gw".into()]);
+        assert!(plan.diagnostics.is_empty(), "{:?}", plan.diagnostics);
+        let vh = &plan.listeners[0].virtual_hosts[0];
+        let gw = "default/gw";
+        assert_eq!(
+            cluster_of(&vh.routes, &request("h", "/productpage/1", gw)).as_deref(),
+            Some("outbound|9080||productpage.default.svc.cluster.local"),
+            "the delegate's destination gets the service's only port"
+        );
+        let rule = vh
+            .routes
+            .select(&request("h", "/productpage/teapot", gw))
+            .unwrap();
+        assert!(matches!(
+            rule.action,
+            RouteAction::DirectResponse { status: 418, .. }
+        ));
+        assert!(vh.routes.select(&request("h", "/other", gw)).is_none());
     }
 
     #[test]

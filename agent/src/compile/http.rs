@@ -14,6 +14,7 @@ use regex::Regex;
 use serde::Serialize;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -146,6 +147,8 @@ impl RequestView<'_> {
     }
 
     /// A cookie's value from the `cookie` header(s) (HTTP/2 clients may send one per cookie).
+    /// A quoted value is unquoted, as Envoy's cookie parser does (the cookies it generates are
+    /// quoted).
     pub fn cookie(&self, name: &str) -> Option<&str> {
         self.headers
             .get_all(COOKIE)
@@ -154,6 +157,10 @@ impl RequestView<'_> {
             .flat_map(|v| v.split(';'))
             .find_map(|c| {
                 let (k, v) = c.trim().split_once('=')?;
+                let v = v
+                    .strip_prefix('"')
+                    .and_then(|v| v.strip_suffix('"'))
+                    .unwrap_or(v);
                 (k == name).then_some(v)
             })
     }
@@ -248,6 +255,229 @@ pub struct ClusterPolicy {
     pub outlier: Option<OutlierPolicy>,
     /// Upstream speaks HTTP/2 (service port protocol HTTP2/GRPC, or `h2UpgradePolicy: UPGRADE`).
     pub http2: bool,
+    /// Locality load balancing (None: `localityLbSetting.enabled: false`).
+    pub locality: Option<LocalityPolicy>,
+    /// `tls` SIMPLE/MUTUAL: the proxy originates TLS to the endpoints.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
+}
+
+/// TLS the proxy originates to a cluster's endpoints (DestinationRule `tls`, SIMPLE or MUTUAL).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UpstreamTls {
+    /// `SIMPLE` or `MUTUAL`.
+    pub mode: &'static str,
+    /// The SNI sent; None: the cluster's host.
+    pub sni: Option<String>,
+    /// The server certificate must carry one of these (DNS/URI/IP, exact); empty: it must be
+    /// valid for the SNI.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+    pub ca: UpstreamCa,
+    /// MUTUAL: the certificate presented.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<super::gateway::Credential>,
+    /// Why no connection can be made (missing Secret, ...): connections fail with `UF`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl UpstreamTls {
+    /// `SIMPLE sni=api.example.com ca=/etc/ca.pem san=a,b`, for `inspect clusters`/`explain`.
+    pub fn describe(&self) -> String {
+        let mut out = format!(
+            "{} sni={}",
+            self.mode,
+            self.sni.as_deref().unwrap_or("<host>")
+        );
+        out += &match &self.ca {
+            UpstreamCa::System => " ca=system".to_string(),
+            UpstreamCa::File(p) => format!(" ca={}", p.display()),
+            UpstreamCa::Secret { name, .. } => format!(" ca=secret:{name}"),
+            UpstreamCa::InsecureSkipVerify => " insecureSkipVerify".to_string(),
+        };
+        if !self.subject_alt_names.is_empty() {
+            out += &format!(" san={}", self.subject_alt_names.join(","));
+        }
+        match &self.client_certificate {
+            Some(super::gateway::Credential::Secret { name, .. }) => {
+                out += &format!(" cert=secret:{name}")
+            }
+            Some(super::gateway::Credential::Files { cert, .. }) => {
+                out += &format!(" cert={}", cert.display())
+            }
+            _ => {}
+        }
+        if let Some(e) = &self.error {
+            out += &format!(" (error: {e})");
+        }
+        out
+    }
+}
+
+/// What a server certificate is verified against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum UpstreamCa {
+    /// The system's CA bundle (Istio's default without `caCertificates`).
+    System,
+    /// `caCertificates`, read by the dataplane.
+    File(std::path::PathBuf),
+    /// A `credentialName` Secret's `ca.crt`/`cacert`.
+    Secret {
+        name: String,
+        #[serde(skip)]
+        pem: super::gateway::Pem,
+    },
+    /// `insecureSkipVerify: true`: no verification at all.
+    InsecureSkipVerify,
+}
+
+/// `localityLbSetting` as Istio applies it for a client in some locality.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LocalityPolicy {
+    /// `distribute`: (from, [(to, weight)]); the first `from` matching the client applies.
+    pub distribute: Vec<(String, Vec<(String, u32)>)>,
+    /// `failover`: (from region, to region).
+    pub failover: Vec<(String, String)>,
+    /// Priority failover applies: Istio enables it only with outlier detection (without health
+    /// information traffic would never fail over).
+    pub failover_enabled: bool,
+}
+
+/// A `region/zone/subzone` locality.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Locality {
+    pub region: String,
+    pub zone: String,
+    pub subzone: String,
+}
+
+/// `region/zone/subzone` as its three parts (missing ones empty), without copying.
+fn locality_parts(s: &str) -> [&str; 3] {
+    let mut it = s.splitn(3, '/');
+    [
+        it.next().unwrap_or(""),
+        it.next().unwrap_or(""),
+        it.next().unwrap_or(""),
+    ]
+}
+
+/// Istio's `LocalityMatch`: a rule locality (`*` wildcards, missing zone/subzone match
+/// anything) covers `locality`.
+fn rule_covers(rule: &str, locality: [&str; 3]) -> bool {
+    let rule = locality_parts(rule);
+    (0..3).all(|i| rule[i] == "*" || (i > 0 && rule[i].is_empty()) || rule[i] == locality[i])
+}
+
+/// Istio's `LbPriority`: 0 same subzone, 1 same zone, 2 same region, 3 elsewhere.
+fn lb_priority(client: [&str; 3], endpoint: [&str; 3]) -> u32 {
+    match (
+        client[0] == endpoint[0],
+        client[1] == endpoint[1],
+        client[2] == endpoint[2],
+    ) {
+        (true, true, true) => 0,
+        (true, true, false) => 1,
+        (true, false, _) => 2,
+        (false, _, _) => 3,
+    }
+}
+
+impl Locality {
+    /// `region/zone/subzone`, each part optional from the right.
+    pub fn parse(s: &str) -> Self {
+        let [region, zone, subzone] = locality_parts(s).map(str::to_string);
+        Self {
+            region,
+            zone,
+            subzone,
+        }
+    }
+
+    fn parts(&self) -> [&str; 3] {
+        [&self.region, &self.zone, &self.subzone]
+    }
+
+    /// Whether a rule locality (`region/zone/subzone`, `*` wildcards, missing parts match
+    /// anything) covers this one.
+    pub fn matches_rule(&self, rule: &str) -> bool {
+        rule_covers(rule, self.parts())
+    }
+
+    /// 0 same subzone, 1 same zone, 2 same region, 3 elsewhere.
+    pub fn priority_of(&self, endpoint: &Locality) -> u32 {
+        lb_priority(self.parts(), endpoint.parts())
+    }
+}
+
+impl LocalityPolicy {
+    /// Each endpoint's failover priority for a client in `client` (Istio's
+    /// applyLocalityFailover, priorities renumbered to 0..N without gaps), or None when no
+    /// failover applies.
+    pub fn priorities(&self, client: &Locality, endpoints: &[WeightedBackend]) -> Option<Vec<u32>> {
+        if !self.failover_enabled {
+            return None;
+        }
+        let raw: Vec<u32> = endpoints
+            .iter()
+            .map(|e| {
+                let locality = locality_parts(&e.locality);
+                let p = lb_priority(client.parts(), locality);
+                if p < 3 {
+                    return p;
+                }
+                // A failover rule for the client's region: its `to` region next, others last.
+                match self
+                    .failover
+                    .iter()
+                    .find(|(from, _)| *from == client.region)
+                {
+                    Some((_, to)) if to != locality[0] => 4,
+                    _ => 3,
+                }
+            })
+            .collect();
+        let mut levels: Vec<u32> = raw.clone();
+        levels.sort_unstable();
+        levels.dedup();
+        Some(
+            raw.iter()
+                .map(|p| levels.iter().position(|l| l == p).unwrap_or(0) as u32)
+                .collect(),
+        )
+    }
+
+    /// The `distribute` weight of each endpoint for a client in `client` (Istio's
+    /// applyLocalityWeights: a locality's weight shared by its endpoints, endpoints of no
+    /// listed locality get none), or None when no `from` matches.
+    pub fn distribution(
+        &self,
+        client: &Locality,
+        endpoints: &[WeightedBackend],
+    ) -> Option<Vec<f64>> {
+        let (_, to) = self
+            .distribute
+            .iter()
+            .find(|(from, _)| client.matches_rule(from))?;
+        let mut weights = vec![0.0; endpoints.len()];
+        let mut taken = vec![false; endpoints.len()];
+        for (locality, weight) in to {
+            let members: Vec<usize> = (0..endpoints.len())
+                .filter(|&i| {
+                    !taken[i] && rule_covers(locality, locality_parts(&endpoints[i].locality))
+                })
+                .collect();
+            let total: f64 = members.iter().map(|&i| endpoints[i].weight).sum();
+            for &i in &members {
+                taken[i] = true;
+                if total > 0.0 {
+                    weights[i] = *weight as f64 * endpoints[i].weight / total;
+                }
+            }
+        }
+        Some(weights)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -263,7 +493,15 @@ pub enum LoadBalancer {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub enum HashKey {
     Header(String),
-    Cookie { name: String, ttl: Option<Duration> },
+    /// With a `ttl`, a request without the cookie gets one generated (and set on its response),
+    /// as Envoy does; a zero ttl makes it a session cookie.
+    Cookie {
+        name: String,
+        ttl: Option<Duration>,
+        path: Option<String>,
+        /// Extra `Set-Cookie` attributes (`name` or `name=value`).
+        attributes: Vec<(String, Option<String>)>,
+    },
     SourceIp,
     QueryParam(String),
 }
@@ -365,6 +603,158 @@ pub struct Mirror {
     pub percentage: f64,
 }
 
+/// A rule's `corsPolicy`, as Istio configures Envoy's CORS filter for the route.
+#[derive(Debug, Clone, Serialize)]
+pub struct CorsPolicy {
+    /// `allowOrigins` (or the deprecated exact `allowOrigin` list).
+    #[serde(skip)]
+    pub allow_origins: Vec<StrMatch>,
+    /// Joined with `,` as Istio joins them; `*` echoes the preflight's requested method.
+    pub allow_methods: String,
+    /// Joined with `,`; `*` echoes the preflight's requested headers.
+    pub allow_headers: String,
+    pub expose_headers: String,
+    /// Whole seconds, as Istio writes it.
+    pub max_age: Option<String>,
+    pub allow_credentials: bool,
+    /// `unmatchedPreflights`: FORWARD (default) sends a preflight from an origin that is not
+    /// allowed on to the upstream; IGNORE answers it with a 200 without CORS headers.
+    pub forward_unmatched_preflights: bool,
+}
+
+/// What the CORS filter does with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsDecision {
+    /// No `Origin` header: not a CORS request.
+    NotCors,
+    /// The origin is not allowed: the request is forwarded and its response gets no CORS
+    /// headers (for a preflight: `unmatchedPreflights: FORWARD`).
+    OriginNotAllowed,
+    /// A preflight answered by the proxy with 200 and these headers, not forwarded.
+    Preflight {
+        origin_allowed: bool,
+        headers: Vec<(&'static str, String)>,
+    },
+    /// A request from an allowed origin: forwarded, and these headers are set on its response.
+    Allowed {
+        headers: Vec<(&'static str, String)>,
+    },
+}
+
+impl CorsPolicy {
+    /// Envoy's `isOriginAllowed`: an origin matcher that accepts `*` allows every origin.
+    pub fn origin_allowed(&self, origin: &str) -> bool {
+        self.allow_origins
+            .iter()
+            .any(|m| m.matches("*", false) || m.matches(origin, false))
+    }
+
+    /// Envoy's CORS filter on one request (decodeHeaders for preflights, encodeHeaders for the
+    /// headers an actual request's response gets).
+    pub fn evaluate(&self, req: &RequestView<'_>) -> CorsDecision {
+        let Some(origin) = req.header("origin").filter(|o| !o.is_empty()) else {
+            return CorsDecision::NotCors;
+        };
+        let allowed = self.origin_allowed(&origin);
+        let requested_method = req
+            .header("access-control-request-method")
+            .filter(|m| !m.is_empty());
+        let preflight = req.method == "OPTIONS" && requested_method.is_some();
+        if !preflight {
+            if !allowed {
+                return CorsDecision::OriginNotAllowed;
+            }
+            let mut headers = vec![("access-control-allow-origin", origin.into_owned())];
+            if self.allow_credentials {
+                headers.push(("access-control-allow-credentials", "true".into()));
+            }
+            if !self.expose_headers.is_empty() {
+                headers.push(("access-control-expose-headers", self.expose_headers.clone()));
+            }
+            return CorsDecision::Allowed { headers };
+        }
+        if !allowed && self.forward_unmatched_preflights {
+            return CorsDecision::OriginNotAllowed;
+        }
+        let mut headers = Vec::new();
+        if allowed {
+            headers.push(("access-control-allow-origin", origin.into_owned()));
+        }
+        // As Envoy does, an IGNOREd preflight still gets the policy's other headers (without
+        // an allowed origin, browsers fail it anyway).
+        if self.allow_credentials {
+            headers.push(("access-control-allow-credentials", "true".into()));
+        }
+        if !self.allow_methods.is_empty() {
+            let methods = if self.allow_methods == "*" {
+                requested_method.map(Cow::into_owned).unwrap_or_default()
+            } else {
+                self.allow_methods.clone()
+            };
+            headers.push(("access-control-allow-methods", methods));
+        }
+        if !self.allow_headers.is_empty() {
+            let names = if self.allow_headers == "*" {
+                req.header("access-control-request-headers")
+                    .map(Cow::into_owned)
+                    .unwrap_or_default()
+            } else {
+                self.allow_headers.clone()
+            };
+            headers.push(("access-control-allow-headers", names));
+        }
+        if let Some(max_age) = &self.max_age {
+            headers.push(("access-control-max-age", max_age.clone()));
+        }
+        CorsDecision::Preflight {
+            origin_allowed: allowed,
+            headers,
+        }
+    }
+
+    /// The allowed origins, for explain and inspect.
+    pub fn describe_origins(&self) -> Vec<String> {
+        self.allow_origins.iter().map(StrMatch::describe).collect()
+    }
+}
+
+impl fmt::Display for CorsDecision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list = |headers: &[(&str, String)]| {
+            headers
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match self {
+            CorsDecision::NotCors => f.write_str("not a CORS request (no Origin)"),
+            CorsDecision::OriginNotAllowed => {
+                f.write_str("origin not allowed: forwarded without CORS headers")
+            }
+            CorsDecision::Preflight {
+                origin_allowed: true,
+                headers,
+            } => write!(f, "preflight answered 200 by the proxy ({})", list(headers)),
+            CorsDecision::Preflight {
+                origin_allowed: false,
+                headers,
+            } => write!(
+                f,
+                "preflight from an origin not allowed, answered 200 without allow-origin (unmatchedPreflights: IGNORE){}",
+                if headers.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", list(headers))
+                }
+            ),
+            CorsDecision::Allowed { headers } => {
+                write!(f, "origin allowed; the response gets {}", list(headers))
+            }
+        }
+    }
+}
+
 /// One `http` rule of a VirtualService.
 #[derive(Debug, Clone, Serialize)]
 pub struct HttpRule {
@@ -381,6 +771,19 @@ pub struct HttpRule {
     pub mirrors: Vec<Mirror>,
     pub headers_request: HeaderOps,
     pub headers_response: HeaderOps,
+    pub cors: Option<Arc<CorsPolicy>>,
+    /// For a rule that comes from a delegate VirtualService: which (`index` is then the
+    /// delegating route's index in the root's `spec.http`).
+    pub delegate: Option<DelegateRef>,
+}
+
+/// Where a delegated rule is written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DelegateRef {
+    /// `ns/name` of the delegate VirtualService.
+    pub virtual_service: String,
+    /// Index in its `spec.http`.
+    pub index: usize,
 }
 
 impl HttpRule {
@@ -538,6 +941,8 @@ mod tests {
             mirrors: vec![],
             headers_request: HeaderOps::default(),
             headers_response: HeaderOps::default(),
+            cors: None,
+            delegate: None,
         }
     }
 
@@ -766,6 +1171,13 @@ mod tests {
             "a second cookie header is read too"
         );
         assert_eq!(r.header_value("x-USER").as_deref(), Some("mike"));
+        let quoted = req("/", &[("cookie", "session=\"0123abcd\"; x=\"")]);
+        assert_eq!(
+            quoted.cookie("session"),
+            Some("0123abcd"),
+            "a quoted value (as generated) is unquoted"
+        );
+        assert_eq!(quoted.cookie("x"), Some("\""), "a lone quote stays");
     }
 
     #[test]
@@ -815,6 +1227,171 @@ mod tests {
         assert_eq!(
             rewrite_path(&rx, None, "/service/foo/v1/api"),
             "/v1/api/instance/foo"
+        );
+    }
+
+    fn cors(forward: bool) -> CorsPolicy {
+        CorsPolicy {
+            allow_origins: vec![
+                StrMatch::Exact("https://a.example".into()),
+                StrMatch::Prefix("https://dev.".into()),
+                StrMatch::regex(r"https://[a-z]+\.b\.example").unwrap(),
+            ],
+            allow_methods: "GET,POST".into(),
+            allow_headers: "x-token,content-type".into(),
+            expose_headers: "x-served-by".into(),
+            max_age: Some("86400".into()),
+            allow_credentials: true,
+            forward_unmatched_preflights: forward,
+        }
+    }
+
+    fn preflight<'a>(origin: &'a str, extra: &[(&'a str, &'a str)]) -> RequestView<'a> {
+        let mut headers = vec![
+            ("origin", origin),
+            ("access-control-request-method", "POST"),
+        ];
+        headers.extend_from_slice(extra);
+        let mut r = req("/", &headers);
+        r.method = "OPTIONS";
+        r
+    }
+
+    #[test]
+    fn cors_preflight_from_an_allowed_origin_is_answered() {
+        let policy = cors(true);
+        for origin in [
+            "https://a.example",
+            "https://dev.anything",
+            "https://shop.b.example",
+        ] {
+            assert_eq!(
+                policy.evaluate(&preflight(origin, &[])),
+                CorsDecision::Preflight {
+                    origin_allowed: true,
+                    headers: vec![
+                        ("access-control-allow-origin", origin.to_string()),
+                        ("access-control-allow-credentials", "true".into()),
+                        ("access-control-allow-methods", "GET,POST".into()),
+                        (
+                            "access-control-allow-headers",
+                            "x-token,content-type".into()
+                        ),
+                        ("access-control-max-age", "86400".into()),
+                    ],
+                },
+                "{origin}"
+            );
+        }
+        // Exact is exact and case-sensitive; a regex matches the whole origin.
+        for origin in [
+            "https://A.example",
+            "https://a.example.evil",
+            "https://x.b.example.evil",
+            "http://dev.x",
+        ] {
+            assert!(!policy.origin_allowed(origin), "{origin}");
+        }
+    }
+
+    #[test]
+    fn cors_unmatched_preflights_forward_or_ignore() {
+        let r = preflight("https://evil.example", &[]);
+        assert_eq!(cors(true).evaluate(&r), CorsDecision::OriginNotAllowed);
+        let CorsDecision::Preflight {
+            origin_allowed: false,
+            headers,
+        } = cors(false).evaluate(&r)
+        else {
+            panic!("IGNORE answers the preflight itself");
+        };
+        assert!(
+            headers
+                .iter()
+                .all(|(k, _)| *k != "access-control-allow-origin"),
+            "{headers:?}"
+        );
+    }
+
+    #[test]
+    fn cors_actual_requests_and_wildcards() {
+        let policy = cors(true);
+        let mut get = req("/", &[("origin", "https://a.example")]);
+        assert_eq!(
+            policy.evaluate(&get),
+            CorsDecision::Allowed {
+                headers: vec![
+                    ("access-control-allow-origin", "https://a.example".into()),
+                    ("access-control-allow-credentials", "true".into()),
+                    ("access-control-expose-headers", "x-served-by".into()),
+                ]
+            }
+        );
+        // OPTIONS without Access-Control-Request-Method is not a preflight: it is forwarded.
+        get.method = "OPTIONS";
+        assert!(matches!(
+            policy.evaluate(&get),
+            CorsDecision::Allowed { .. }
+        ));
+        assert_eq!(policy.evaluate(&req("/", &[])), CorsDecision::NotCors);
+        assert_eq!(
+            policy.evaluate(&req("/", &[("origin", "https://evil.example")])),
+            CorsDecision::OriginNotAllowed
+        );
+        // `*` methods/headers echo the preflight's request; an origin matcher accepting "*"
+        // allows every origin.
+        let any = CorsPolicy {
+            allow_origins: vec![StrMatch::Exact("*".into())],
+            allow_methods: "*".into(),
+            allow_headers: "*".into(),
+            expose_headers: String::new(),
+            max_age: None,
+            allow_credentials: false,
+            forward_unmatched_preflights: true,
+        };
+        assert_eq!(
+            any.evaluate(&preflight(
+                "https://whoever.example",
+                &[("access-control-request-headers", "x-a,x-b")]
+            )),
+            CorsDecision::Preflight {
+                origin_allowed: true,
+                headers: vec![
+                    (
+                        "access-control-allow-origin",
+                        "https://whoever.example".into()
+                    ),
+                    ("access-control-allow-methods", "POST".into()),
+                    ("access-control-allow-headers", "x-a,x-b".into()),
+                ],
+            }
+        );
+    }
+
+    #[test]
+    fn localities_match_and_rank_like_istio() {
+        let me = Locality::parse("us-east/z1/rack1");
+        for rule in [
+            "us-east",
+            "us-east/*",
+            "us-east/z1",
+            "us-east/z1/rack1",
+            "*",
+        ] {
+            assert!(me.matches_rule(rule), "{rule}");
+        }
+        for rule in ["us-west", "us-east/z2", "us-east/z1/rack2"] {
+            assert!(!me.matches_rule(rule), "{rule}");
+        }
+        let rank = |l: &str| me.priority_of(&Locality::parse(l));
+        assert_eq!(
+            [
+                rank("us-east/z1/rack1"),
+                rank("us-east/z1/rack2"),
+                rank("us-east/z2"),
+                rank("eu/z1")
+            ],
+            [0, 1, 2, 3]
         );
     }
 

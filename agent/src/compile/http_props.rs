@@ -298,6 +298,8 @@ fn rule(index: usize, blocks: &[Block], weights: &[u32]) -> HttpRule {
         mirrors: vec![],
         headers_request: HeaderOps::default(),
         headers_response: HeaderOps::default(),
+        cors: None,
+        delegate: None,
     }
 }
 

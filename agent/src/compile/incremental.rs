@@ -10,6 +10,7 @@
 //!
 //! Still pure: no I/O, no clock.
 
+use super::delegate::delegate_keys;
 use super::registry::{
     host_matches, kubernetes_service_host, kubernetes_service_of, pod_ips, resolve_host,
 };
@@ -217,6 +218,8 @@ pub struct Store {
     vs_by_host: HashMap<String, SmallSet<Key>>,
     /// VirtualServices with at least one wildcard host.
     vs_wildcard: BTreeSet<Key>,
+    /// Root VirtualServices by the delegate VirtualServices their routes name.
+    vs_by_delegate: HashMap<Key, SmallSet<Key>>,
     /// DestinationRules by resolved host.
     dr_by_host: HashMap<String, SmallSet<Key>>,
     /// ServiceEntries by host.
@@ -273,8 +276,9 @@ impl Store {
             Object::VirtualService(r) => {
                 let key = key_of(&r.meta);
                 let before = self.vs_hosts(&key);
+                let delegates = self.vs_delegates(&key);
                 add_copy(&mut self.virtual_services, source, r);
-                self.reindex_vs(&key, before);
+                self.reindex_vs(&key, before, delegates);
             }
             Object::DestinationRule(r) => {
                 let key = key_of(&r.meta);
@@ -319,8 +323,9 @@ impl Store {
             Object::VirtualService(r) => {
                 let key = key_of(&r.meta);
                 let before = self.vs_hosts(&key);
+                let delegates = self.vs_delegates(&key);
                 let removed = remove_copy(&mut self.virtual_services, source, r);
-                self.reindex_vs(&key, before);
+                self.reindex_vs(&key, before, delegates);
                 removed
             }
             Object::DestinationRule(r) => {
@@ -387,7 +392,21 @@ impl Store {
         (exact, wildcard)
     }
 
-    fn reindex_vs(&mut self, key: &Key, (before, _): (BTreeSet<String>, bool)) {
+    /// The delegates named by every copy at `key`.
+    fn vs_delegates(&self, key: &Key) -> BTreeSet<Key> {
+        copies(&self.virtual_services, key)
+            .flat_map(|vs| delegate_keys(vs))
+            .collect()
+    }
+
+    fn reindex_vs(
+        &mut self,
+        key: &Key,
+        (before, _): (BTreeSet<String>, bool),
+        delegates: BTreeSet<Key>,
+    ) {
+        let delegates_now = self.vs_delegates(key);
+        reindex(&mut self.vs_by_delegate, key, delegates, delegates_now);
         let (now, wildcard) = self.vs_hosts(key);
         reindex(&mut self.vs_by_host, key, before, now);
         if wildcard {
@@ -486,6 +505,13 @@ impl Store {
         for h in hosts {
             vs_keys.extend(self.virtual_services_for(h));
         }
+        // The delegates of those VirtualServices (which name no hosts themselves).
+        let delegates: BTreeSet<Key> = vs_keys
+            .iter()
+            .flat_map(|k| copies(&self.virtual_services, k).flat_map(|vs| delegate_keys(vs)))
+            .filter(|k| self.virtual_services.contains_key(k))
+            .collect();
+        vs_keys.extend(delegates);
         // Hosts whose definitions, endpoints and DestinationRules are read: the compiled ones
         // and every host their VirtualServices send to.
         let mut defined: BTreeSet<String> = hosts.clone();
@@ -575,7 +601,7 @@ pub struct Dirty {
     /// Registered destinations that appeared / disappeared.
     pub registered_added: BTreeSet<IpNet>,
     pub registered_removed: BTreeSet<IpNet>,
-    /// The mesh-wide outbound policy may have changed.
+    /// The mesh-wide or a workload's outbound policy may have changed.
     pub egress_policy: bool,
     /// Pods by IP changed.
     pub sources: bool,
@@ -760,6 +786,21 @@ impl IncrementalCompiler {
             });
             if policy != self.plan.egress.registry_only {
                 self.plan.egress.registry_only = policy;
+                self.dirty.egress_policy = true;
+            }
+        }
+        // Per-workload policies follow Sidecars and Pods (labels, uids); without Sidecars of
+        // their own in any namespace, Pod churn costs nothing here.
+        if effects.sidecars || (effects.pods && !self.store.sidecars.is_empty()) {
+            let sidecars = all(&self.store.sidecars);
+            let pods = self
+                .store
+                .pods
+                .values()
+                .flat_map(|c| c.iter().map(|(_, r)| &**r));
+            let workloads = super::egress::compile(pods, &sidecars);
+            if workloads != self.plan.egress.workloads {
+                self.plan.egress.workloads = workloads;
                 self.dirty.egress_policy = true;
             }
         }
@@ -974,6 +1015,29 @@ impl IncrementalCompiler {
         }
     }
 
+    /// The hosts a VirtualService names (and so routes).
+    fn vs_affects(&self, vs: &Resource<istio::VirtualService>, hosts: &mut BTreeSet<String>) {
+        for pattern in vs_patterns(vs) {
+            if pattern.starts_with('*') {
+                hosts.extend(
+                    self.hosts
+                        .keys()
+                        .filter(|h| host_matches(&pattern, h))
+                        .cloned(),
+                );
+            } else {
+                hosts.extend(
+                    self.hosts_lower
+                        .get(&pattern)
+                        .into_iter()
+                        .flatten()
+                        .cloned(),
+                );
+                hosts.insert(pattern);
+            }
+        }
+    }
+
     /// Records what `object` (as it is, or was) can affect.
     fn affected_by(&self, object: &Object, effects: &mut Effects) {
         let Effects { hosts, ips, .. } = effects;
@@ -988,6 +1052,7 @@ impl IncrementalCompiler {
             }
             Object::Pod(r) => {
                 effects.authz = true;
+                effects.pods = true;
                 ips.extend(pod_ips(&r.spec));
                 let key = key_of(&r.meta);
                 for slice in self.store.slices_by_pod.get(&key).into_iter().flatten() {
@@ -1020,24 +1085,14 @@ impl IncrementalCompiler {
                 }
             }
             Object::VirtualService(r) => {
-                for pattern in vs_patterns(r) {
-                    if pattern.starts_with('*') {
-                        hosts.extend(
-                            self.hosts
-                                .keys()
-                                .filter(|h| host_matches(&pattern, h))
-                                .cloned(),
-                        );
-                    } else {
-                        hosts.extend(
-                            self.hosts_lower
-                                .get(&pattern)
-                                .into_iter()
-                                .flatten()
-                                .cloned(),
-                        );
-                        hosts.insert(pattern);
-                    }
+                // As a delegate, it changes the routes of the VirtualServices delegating to it.
+                let roots = self.store.vs_by_delegate.get(&key_of(&r.meta));
+                let root_copies = roots
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|k| copies(&self.store.virtual_services, k));
+                for vs in std::iter::once(r).chain(root_copies) {
+                    self.vs_affects(vs, hosts);
                 }
             }
             Object::DestinationRule(r) => {
@@ -1065,6 +1120,8 @@ struct Effects {
     hosts: BTreeSet<String>,
     ips: BTreeSet<IpAddr>,
     sidecars: bool,
+    /// A Pod changed (its labels or uid may put it under another Sidecar).
+    pods: bool,
     /// Policies or the workloads they select changed.
     authz: bool,
 }
@@ -1084,7 +1141,7 @@ mod tests {
         let ns = if template.is_multiple_of(2) { "a" } else { "b" };
         let n = (template / 2) % 3;
         let v = version % 3;
-        let text = match (template / 6) % 9 {
+        let text = match (template / 6) % 10 {
             0 => {
                 // Version 2 makes every such Service claim one VIP.
                 let ip = if v == 2 {
@@ -1120,7 +1177,7 @@ mod tests {
                 let version = if v == 2 { "v2" } else { "v1" };
                 let ip = if v == 2 { 0 } else { n };
                 format!(
-                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{n}, namespace: {ns}, labels: {{app: s{app}, version: {version}}}}}\nspec: {{containers: [{{name: c, image: x}}]}}\nstatus: {{phase: Running, podIP: 10.1.0.{ip}}}\n"
+                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: p{n}, namespace: {ns}, uid: u-{ns}-{n}, labels: {{app: s{app}, version: {version}}}}}\nspec: {{containers: [{{name: c, image: x}}]}}\nstatus: {{phase: Running, podIP: 10.1.0.{ip}}}\n"
                 )
             }
             3 => {
@@ -1130,8 +1187,14 @@ mod tests {
                     _ => format!("s{n}"),
                 };
                 let dest = if v == 2 { (n + 1) % 3 } else { n };
+                // Delegation to a VirtualService of this namespace, or (v2) of the other one.
+                let delegate_ns = match (v, ns) {
+                    (2, "a") => "b",
+                    (2, _) => "a",
+                    _ => ns,
+                };
                 format!(
-                    "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: vs{n}, namespace: {ns}}}\nspec:\n  hosts: [{host}]\n  tcp:\n  - route:\n    - destination: {{host: s{dest}, subset: v1}}\n      weight: 70\n    - destination: {{host: s{dest}, subset: v2}}\n      weight: 30\n  http:\n  - match: [{{headers: {{x: {{exact: y}}}}}}]\n    route:\n    - destination: {{host: s{dest}, subset: v2}}\n  - route:\n    - destination: {{host: s{n}}}\n"
+                    "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: vs{n}, namespace: {ns}}}\nspec:\n  hosts: [{host}]\n  tcp:\n  - route:\n    - destination: {{host: s{dest}, subset: v1}}\n      weight: 70\n    - destination: {{host: s{dest}, subset: v2}}\n      weight: 30\n  http:\n  - match: [{{headers: {{x: {{exact: y}}}}}}]\n    route:\n    - destination: {{host: s{dest}, subset: v2}}\n  - match: [{{uri: {{prefix: /d}}}}]\n    delegate: {{name: dvs{n}, namespace: {delegate_ns}}}\n  - route:\n    - destination: {{host: s{n}}}\n"
                 )
             }
             4 => {
@@ -1174,10 +1237,43 @@ mod tests {
                     "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: ap{n}, namespace: {ns}}}\nspec: {spec}\n"
                 )
             }
+            9 => {
+                // A delegate: its routes' hosts, a version that names hosts (and so is no
+                // delegate), and one whose match conflicts with the root's (dropped).
+                let dest = (n + v) % 3;
+                let (hosts, prefix) = match v {
+                    1 => (format!("  hosts: [s{n}]\n"), "/d/x"),
+                    2 => (String::new(), "/e"),
+                    _ => (String::new(), "/d/x"),
+                };
+                format!(
+                    "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: dvs{n}, namespace: {ns}}}\nspec:\n{hosts}  http:\n  - match: [{{uri: {{prefix: {prefix}}}}}]\n    route:\n    - destination: {{host: s{dest}, subset: v1}}\n  - route:\n    - destination: {{host: s{dest}}}\n"
+                )
+            }
             _ => {
                 let mode = if v == 1 { "ALLOW_ANY" } else { "REGISTRY_ONLY" };
+                // The mesh default, a namespace's default, a workload's (by label; without a
+                // mode in one version).
+                let (namespace, spec) = match n {
+                    0 => (
+                        "istio-system",
+                        format!("{{outboundTrafficPolicy: {{mode: {mode}}}}}"),
+                    ),
+                    1 => (ns, format!("{{outboundTrafficPolicy: {{mode: {mode}}}}}")),
+                    _ if v == 2 => (
+                        ns,
+                        "{workloadSelector: {labels: {app: s1}}, egress: [{hosts: [\"./*\"]}]}"
+                            .to_string(),
+                    ),
+                    _ => (
+                        ns,
+                        format!(
+                            "{{workloadSelector: {{labels: {{app: s{v}}}}}, outboundTrafficPolicy: {{mode: {mode}}}}}"
+                        ),
+                    ),
+                };
                 format!(
-                    "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: sc{n}-{ns}, namespace: istio-system}}\nspec: {{outboundTrafficPolicy: {{mode: {mode}}}}}\n"
+                    "apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: sc{n}-{ns}, namespace: {namespace}}}\nspec: {spec}\n"
                 )
             }
         };
@@ -1186,7 +1282,7 @@ mod tests {
         objects.remove(0)
     }
 
-    const TEMPLATES: u8 = 54;
+    const TEMPLATES: u8 = 60;
 
     fn same_plan(got: &Plan, want: &Plan) -> Result<(), TestCaseError> {
         prop_assert_eq!(

@@ -2,9 +2,9 @@
 //! [`HttpRoutes`] the L7 proxy evaluates (Istio's semantics, field by field).
 
 use super::http::{
-    Cluster, ClusterPolicy, Fault, HashKey, HeaderOps, HttpDestination, HttpRoutes, HttpRule,
-    LoadBalancer, Mirror, OutlierPolicy, Redirect, RequestMatch, RetryPolicy, Rewrite, RouteAction,
-    StrMatch,
+    Cluster, ClusterPolicy, CorsPolicy, Fault, HashKey, HeaderOps, HttpDestination, HttpRoutes,
+    HttpRule, LoadBalancer, LocalityPolicy, Mirror, OutlierPolicy, Redirect, RequestMatch,
+    RetryPolicy, Rewrite, RouteAction, StrMatch, UpstreamCa, UpstreamTls,
 };
 use super::registry::{self, RegistryService, resolve_host};
 use super::{Ctx, cluster_name};
@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Clusters built for one port's routes, shared by every rule that names them.
-type ClusterCache = HashMap<String, Arc<Cluster>>;
+pub(super) type ClusterCache = HashMap<String, Arc<Cluster>>;
 
 fn duration(d: Option<crate::model::duration::Duration>) -> Option<Duration> {
     d.and_then(|d| d.as_std())
@@ -103,6 +103,47 @@ fn retry_policy(r: Option<&istio::HttpRetry>) -> RetryPolicy {
     policy
 }
 
+/// A DestinationRule's `localityLbSetting` (Istio's mesh default: enabled, with failover by
+/// locality once outlier detection is set).
+fn locality_policy(
+    setting: Option<&istio::LocalityLbSetting>,
+    outlier: bool,
+) -> Option<LocalityPolicy> {
+    let Some(s) = setting else {
+        return Some(LocalityPolicy {
+            failover_enabled: outlier,
+            ..Default::default()
+        });
+    };
+    if s.enabled == Some(false) {
+        return None;
+    }
+    Some(LocalityPolicy {
+        distribute: s
+            .distribute
+            .iter()
+            .map(|d| {
+                (
+                    d.from.clone().unwrap_or_default(),
+                    d.to.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                )
+            })
+            .collect(),
+        failover: s
+            .failover
+            .iter()
+            .map(|f| {
+                (
+                    f.from.clone().unwrap_or_default(),
+                    f.to.clone().unwrap_or_default(),
+                )
+            })
+            .collect(),
+        // Distribute and failover exclude each other in Istio: distribute wins.
+        failover_enabled: outlier && s.distribute.is_empty(),
+    })
+}
+
 /// Merges a DestinationRule's policies for one subset and port: subset-level settings override
 /// host-level ones, port-level settings override both, each at the level of whole sections
 /// (loadBalancer, connectionPool, outlierDetection), as Istio does.
@@ -161,7 +202,14 @@ fn cluster_policy(
             }
             Some(istio::HashKey::HttpCookie(c)) => LoadBalancer::Hash(HashKey::Cookie {
                 name: c.name.clone(),
-                ttl: duration(c.ttl),
+                // A zero ttl still generates the cookie (a session cookie), so it is kept.
+                ttl: c.ttl.and_then(|d| d.as_std()),
+                path: c.path.clone().filter(|p| !p.is_empty()),
+                attributes: c
+                    .attributes
+                    .iter()
+                    .map(|a| (a.name.clone(), a.value.clone().filter(|v| !v.is_empty())))
+                    .collect(),
             }),
             Some(istio::HashKey::UseSourceIp(true)) => LoadBalancer::Hash(HashKey::SourceIp),
             Some(istio::HashKey::HttpQueryParameterName(q)) => {
@@ -172,6 +220,7 @@ fn cluster_policy(
         // Istio's default (and LEAST_CONN's modern meaning).
         _ => LoadBalancer::LeastRequest,
     };
+    let outlier_set = outlier.is_some();
     let tcp = pool.as_ref().and_then(|p| p.tcp.as_ref());
     let http = pool.as_ref().and_then(|p| p.http.as_ref());
     let positive = |v: Option<i32>| v.filter(|v| *v > 0).map(|v| v as u32);
@@ -200,6 +249,12 @@ fn cluster_policy(
                 http.and_then(|h| h.h2_upgrade_policy),
                 Some(istio::H2UpgradePolicy::Upgrade)
             ),
+        locality: locality_policy(
+            lb.as_ref().and_then(|l| l.locality_lb_setting.as_ref()),
+            outlier_set,
+        ),
+        // Filled by `Ctx::upstream_tls`, which can read Secrets.
+        tls: None,
     }
 }
 
@@ -216,8 +271,8 @@ impl<'a> Ctx<'a> {
         let mut cache = ClusterCache::new();
         if let Some(vs) = vs.filter(|vs| !vs.spec.http.is_empty()) {
             let mut rules = Vec::new();
-            for (i, route) in vs.spec.http.iter().enumerate() {
-                if let Some(rule) = self.http_rule(vs, i, route, port.port, &mut cache) {
+            for r in self.expanded_http(vs) {
+                if let Some(rule) = self.expanded_rule(&r, port.port, &mut cache) {
                     rules.push(rule);
                 }
             }
@@ -246,6 +301,8 @@ impl<'a> Ctx<'a> {
                 mirrors: Vec::new(),
                 headers_request: HeaderOps::default(),
                 headers_response: HeaderOps::default(),
+                cors: None,
+                delegate: None,
             }],
         }
     }
@@ -279,21 +336,14 @@ impl<'a> Ctx<'a> {
             return None;
         }
         if route.delegate.is_some() {
-            self.warn(
-                vs,
-                format!("{field}.delegate"),
-                None,
-                "delegate is not supported yet; the rule is skipped".into(),
-            );
+            // Delegation is expanded before rules are compiled (`expanded_http`); a route that
+            // still delegates has nothing to route to.
             return None;
         }
-        if route.cors_policy.is_some() {
-            self.info(
-                vs,
-                format!("{field}.corsPolicy"),
-                "corsPolicy is not supported yet; requests pass through unchanged".into(),
-            );
-        }
+        let cors = route
+            .cors_policy
+            .as_ref()
+            .map(|c| Arc::new(self.cors_policy(vs, &format!("{field}.corsPolicy"), c)));
         let action = if let Some(r) = &route.redirect {
             RouteAction::Redirect(Redirect {
                 uri: r.uri.clone().or_else(|| r.prefix_rewrite.clone()),
@@ -408,7 +458,70 @@ impl<'a> Ctx<'a> {
             mirrors,
             headers_request: header_ops(route.headers.as_ref().and_then(|h| h.request.as_ref())),
             headers_response: header_ops(route.headers.as_ref().and_then(|h| h.response.as_ref())),
+            cors,
+            delegate: None,
         })
+    }
+
+    /// The rule of one route after delegation: a delegated route is compiled as written in its
+    /// delegate (diagnostics name it there) and numbered by the root route that delegated.
+    pub(super) fn expanded_rule(
+        &mut self,
+        r: &super::delegate::ExpandedRoute<'_>,
+        port: u16,
+        cache: &mut ClusterCache,
+    ) -> Option<HttpRule> {
+        let mut rule = self.http_rule(r.owner, r.index, &r.route, port, cache)?;
+        if let Some(root_index) = r.delegated_by {
+            rule.delegate = Some(super::http::DelegateRef {
+                virtual_service: r.owner.meta.key(),
+                index: r.index,
+            });
+            rule.index = root_index;
+        }
+        Some(rule)
+    }
+
+    /// Istio's translation of a `corsPolicy` for Envoy's CORS filter: `allowOrigins` as string
+    /// matchers (or the deprecated `allowOrigin` list as exact ones), the lists joined with `,`,
+    /// `maxAge` in whole seconds.
+    fn cors_policy(
+        &mut self,
+        vs: &Resource<istio::VirtualService>,
+        field: &str,
+        c: &istio::CorsPolicy,
+    ) -> CorsPolicy {
+        let mut allow_origins = Vec::new();
+        if c.allow_origins.is_empty() {
+            allow_origins.extend(c.allow_origin.iter().cloned().map(StrMatch::Exact));
+        } else {
+            for (i, m) in c.allow_origins.iter().enumerate() {
+                match str_match(m) {
+                    // An empty matcher is refused by validation; it never allows anything.
+                    Ok(StrMatch::Present) => {}
+                    Ok(m) => allow_origins.push(m),
+                    Err(e) => self.warn(
+                        vs,
+                        format!("{field}.allowOrigins[{i}]"),
+                        None,
+                        format!("invalid regex, the origin is not allowed: {e}"),
+                    ),
+                }
+            }
+        }
+        CorsPolicy {
+            allow_origins,
+            allow_methods: c.allow_methods.join(","),
+            allow_headers: c.allow_headers.join(","),
+            expose_headers: c.expose_headers.join(","),
+            max_age: c
+                .max_age
+                .and_then(|d| d.as_std())
+                .map(|d| d.as_secs().to_string()),
+            allow_credentials: c.allow_credentials == Some(true),
+            forward_unmatched_preflights: c.unmatched_preflights
+                != Some(istio::UnmatchedPreflights::Ignore),
+        }
     }
 
     fn request_match(&self, m: &istio::HttpMatchRequest) -> Result<RequestMatch, regex::Error> {
@@ -510,13 +623,20 @@ impl<'a> Ctx<'a> {
                 )
             });
         let dr = self.destination_rules.get(host).copied();
+        if let Some(dr) = dr {
+            self.report_hash_algorithms(dr);
+        }
+        let mut policy = cluster_policy(dr.map(|d| &d.spec), subset, port, http2_port);
+        if let Some(dr) = dr {
+            policy.tls = self.upstream_tls(dr, subset, port);
+        }
         let cluster = Arc::new(Cluster {
             name: name.clone(),
             host: host.to_string(),
             port,
             subset: subset.map(str::to_string),
             endpoints,
-            policy: cluster_policy(dr.map(|d| &d.spec), subset, port, http2_port),
+            policy,
             destination_rule: dr.map(|d| d.meta.key()),
         });
         cache.insert(name, cluster.clone());
@@ -524,9 +644,717 @@ impl<'a> Ctx<'a> {
     }
 }
 
+impl Ctx<'_> {
+    /// The DestinationRule's `tls` for one subset and port (port-level over subset-level over
+    /// host-level, as Istio merges them), as the proxy originates it. DISABLE: None.
+    /// ISTIO_MUTUAL: None with a warning — steerd has no mesh CA, and the workloads it serves
+    /// have no sidecar to terminate Istio mTLS, so requests stay plain text as before.
+    fn upstream_tls(
+        &mut self,
+        dr: &Resource<istio::DestinationRule>,
+        subset: Option<&str>,
+        port: u16,
+    ) -> Option<UpstreamTls> {
+        let consider = |path: String,
+                        tp: Option<&istio::TrafficPolicy>|
+         -> Vec<(String, istio::ClientTlsSettings)> {
+            let Some(tp) = tp else { return Vec::new() };
+            let mut out = Vec::new();
+            if let Some(t) = &tp.tls {
+                out.push((format!("{path}.tls"), t.clone()));
+            }
+            for (i, pl) in tp.port_level_settings.iter().enumerate() {
+                if pl.port.as_ref().and_then(|p| p.number) == Some(port as u32)
+                    && let Some(t) = &pl.tls
+                {
+                    out.push((format!("{path}.portLevelSettings[{i}].tls"), t.clone()));
+                }
+            }
+            out
+        };
+        let mut layers = consider("spec.trafficPolicy".into(), dr.spec.traffic_policy.as_ref());
+        if let Some((i, s)) = subset.and_then(|s| {
+            dr.spec
+                .subsets
+                .iter()
+                .enumerate()
+                .find(|(_, x)| x.name == s)
+        }) {
+            layers.extend(consider(
+                format!("spec.subsets[{i}].trafficPolicy"),
+                s.traffic_policy.as_ref(),
+            ));
+        }
+        let (path, tls) = layers.pop()?;
+        let mode = tls.mode.unwrap_or(istio::ClientTlsMode::Disable);
+        let mode = match mode {
+            istio::ClientTlsMode::Disable => return None,
+            istio::ClientTlsMode::IstioMutual => {
+                self.dr_diag(
+                    dr,
+                    format!("{path}.mode"),
+                    super::Level::Warning,
+                    "ISTIO_MUTUAL needs Istio's mesh CA and a sidecar at the destination; steerd                      has neither, so requests to this destination are sent in plain text"
+                        .into(),
+                );
+                return None;
+            }
+            istio::ClientTlsMode::Simple => "SIMPLE",
+            istio::ClientTlsMode::Mutual => "MUTUAL",
+        };
+        let mut error = None;
+        let secret = tls.credential_name.as_ref().map(|name| {
+            let bare = name.strip_prefix("kubernetes://").unwrap_or(name);
+            let key = match bare.split_once('/') {
+                Some((ns, n)) => format!("{ns}/{n}"),
+                None => format!("{}/{bare}", dr.meta.namespace),
+            };
+            let found = self
+                .config
+                .secrets
+                .iter()
+                .filter(|s| s.meta.key() == key)
+                .min_by(|a, b| a.origin.cmp(&b.origin));
+            (name.clone(), key, found.map(|s| s.spec.clone()))
+        });
+        if let Some((name, key, None)) = &secret {
+            error = Some(format!("credentialName {name:?}: secret {key} not found"));
+        }
+        let ca = if tls.insecure_skip_verify == Some(true) {
+            UpstreamCa::InsecureSkipVerify
+        } else if let Some(path) = &tls.ca_certificates {
+            UpstreamCa::File(path.into())
+        } else if let Some((_, key, Some(spec))) = &secret
+            && let Some(pem) = spec.ca_certificates()
+        {
+            UpstreamCa::Secret {
+                name: key.clone(),
+                pem: super::gateway::Pem(pem.into()),
+            }
+        } else {
+            UpstreamCa::System
+        };
+        let client_certificate = (mode == "MUTUAL").then(|| {
+            use super::gateway::{Credential, Pem};
+            match (&secret, &tls.client_certificate, &tls.private_key) {
+                (Some((_, key, Some(spec))), _, _) => match spec.certificate_and_key() {
+                    Some((c, k)) => Credential::Secret {
+                        name: key.clone(),
+                        cert: Pem(c.into()),
+                        key: Pem(k.into()),
+                    },
+                    None => Credential::Missing(format!(
+                        "secret {key} has no tls.crt and tls.key (nor cert and key)"
+                    )),
+                },
+                (Some((name, key, None)), _, _) => {
+                    Credential::Missing(format!("credentialName {name:?}: secret {key} not found"))
+                }
+                (None, Some(c), Some(k)) => Credential::Files {
+                    cert: c.into(),
+                    key: k.into(),
+                },
+                _ => Credential::Missing(
+                    "MUTUAL without credentialName nor clientCertificate/privateKey".into(),
+                ),
+            }
+        });
+        if let Some(super::gateway::Credential::Missing(reason)) = &client_certificate {
+            error.get_or_insert_with(|| reason.clone());
+        }
+        if let Some(e) = &error {
+            self.dr_diag(
+                dr,
+                path.clone(),
+                super::Level::Error,
+                format!("{e}; connections to this destination fail (503 UF)"),
+            );
+        }
+        Some(UpstreamTls {
+            mode,
+            sni: tls.sni.clone().filter(|s| !s.is_empty()),
+            subject_alt_names: tls.subject_alt_names.clone().unwrap_or_default(),
+            ca,
+            client_certificate,
+            error,
+        })
+    }
+
+    fn dr_diag(
+        &mut self,
+        dr: &Resource<istio::DestinationRule>,
+        field: String,
+        level: super::Level,
+        message: String,
+    ) {
+        let d = super::Diagnostic {
+            level,
+            code: None,
+            kind: "DestinationRule".into(),
+            object: dr.meta.key(),
+            origin: dr.origin.clone(),
+            field,
+            message,
+        };
+        // A DestinationRule's tls serves many clusters (ports, subsets): said once.
+        if !self.diags.contains(&d) {
+            self.diags.push(d);
+        }
+    }
+
+    /// `consistentHash.ringHash`/`maglev`/`minimumRingSize` choose Envoy's hashing algorithm;
+    /// steerd hashes every key with rendezvous hashing, which gives the same guarantees (a key
+    /// sticks to its endpoint, and only a removed endpoint's keys move), so the settings are
+    /// reported as not used rather than silently dropped.
+    fn report_hash_algorithms(&mut self, dr: &Resource<istio::DestinationRule>) {
+        fn collect<'d>(
+            policies: &mut Vec<(String, &'d istio::LoadBalancerSettings)>,
+            path: String,
+            tp: Option<&'d istio::TrafficPolicy>,
+        ) {
+            let Some(tp) = tp else { return };
+            if let Some(lb) = &tp.load_balancer {
+                policies.push((format!("{path}.loadBalancer"), lb));
+            }
+            for (i, pl) in tp.port_level_settings.iter().enumerate() {
+                if let Some(lb) = &pl.load_balancer {
+                    policies.push((format!("{path}.portLevelSettings[{i}].loadBalancer"), lb));
+                }
+            }
+        }
+        let mut policies = Vec::new();
+        collect(
+            &mut policies,
+            "spec.trafficPolicy".into(),
+            dr.spec.traffic_policy.as_ref(),
+        );
+        for (i, subset) in dr.spec.subsets.iter().enumerate() {
+            collect(
+                &mut policies,
+                format!("spec.subsets[{i}].trafficPolicy"),
+                subset.traffic_policy.as_ref(),
+            );
+        }
+        let mut found = Vec::new();
+        let mut priorities = Vec::new();
+        for (path, lb) in &policies {
+            if lb
+                .locality_lb_setting
+                .as_ref()
+                .is_some_and(|l| !l.failover_priority.is_empty())
+            {
+                priorities.push(format!("{path}.localityLbSetting.failoverPriority"));
+            }
+        }
+        for field in priorities {
+            self.diags.push(super::Diagnostic {
+                level: super::Level::Info,
+                code: None,
+                kind: "DestinationRule".into(),
+                object: dr.meta.key(),
+                origin: dr.origin.clone(),
+                field,
+                message: "failoverPriority is not used (steerd's proxy has no workload labels to \
+                          compare); failover follows region/zone/subzone"
+                    .into(),
+            });
+        }
+        for (path, lb) in policies {
+            let Some(ch) = lb.consistent_hash() else {
+                continue;
+            };
+            let field = match (&ch.hash_algorithm, ch.minimum_ring_size) {
+                (Some(istio::HashAlgorithm::RingHash(_)), _) => "ringHash",
+                (Some(istio::HashAlgorithm::Maglev(_)), _) => "maglev",
+                (None, Some(n)) if n > 0 => "minimumRingSize",
+                _ => continue,
+            };
+            found.push(format!("{path}.consistentHash.{field}"));
+        }
+        for field in found {
+            self.diags.push(super::Diagnostic {
+                level: super::Level::Info,
+                code: None,
+                kind: "DestinationRule".into(),
+                object: dr.meta.key(),
+                origin: dr.origin.clone(),
+                field,
+                message: "steerd's L7 proxy hashes with rendezvous hashing (a key sticks to its \
+                          endpoint, only a removed endpoint's keys move); the ring hash or maglev \
+                          settings are not used"
+                    .into(),
+            });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::compile::{Plan, VipKey, compile, registry::Transport};
+    use crate::model::{ConfigSet, parse_documents};
+
+    /// `reviews` (HTTP on 9080, VIP 10.96.2.2) with pods v1, v2, v3, plus `extra` documents.
+    pub(crate) fn reviews_plan(extra: &[&str]) -> Plan {
+        let mut texts = vec![REVIEWS.to_string()];
+        texts.extend(extra.iter().map(|t| t.to_string()));
+        let mut cfg = ConfigSet::default();
+        for (i, t) in texts.iter().enumerate() {
+            let (objs, errs) = parse_documents(&format!("test{i}.yaml"), t);
+            assert!(errs.is_empty(), "{errs:?}");
+            cfg.extend(objs);
+        }
+        compile(&cfg)
+    }
+
+    const REVIEWS: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: default}\nspec: {clusterIP: 10.96.2.2, selector: {app: reviews}, ports: [{name: http, port: 9080}]}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: r1, labels: {app: reviews, version: v1}}\nstatus: {podIP: 10.244.4.1}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: r2, labels: {app: reviews, version: v2}}\nstatus: {podIP: 10.244.4.2}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: r3, labels: {app: reviews, version: v3}}\nstatus: {podIP: 10.244.4.3}\n";
+
+    pub(crate) fn routes(plan: &Plan) -> &HttpRoutes {
+        let key = VipKey {
+            ip: "10.96.2.2".parse().unwrap(),
+            port: 9080,
+            transport: Transport::Tcp,
+        };
+        plan.services[&key].http.as_deref().expect("an HTTP port")
+    }
+
+    fn default_cluster(plan: &Plan) -> &Cluster {
+        let RouteAction::Forward(d) = &routes(plan).rules[0].action else {
+            panic!("a forward rule");
+        };
+        &d[0].cluster
+    }
+
+    #[test]
+    fn destination_rule_tls_is_merged_by_level_and_resolved() {
+        let dr = |tls: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  host: reviews\n  trafficPolicy:\n{tls}"
+            )
+        };
+        // Host level, overridden at port level.
+        let plan = reviews_plan(&[&dr(
+            "    tls: {mode: SIMPLE, sni: host.example}\n    portLevelSettings:\n    - port: {number: 9080}\n      tls: {mode: SIMPLE, sni: port.example, caCertificates: /etc/ca.pem, subjectAltNames: [a.example]}\n",
+        )]);
+        let tls = default_cluster(&plan).policy.tls.clone().expect("tls");
+        assert_eq!(tls.sni.as_deref(), Some("port.example"));
+        assert_eq!(tls.ca, UpstreamCa::File("/etc/ca.pem".into()));
+        assert_eq!(tls.subject_alt_names, ["a.example"]);
+        assert_eq!(tls.error, None);
+        assert_eq!(
+            tls.describe(),
+            "SIMPLE sni=port.example ca=/etc/ca.pem san=a.example"
+        );
+
+        // Without caCertificates: the system CAs; DISABLE: plain text.
+        let plan = reviews_plan(&[&dr("    tls: {mode: SIMPLE}\n")]);
+        assert_eq!(
+            default_cluster(&plan).policy.tls.as_ref().unwrap().ca,
+            UpstreamCa::System
+        );
+        let plan = reviews_plan(&[&dr("    tls: {mode: DISABLE}\n")]);
+        assert!(default_cluster(&plan).policy.tls.is_none());
+
+        // ISTIO_MUTUAL: plain text, and said so.
+        let plan = reviews_plan(&[&dr("    tls: {mode: ISTIO_MUTUAL}\n")]);
+        assert!(default_cluster(&plan).policy.tls.is_none());
+        assert!(
+            plan.diagnostics
+                .iter()
+                .any(|d| d.field == "spec.trafficPolicy.tls.mode"
+                    && d.message.contains("ISTIO_MUTUAL")),
+            "{:?}",
+            plan.diagnostics
+        );
+
+        // MUTUAL from a Secret that does not exist: an error naming it, connections fail.
+        let plan = reviews_plan(&[&dr(
+            "    tls: {mode: MUTUAL, credentialName: client-cert}\n",
+        )]);
+        let tls = default_cluster(&plan).policy.tls.clone().unwrap();
+        assert_eq!(
+            tls.error.as_deref(),
+            Some("credentialName \"client-cert\": secret default/client-cert not found")
+        );
+        assert!(
+            plan.diagnostics
+                .iter()
+                .any(|d| d.level == crate::compile::Level::Error
+                    && d.field == "spec.trafficPolicy.tls"
+                    && d.message.contains("503 UF")),
+            "{:?}",
+            plan.diagnostics
+        );
+
+        // MUTUAL from a Secret: its certificate, key and CA.
+        let secret = "apiVersion: v1\nkind: Secret\nmetadata: {name: client-cert, namespace: default}\nstringData: {tls.crt: C, tls.key: K, ca.crt: CA}\n";
+        let plan = reviews_plan(&[
+            &dr("    tls: {mode: MUTUAL, credentialName: client-cert}\n"),
+            secret,
+        ]);
+        let tls = default_cluster(&plan).policy.tls.clone().unwrap();
+        assert_eq!(tls.error, None);
+        assert!(
+            matches!(tls.ca, UpstreamCa::Secret { ref name, .. } if name == "default/client-cert")
+        );
+        assert!(matches!(
+            tls.client_certificate,
+            Some(crate::compile::gateway::Credential::Secret { ref name, .. }) if name == "default/client-cert"
+        ));
+    }
+
+    #[test]
+    fn load_balancer_modes_compile() {
+        let dr = |lb: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews}}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer: {lb}\n"
+            )
+        };
+        let lb = |text: &str| {
+            default_cluster(&reviews_plan(&[&dr(text)]))
+                .policy
+                .load_balancer
+                .clone()
+        };
+        assert_eq!(
+            lb(
+                "{consistentHash: {httpCookie: {name: user, ttl: 60s, path: /, attributes: [{name: SameSite, value: Strict}, {name: Secure}]}}}"
+            ),
+            LoadBalancer::Hash(HashKey::Cookie {
+                name: "user".into(),
+                ttl: Some(Duration::from_secs(60)),
+                path: Some("/".into()),
+                attributes: vec![
+                    ("SameSite".into(), Some("Strict".into())),
+                    ("Secure".into(), None)
+                ],
+            })
+        );
+        assert_eq!(
+            lb("{consistentHash: {httpCookie: {name: user, ttl: 0s}}}"),
+            LoadBalancer::Hash(HashKey::Cookie {
+                name: "user".into(),
+                ttl: Some(Duration::ZERO),
+                path: None,
+                attributes: vec![],
+            }),
+            "a zero ttl generates a session cookie"
+        );
+        assert_eq!(
+            lb("{consistentHash: {useSourceIp: true}}"),
+            LoadBalancer::Hash(HashKey::SourceIp)
+        );
+        assert_eq!(
+            lb("{consistentHash: {httpQueryParameterName: user}}"),
+            LoadBalancer::Hash(HashKey::QueryParam("user".into()))
+        );
+        assert_eq!(lb("{simple: RANDOM}"), LoadBalancer::Random);
+        assert_eq!(lb("{simple: LEAST_REQUEST}"), LoadBalancer::LeastRequest);
+        assert_eq!(lb("{simple: ROUND_ROBIN}"), LoadBalancer::RoundRobin);
+    }
+
+    fn virtual_service(http: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews}}\nspec:\n  hosts: [reviews]\n  http:\n{http}"
+        )
+    }
+
+    #[test]
+    fn cors_policy_compiles_as_istio_translates_it() {
+        let vs = virtual_service(
+            "  - corsPolicy:\n      allowOrigins: [{exact: 'https://a.example'}, {prefix: 'https://dev.'}, {regex: 'https://.*\\.b\\.example'}]\n      allowMethods: [GET, POST]\n      allowHeaders: [x-token]\n      exposeHeaders: [x-a, x-b]\n      maxAge: 24h\n      allowCredentials: true\n      unmatchedPreflights: IGNORE\n    route: [{destination: {host: reviews}}]\n  - corsPolicy: {allowOrigin: ['https://old.example'], allowCredentials: false}\n    route: [{destination: {host: reviews}}]\n",
+        );
+        let plan = reviews_plan(&[&vs]);
+        assert!(
+            plan.diagnostics
+                .iter()
+                .all(|d| !d.field.contains("corsPolicy")),
+            "{:?}",
+            plan.diagnostics
+        );
+        let rules = &routes(&plan).rules;
+        let c = rules[0].cors.as_ref().expect("compiled");
+        assert_eq!(
+            c.describe_origins(),
+            vec![
+                "exact \"https://a.example\"",
+                "prefix \"https://dev.\"",
+                "regex \"https://.*\\\\.b\\\\.example\""
+            ]
+        );
+        assert_eq!(c.allow_methods, "GET,POST");
+        assert_eq!(c.allow_headers, "x-token");
+        assert_eq!(c.expose_headers, "x-a,x-b");
+        assert_eq!(c.max_age.as_deref(), Some("86400"));
+        assert!(c.allow_credentials);
+        assert!(!c.forward_unmatched_preflights);
+        let old = rules[1].cors.as_ref().expect("compiled");
+        assert_eq!(
+            old.describe_origins(),
+            vec!["exact \"https://old.example\""]
+        );
+        assert!(!old.allow_credentials);
+        assert!(old.forward_unmatched_preflights, "FORWARD is the default");
+        assert_eq!(old.max_age, None);
+    }
+
+    const SUBSETS: &str = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n  subsets:\n  - {name: v1, labels: {version: v1}}\n  - {name: v2, labels: {version: v2}}\n  - {name: v3, labels: {version: v3}}\n";
+
+    fn delegate_vs(namespace: &str, extra: &str, http: &str) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews-split, namespace: {namespace}}}\nspec:\n{extra}  http:\n{http}"
+        )
+    }
+
+    /// The cluster a request to `path` with `headers` goes to (None: 404).
+    fn routed(plan: &Plan, path: &str, headers: &[(&str, &str)]) -> Option<String> {
+        let mut map = http::HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        let view = super::super::http::RequestView {
+            method: "GET",
+            scheme: "http",
+            authority: "reviews:9080",
+            path,
+            headers: std::borrow::Cow::Owned(map),
+            port: 9080,
+            gateway: "mesh",
+            ..Default::default()
+        };
+        let rule = routes(plan).select(&view)?;
+        let RouteAction::Forward(d) = &rule.action else {
+            return None;
+        };
+        Some(d[0].cluster.name.clone())
+    }
+
+    const ROOT: &str = "  - name: pp\n    match: [{uri: {prefix: /productpage}}]\n    timeout: 3s\n    delegate: {name: reviews-split}\n  - route: [{destination: {host: reviews, subset: v1}}]\n";
+    const SPLIT: &str = "  - name: jason\n    match: [{headers: {end-user: {exact: jason}}}]\n    route: [{destination: {host: reviews, subset: v2}}]\n  - route: [{destination: {host: reviews, subset: v3}}]\n";
+
+    #[test]
+    fn delegate_routes_merge_under_the_root_route() {
+        let plan = reviews_plan(&[
+            SUBSETS,
+            &virtual_service(ROOT),
+            &delegate_vs("default", "", SPLIT),
+        ]);
+        assert!(
+            plan.diagnostics
+                .iter()
+                .all(|d| d.level < super::super::Level::Warning),
+            "{:?}",
+            plan.diagnostics
+        );
+        let cluster = |s: &str| format!("outbound|9080|{s}|reviews.default.svc.cluster.local");
+        assert_eq!(
+            routed(&plan, "/productpage/1", &[("end-user", "jason")]),
+            Some(cluster("v2"))
+        );
+        assert_eq!(routed(&plan, "/productpage", &[]), Some(cluster("v3")));
+        assert_eq!(
+            routed(&plan, "/other", &[("end-user", "jason")]),
+            Some(cluster("v1")),
+            "the root's match still applies to the delegate's routes"
+        );
+        let rules = &routes(&plan).rules;
+        assert_eq!(rules.len(), 3);
+        assert_eq!(rules[0].name.as_deref(), Some("pp-jason"));
+        assert_eq!(rules[0].index, 0, "numbered by the delegating route");
+        assert_eq!(
+            rules[0].delegate,
+            Some(super::super::http::DelegateRef {
+                virtual_service: "default/reviews-split".into(),
+                index: 0
+            })
+        );
+        assert_eq!(rules[1].timeout, Some(Duration::from_secs(3)), "inherited");
+        assert_eq!(
+            rules[1].describe_matches(),
+            vec!["uri prefix \"/productpage\""]
+        );
+        assert_eq!((rules[2].index, rules[2].delegate.as_ref()), (1, None));
+    }
+
+    #[test]
+    fn a_missing_or_hidden_delegate_drops_the_route() {
+        let missing = reviews_plan(&[SUBSETS, &virtual_service(ROOT)]);
+        let warning = missing
+            .diagnostics
+            .iter()
+            .find(|d| d.field == "spec.http[0].delegate")
+            .expect("reported");
+        assert!(
+            warning.message.contains("default/reviews-split"),
+            "{warning}"
+        );
+        assert_eq!(routes(&missing).rules.len(), 1);
+        assert_eq!(
+            routed(&missing, "/productpage", &[]),
+            Some("outbound|9080|v1|reviews.default.svc.cluster.local".into()),
+            "the next route takes the requests"
+        );
+        // A VirtualService with hosts is no delegate; one exported elsewhere is not visible.
+        let cross_namespace = virtual_service(&ROOT.replace(
+            "{name: reviews-split}",
+            "{name: reviews-split, namespace: other}",
+        ));
+        for (root, delegate) in [
+            (
+                virtual_service(ROOT),
+                delegate_vs("default", "  hosts: [ratings]\n", SPLIT),
+            ),
+            (
+                cross_namespace,
+                delegate_vs("other", "  exportTo: [.]\n", SPLIT),
+            ),
+        ] {
+            let plan = reviews_plan(&[SUBSETS, &root, &delegate]);
+            assert_eq!(routes(&plan).rules.len(), 1, "{delegate}");
+            assert!(
+                plan.diagnostics
+                    .iter()
+                    .any(|d| d.field == "spec.http[0].delegate"
+                        && d.level == super::super::Level::Warning),
+                "{:?}",
+                plan.diagnostics
+            );
+        }
+    }
+
+    #[test]
+    fn delegate_hosts_resolve_in_its_namespace_and_conflicts_are_dropped() {
+        let root = virtual_service(&ROOT.replace(
+            "{name: reviews-split}",
+            "{name: reviews-split, namespace: team}",
+        ));
+        let split = "  - match: [{uri: {prefix: /api}}]\n    route: [{destination: {host: reviews.default.svc.cluster.local, subset: v2}}]\n  - route: [{destination: {host: reviews}}]\n";
+        let plan = reviews_plan(&[SUBSETS, &root, &delegate_vs("team", "", split)]);
+        let conflict = plan
+            .diagnostics
+            .iter()
+            .find(|d| d.object == "team/reviews-split" && d.field == "spec.http[0].match")
+            .expect("the /api route is outside /productpage");
+        assert!(conflict.message.contains("conflict"), "{conflict}");
+        let rules = &routes(&plan).rules;
+        assert_eq!(rules.len(), 2);
+        let RouteAction::Forward(d) = &rules[0].action else {
+            panic!()
+        };
+        assert_eq!(
+            d[0].cluster.host, "reviews.team.svc.cluster.local",
+            "the delegate's short name is in its own namespace"
+        );
+        assert!(
+            plan.diagnostics
+                .iter()
+                .any(|d| d.object == "team/reviews-split" && d.code.as_deref() == Some("IST0101")),
+            "the missing host is reported on the delegate: {:?}",
+            plan.diagnostics
+        );
+    }
+
+    #[test]
+    fn locality_settings_and_endpoint_localities_compile() {
+        let dr = |tp: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews}}\nspec:\n  host: reviews\n  trafficPolicy:\n{tp}"
+            )
+        };
+        let policy = |tp: &str| {
+            default_cluster(&reviews_plan(&[&dr(tp)]))
+                .policy
+                .locality
+                .clone()
+        };
+        let outlier = "    outlierDetection: {consecutive5xxErrors: 1}\n";
+        assert_eq!(
+            policy("    connectionPool: {tcp: {maxConnections: 10}}\n"),
+            Some(LocalityPolicy::default()),
+            "enabled by default, but no failover without outlier detection"
+        );
+        assert_eq!(
+            policy(outlier).map(|p| p.failover_enabled),
+            Some(true),
+            "Istio's default failover once outlier detection is set"
+        );
+        assert_eq!(
+            policy(&format!(
+                "{outlier}    loadBalancer:\n      localityLbSetting:\n        failover: [{{from: us-east, to: eu-west}}]\n"
+            )),
+            Some(LocalityPolicy {
+                distribute: vec![],
+                failover: vec![("us-east".into(), "eu-west".into())],
+                failover_enabled: true,
+            })
+        );
+        let distribute = policy(&format!(
+            "{outlier}    loadBalancer:\n      localityLbSetting:\n        distribute: [{{from: us-east/*, to: {{us-east/z1: 80, us-west/*: 20}}}}]\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            distribute.distribute,
+            vec![(
+                "us-east/*".to_string(),
+                vec![
+                    ("us-east/z1".to_string(), 80),
+                    ("us-west/*".to_string(), 20)
+                ]
+            )]
+        );
+        assert!(!distribute.failover_enabled, "distribute excludes failover");
+        assert_eq!(
+            policy(&format!(
+                "{outlier}    loadBalancer:\n      localityLbSetting: {{enabled: false}}\n"
+            )),
+            None
+        );
+        // Endpoint localities: a Pod's istio-locality label, a WorkloadEntry's locality.
+        let extra = "apiVersion: v1\nkind: Pod\nmetadata: {name: r9, labels: {app: reviews, istio-locality: us-east.z1.rack2}}\nstatus: {podIP: 10.244.4.9}\n---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: vm}\nspec:\n  hosts: [vm.example.com]\n  addresses: [240.0.0.9]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: STATIC\n  endpoints: [{address: 10.9.0.1, locality: eu-west/z2}]\n";
+        let plan = reviews_plan(&[extra]);
+        let localities: Vec<(String, String)> = default_cluster(&plan)
+            .endpoints
+            .iter()
+            .map(|e| (e.addr.to_string(), e.locality.clone()))
+            .collect();
+        assert!(
+            localities.contains(&("10.244.4.9:9080".into(), "us-east/z1/rack2".into())),
+            "{localities:?}"
+        );
+        let vm = plan
+            .services
+            .values()
+            .find(|s| s.host == "vm.example.com")
+            .unwrap();
+        assert_eq!(vm.backends[0].locality, "eu-west/z2");
+    }
+
+    #[test]
+    fn ring_hash_and_maglev_are_reported_as_not_used() {
+        let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer: {consistentHash: {httpHeaderName: x-user, ringHash: {minimumRingSize: 1024}}}\n  subsets:\n  - name: v1\n    labels: {version: v1}\n    trafficPolicy:\n      loadBalancer: {consistentHash: {useSourceIp: true, maglev: {tableSize: 65537}}}\n";
+        let plan = reviews_plan(&[dr]);
+        let fields: Vec<&str> = plan
+            .diagnostics
+            .iter()
+            .filter(|d| d.kind == "DestinationRule" && d.message.contains("not used"))
+            .map(|d| d.field.as_str())
+            .collect();
+        assert_eq!(
+            fields,
+            vec![
+                "spec.subsets[0].trafficPolicy.loadBalancer.consistentHash.maglev",
+                "spec.trafficPolicy.loadBalancer.consistentHash.ringHash",
+            ]
+        );
+        // The hash key still applies: the algorithm is the only thing not used.
+        assert_eq!(
+            default_cluster(&plan).policy.load_balancer,
+            LoadBalancer::Hash(HashKey::Header("x-user".into()))
+        );
+    }
 
     #[test]
     fn numeric_retry_on_becomes_status_codes() {

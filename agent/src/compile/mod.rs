@@ -7,6 +7,8 @@
 pub mod alias;
 pub mod analyze;
 pub mod authz;
+pub mod delegate;
+pub mod egress;
 pub mod explain;
 pub mod gateway;
 pub mod http;
@@ -102,6 +104,9 @@ pub struct WeightedBackend {
     /// Who serves this address, for telemetry (shared by the backend's entries under every VIP
     /// and subset, and by the metrics' label index).
     pub workload: Arc<registry::Workload>,
+    /// `region/zone/subzone` of the endpoint (empty: unknown), for locality load balancing.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub locality: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -142,6 +147,8 @@ pub struct EgressPlan {
     /// Every destination a Service or ServiceEntry registers: VIPs, endpoint addresses and
     /// ServiceEntry address ranges.
     pub registered: Vec<ipnet::IpNet>,
+    /// By Pod `metadata.uid`: the Pods a workload or namespace Sidecar governs, with its policy.
+    pub workloads: BTreeMap<String, egress::WorkloadEgress>,
 }
 
 /// Istio's default root namespace, whose selector-less Sidecar applies mesh-wide.
@@ -200,6 +207,7 @@ pub fn compile(config: &ConfigSet) -> Plan {
         egress: EgressPlan {
             registry_only: mesh_registry_only(config),
             registered: registered.into_iter().collect(),
+            workloads: egress::compile(config.pods.iter().map(|p| &**p), &config.sidecars),
         },
         sources: sources(config.pods.iter().map(|p| &**p)),
         services,
@@ -302,6 +310,12 @@ pub fn compile_hosts(
             let vs = ctx.virtual_service_for(&svc.hostname);
             if let Some(vs) = vs {
                 references = destination_hosts(vs);
+                // Delegated routes send where their delegates say.
+                for (ns, name) in delegate::delegate_keys(vs) {
+                    if let Some(d) = delegate::find_delegate(&config.virtual_services, &ns, &name) {
+                        references.extend(destination_hosts(d));
+                    }
+                }
             }
             for port in &svc.ports {
                 let (route, backends, needs_l7) = ctx.route_port(svc, port, vs);
@@ -494,18 +508,6 @@ impl<'a> Ctx<'a> {
         self.diags.push(Diagnostic {
             level: Level::Warning,
             code: code.map(str::to_string),
-            kind: "VirtualService".into(),
-            object: vs.meta.key(),
-            origin: vs.origin.clone(),
-            field,
-            message,
-        });
-    }
-
-    fn info(&mut self, vs: &Resource<istio::VirtualService>, field: String, message: String) {
-        self.diags.push(Diagnostic {
-            level: Level::Info,
-            code: None,
             kind: "VirtualService".into(),
             object: vs.meta.key(),
             origin: vs.origin.clone(),
@@ -732,6 +734,7 @@ impl<'a> Ctx<'a> {
                 weight: share * e.weight as f64 / total,
                 clusters: Vec::new(),
                 workload: e.workload.clone(),
+                locality: e.locality.clone(),
             })
             .collect()
     }

@@ -54,6 +54,17 @@ pub struct Endpoint {
     pub source: String,
     /// Who serves it, as Istio's telemetry names it.
     pub workload: std::sync::Arc<Workload>,
+    /// `region/zone/subzone` (empty: unknown), for locality load balancing.
+    pub locality: String,
+}
+
+/// A Pod's locality from Istio's `istio-locality` label (`region.zone.subzone`: label values
+/// cannot hold `/`).
+pub fn pod_locality(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .get("istio-locality")
+        .map(|l| l.replace('.', "/"))
+        .unwrap_or_default()
 }
 
 /// A workload as Istio's standard metrics label it (`destination_workload`, `destination_app`,
@@ -215,6 +226,7 @@ fn pod_endpoints(
         &pod.meta.name,
         &pod.meta.labels,
     ));
+    let locality = pod_locality(&pod.meta.labels);
     pod_ips(&pod.spec).into_iter().map(move |ip| Endpoint {
         ip,
         labels: pod.meta.labels.clone(),
@@ -222,6 +234,7 @@ fn pod_endpoints(
         weight: 1,
         source: source.clone(),
         workload: workload.clone(),
+        locality: locality.clone(),
     })
 }
 
@@ -417,6 +430,7 @@ impl Builder<'_> {
                             weight: 1,
                             source: format!("EndpointSlice {}", slice.meta.key()),
                             workload: workload.clone(),
+                            locality: pod_locality(&labels),
                         }),
                         Err(e) => {
                             let (meta, origin) = (slice.meta.clone(), slice.origin.clone());
@@ -528,6 +542,7 @@ impl Builder<'_> {
                             &we.labels,
                         )
                         .into(),
+                        locality: we.locality.clone().unwrap_or_default(),
                     }),
                     Err(_) => self.diag(
                         Level::Warning,
@@ -568,6 +583,7 @@ impl Builder<'_> {
                             )
                             .into(),
                             labels,
+                            locality: we.spec.locality.clone().unwrap_or_default(),
                         });
                     }
                 }
@@ -603,6 +619,7 @@ impl Builder<'_> {
                             &we.labels,
                         )
                         .into(),
+                        locality: we.locality.clone().unwrap_or_default(),
                     };
                     let field = format!("spec.endpoints[{i}].address");
                     endpoints.extend(self.dns_endpoints(
@@ -630,6 +647,7 @@ impl Builder<'_> {
                         )
                         .into(),
                         labels,
+                        locality: we.spec.locality.clone().unwrap_or_default(),
                     };
                     endpoints.extend(self.dns_endpoints(
                         se,
@@ -666,6 +684,7 @@ impl Builder<'_> {
                             &BTreeMap::new(),
                         )
                         .into(),
+                        locality: String::new(),
                     };
                     let resolved = if host.contains('*') {
                         Vec::new()

@@ -251,6 +251,8 @@ impl Dataplane {
                 .map_err(map_err(map_names::EGRESS))?,
             aya::maps::LpmTrie::try_from(take(&mut ebpf, map_names::REGISTRY)?)
                 .map_err(map_err(map_names::REGISTRY))?,
+            HashMap::try_from(take(&mut ebpf, map_names::EGRESS_WORKLOADS)?)
+                .map_err(map_err(map_names::EGRESS_WORKLOADS))?,
         );
         let denied = HashMap::try_from(take(&mut ebpf, map_names::DENIED)?)
             .map_err(map_err(map_names::DENIED))?;

@@ -1,11 +1,12 @@
-//! REGISTRY_ONLY in the kernel: the registered-destination LPM trie and the policy switch.
+//! REGISTRY_ONLY in the kernel: the registered-destination LPM trie, the mesh default and the
+//! policies of pod cgroups whose Sidecar sets their own.
 
 use super::kernel::addr_of;
 use aya::maps::lpm_trie::{Key, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, MapError};
 use ipnet::IpNet;
-use std::collections::BTreeSet;
-use steerd_common::{Addr, EgressPolicy};
+use std::collections::{BTreeMap, BTreeSet};
+use steerd_common::{Addr, EGRESS_ALLOW_ANY, EGRESS_REGISTRY_ONLY, EgressPolicy};
 
 /// IPv4 prefixes live in the IPv4-mapped range, 96 bits in.
 const V4_MAPPED_PREFIX: u8 = 96;
@@ -21,21 +22,88 @@ fn key(net: &IpNet) -> Key<Addr> {
 pub struct EgressWriter {
     policy: Array<MapData, EgressPolicy>,
     registry: LpmTrie<MapData, Addr, u32>,
+    /// Pod cgroup id → `EGRESS_ALLOW_ANY` / `EGRESS_REGISTRY_ONLY`.
+    workloads: HashMap<MapData, u64, u32>,
     installed: BTreeSet<IpNet>,
+    /// What `workloads` holds (None: not known yet, the previous agent's entries).
+    workloads_installed: Option<BTreeMap<u64, bool>>,
+    /// The mesh default last written.
+    registry_only: bool,
 }
 
 impl EgressWriter {
     pub fn new(
         policy: Array<MapData, EgressPolicy>,
         registry: LpmTrie<MapData, Addr, u32>,
+        workloads: HashMap<MapData, u64, u32>,
     ) -> Self {
+        let registry_only = policy.get(&0, 0).is_ok_and(|p| p.registry_only != 0);
         Self {
             policy,
             registry,
+            workloads,
             // Unknown after a restart: the first apply rewrites every prefix (inserts are
             // idempotent) and can only remove what it knows, so stale ones are cleared below.
             installed: BTreeSet::new(),
+            workloads_installed: None,
+            registry_only,
         }
+    }
+
+    /// Writes the mesh default and whether per-workload policies exist.
+    fn write_policy(&mut self, registry_only: bool) -> Result<(), MapError> {
+        let workloads = match &self.workloads_installed {
+            Some(w) => !w.is_empty(),
+            // The previous agent's entries stay in force until the first scan replaces them.
+            None => self.workloads.keys().next().is_some(),
+        };
+        self.policy.set(
+            0,
+            EgressPolicy {
+                registry_only: registry_only as u32,
+                workloads: workloads as u32,
+            },
+            0,
+        )?;
+        self.registry_only = registry_only;
+        Ok(())
+    }
+
+    /// Makes the per-workload map hold exactly `want` (pod cgroup id → REGISTRY_ONLY?). The
+    /// kernel's switch goes on after the first entry is in and off before the last one leaves.
+    pub fn set_workloads(&mut self, want: &BTreeMap<u64, bool>) -> Result<(), MapError> {
+        if self.workloads_installed.as_ref() == Some(want) {
+            return Ok(());
+        }
+        let have: BTreeMap<u64, bool> = match self.workloads_installed.take() {
+            Some(h) => h,
+            None => self
+                .workloads
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(id, p)| (id, p == EGRESS_REGISTRY_ONLY))
+                .collect(),
+        };
+        // Until this call succeeds the installed state is unknown (None): a retry rereads it.
+        for (id, registry_only) in want {
+            if have.get(id) != Some(registry_only) {
+                let value = if *registry_only {
+                    EGRESS_REGISTRY_ONLY
+                } else {
+                    EGRESS_ALLOW_ANY
+                };
+                self.workloads.insert(id, value, 0)?;
+            }
+        }
+        if want.is_empty() {
+            self.workloads_installed = Some(BTreeMap::new());
+            self.write_policy(self.registry_only)?;
+        }
+        for id in have.keys().filter(|id| !want.contains_key(id)) {
+            let _ = self.workloads.remove(id);
+        }
+        self.workloads_installed = Some(want.clone());
+        self.write_policy(self.registry_only)
     }
 
     /// Makes the trie hold exactly `registered` (inserting before deleting, so a destination
@@ -67,14 +135,7 @@ impl EgressWriter {
             }
         }
         self.installed = want;
-        self.policy.set(
-            0,
-            EgressPolicy {
-                registry_only: registry_only as u32,
-                _pad: 0,
-            },
-            0,
-        )
+        self.write_policy(registry_only)
     }
 }
 
@@ -99,14 +160,7 @@ impl EgressWriter {
                 let _ = self.registry.remove(&key(&net));
             }
         }
-        self.policy.set(
-            0,
-            EgressPolicy {
-                registry_only: registry_only as u32,
-                _pad: 0,
-            },
-            0,
-        )
+        self.write_policy(registry_only)
     }
 }
 

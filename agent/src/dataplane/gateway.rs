@@ -67,8 +67,32 @@ const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 11
 struct ServerState {
     plan: Arc<ServerPlan>,
     tls: Option<Result<Arc<ServerConfig>, String>>,
+    /// What `inspect listeners` shows of its certificate.
+    status: Option<CertificateStatus>,
     /// Seconds since `epoch` of the last refusal warning.
     last_refusal_log: AtomicU64,
+}
+
+/// The state of a terminating server's certificate, for the admin API.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CertificateStatus {
+    /// `secret default/a-cert`, `files /etc/a.crt /etc/a.key`, or `missing`.
+    pub source: String,
+    /// Whether handshakes are being served (with the current or the last good certificate).
+    pub loaded: bool,
+    /// `notAfter` of the leaf certificate being served (RFC 3339).
+    pub not_after: Option<String>,
+    /// Why the configured credential does not load (None: it does).
+    pub error: Option<String>,
+    /// The error above is being ridden out with the last certificate that loaded.
+    pub serving_last_good: bool,
+}
+
+/// A certificate that loaded for a server, kept while its successor does not load.
+#[derive(Clone)]
+struct LastGood {
+    config: Arc<ServerConfig>,
+    not_after: Option<String>,
 }
 
 /// What one bound address serves; replaced as a whole on each plan.
@@ -108,6 +132,32 @@ struct Inner {
     files: Vec<(PathBuf, Option<SystemTime>)>,
     /// Diagnostics and per-server TLS errors already logged, so each is logged once.
     logged: BTreeSet<String>,
+    /// By [`server_key`]: the last certificate that loaded, served while a rotated Secret or
+    /// file is deleted or malformed.
+    last_good: HashMap<String, LastGood>,
+}
+
+/// A server's identity across plans: `ns/gateway spec.servers[i]`.
+fn server_key(server: &ServerPlan) -> String {
+    format!("{} spec.servers[{}]", server.gateway, server.index)
+}
+
+/// The field of a server that names its certificate, for error messages.
+fn credential_field(server: &ServerPlan) -> String {
+    let field = match server.tls.as_ref().map(|t| &t.credential) {
+        Some(Credential::Files { .. }) => "serverCertificate",
+        _ => "credentialName",
+    };
+    format!("{}.tls.{field}", server_key(server))
+}
+
+fn credential_source(credential: &Credential) -> String {
+    match credential {
+        Credential::Secret { name, .. } => format!("secret {name}"),
+        Credential::Files { cert, key } => format!("files {} {}", cert.display(), key.display()),
+        Credential::Missing(_) => "missing".into(),
+        Credential::None => "none".into(),
+    }
 }
 
 /// The gateway listeners of the agent.
@@ -179,6 +229,7 @@ impl Gateways {
         }
 
         let mut files = Vec::new();
+        let mut last_good = HashMap::new();
         let mut desired: HashMap<SocketAddr, Arc<PortState>> = HashMap::new();
         for listener in &plan.listeners {
             let mut servers = Vec::new();
@@ -192,27 +243,78 @@ impl Gateways {
                     if let Some(ClientCa::File(ca)) = &tls.client_ca {
                         files.push((ca.clone(), modified(ca)));
                     }
-                    let config = server_config(server);
-                    let line = match &config {
+                    let key = server_key(server);
+                    let loaded = server_config(server)
+                        .map(|(config, leaf)| LastGood {
+                            config,
+                            not_after: not_after(&leaf),
+                        })
+                        .map_err(|e| format!("{}: {e}", credential_field(server)));
+                    let previous = inner.last_good.get(&key).cloned();
+                    let line = match &loaded {
                         Ok(_) => format!("ok {}", server.describe()),
                         Err(e) => format!("err {}: {e}", server.describe()),
                     };
                     if !inner.logged.contains(&line) {
-                        match &config {
-                            Err(e) => error!(
+                        match (&loaded, &previous) {
+                            (Err(e), Some(_)) => error!(
+                                server = %server.describe(),
+                                error = %e,
+                                "gateway certificate does not load; the last good certificate keeps serving"
+                            ),
+                            (Err(e), None) => error!(
                                 server = %server.describe(),
                                 error = %e,
                                 "gateway server has no usable certificate; its TLS handshakes are refused while the other servers serve"
                             ),
-                            Ok(_) => info!(server = %server.describe(), "gateway certificate loaded"),
+                            (Ok(_), _) => info!(server = %server.describe(), "gateway certificate loaded"),
                         }
                     }
                     logged.insert(line);
-                    config
+                    let source = credential_source(&tls.credential);
+                    match (loaded, previous) {
+                        (Ok(good), _) => {
+                            last_good.insert(key, good.clone());
+                            let status = CertificateStatus {
+                                source,
+                                loaded: true,
+                                not_after: good.not_after,
+                                error: None,
+                                serving_last_good: false,
+                            };
+                            (Ok(good.config), status)
+                        }
+                        (Err(e), Some(good)) => {
+                            last_good.insert(key, good.clone());
+                            let status = CertificateStatus {
+                                source,
+                                loaded: true,
+                                not_after: good.not_after,
+                                error: Some(e),
+                                serving_last_good: true,
+                            };
+                            (Ok(good.config), status)
+                        }
+                        (Err(e), None) => {
+                            let status = CertificateStatus {
+                                source,
+                                loaded: false,
+                                not_after: None,
+                                error: Some(e.clone()),
+                                serving_last_good: false,
+                            };
+                            (Err(e), status)
+                        }
+                    }
                 });
+                let (tls, status) = match tls {
+                    Some((tls, status)) => (Some(tls), Some(status)),
+                    None => (None, None),
+                };
                 servers.push(ServerState {
                     plan: server.clone(),
                     tls,
+                    status,
                     last_refusal_log: AtomicU64::new(0),
                 });
             }
@@ -269,8 +371,28 @@ impl Gateways {
             }
         }
         inner.logged = logged;
+        inner.last_good = last_good;
         inner.files = files;
         inner.plan = Some(plan);
+    }
+
+    /// Every server of every bound address, with its certificate state (terminating servers),
+    /// by address then server order: what `inspect listeners` shows.
+    pub fn served(&self) -> Vec<(SocketAddr, Arc<ServerPlan>, Option<CertificateStatus>)> {
+        let inner = self.lock();
+        let mut out = Vec::new();
+        for (addr, running) in &inner.listeners {
+            let state = running
+                .state
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            for s in &state.servers {
+                out.push((*addr, s.plan.clone(), s.status.clone()));
+            }
+        }
+        out.sort_by_key(|s| (s.0, s.1.index));
+        out
     }
 
     /// Addresses currently listening.
@@ -285,8 +407,21 @@ fn modified(path: &std::path::Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-/// The rustls configuration of a terminating server, or why it cannot have one.
-fn server_config(server: &ServerPlan) -> Result<Arc<ServerConfig>, String> {
+/// `notAfter` of a DER certificate, RFC 3339.
+fn not_after(der: &CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    cert.validity()
+        .not_after
+        .to_datetime()
+        .format(&time::format_description::well_known::Rfc3339)
+        .ok()
+}
+
+/// The rustls configuration of a terminating server and its leaf certificate, or why it cannot
+/// have one.
+fn server_config(
+    server: &ServerPlan,
+) -> Result<(Arc<ServerConfig>, CertificateDer<'static>), String> {
     let tls = server.tls.as_ref().ok_or("no tls settings")?;
     let (cert, key, what) = match &tls.credential {
         Credential::Secret { name, cert, key } => {
@@ -311,6 +446,7 @@ fn server_config(server: &ServerPlan) -> Result<Arc<ServerConfig>, String> {
     if chain.is_empty() {
         return Err(format!("{what}: no CERTIFICATE in the certificate PEM"));
     }
+    let leaf = chain[0].clone();
     let key =
         PrivateKeyDer::from_pem_slice(&key).map_err(|e| format!("{what}: private key: {e}"))?;
     let all = [&rustls::version::TLS12, &rustls::version::TLS13];
@@ -369,7 +505,14 @@ fn server_config(server: &ServerPlan) -> Result<Arc<ServerConfig>, String> {
             let verifier = verifier
                 .build()
                 .map_err(|e| format!("{source}: client CA: {e}"))?;
-            builder.with_client_cert_verifier(verifier)
+            if tls.subject_alt_names.is_empty() {
+                builder.with_client_cert_verifier(verifier)
+            } else {
+                builder.with_client_cert_verifier(Arc::new(SanCheckingVerifier {
+                    inner: verifier,
+                    subject_alt_names: tls.subject_alt_names.clone(),
+                }))
+            }
         }
     };
     let mut config = builder
@@ -378,7 +521,131 @@ fn server_config(server: &ServerPlan) -> Result<Arc<ServerConfig>, String> {
     if server.protocol == "HTTPS" {
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     }
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), leaf))
+}
+
+/// The CA's verdict, then Envoy's `match_typed_subject_alt_names` as Istio configures it for a
+/// Gateway's `subjectAltNames`: the client certificate must carry one of the listed names as a
+/// DNS, URI, email or IP SAN (exact match; a `*.` DNS SAN of the certificate covers one label).
+#[derive(Debug)]
+struct SanCheckingVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    subject_alt_names: Vec<String>,
+}
+
+impl rustls::server::danger::ClientCertVerifier for SanCheckingVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let names = certificate_sans(end_entity);
+        if san_matches(&self.subject_alt_names, &names) {
+            Ok(verified)
+        } else {
+            debug!(certificate = ?names, allowed = ?self.subject_alt_names, "client certificate refused: no allowed subjectAltName");
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A certificate's subjectAltNames as (type, value): `DNS`, `URI`, `EMAIL`, `IP`.
+pub(crate) fn certificate_sans(der: &CertificateDer<'_>) -> Vec<(&'static str, String)> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(ext)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    ext.value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::DNSName(n) => Some(("DNS", n.to_string())),
+            GeneralName::URI(u) => Some(("URI", u.to_string())),
+            GeneralName::RFC822Name(e) => Some(("EMAIL", e.to_string())),
+            GeneralName::IPAddress(bytes) => match bytes.len() {
+                4 => <[u8; 4]>::try_from(*bytes)
+                    .ok()
+                    .map(|b| ("IP", IpAddr::from(b).to_string())),
+                16 => <[u8; 16]>::try_from(*bytes)
+                    .ok()
+                    .map(|b| ("IP", IpAddr::from(b).to_string())),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether one of the certificate's SANs is one of `allowed` (Envoy's exact matchers; DNS SANs
+/// with Envoy's `dnsNameMatch`: `*.example.com` covers `a.example.com`, not `a.b.example.com`).
+pub(crate) fn san_matches(allowed: &[String], names: &[(&'static str, String)]) -> bool {
+    names.iter().any(|(kind, name)| {
+        allowed.iter().any(|want| {
+            if *kind == "DNS" {
+                dns_name_match(want, name)
+            } else if *kind == "IP" {
+                want.parse::<IpAddr>()
+                    .is_ok_and(|ip| ip.to_string() == *name)
+            } else {
+                want == name
+            }
+        })
+    })
+}
+
+fn dns_name_match(want: &str, cert_name: &str) -> bool {
+    if want.eq_ignore_ascii_case(cert_name) {
+        return true;
+    }
+    match cert_name.strip_prefix("*.") {
+        Some(suffix) => want
+            .split_once('.')
+            .is_some_and(|(label, rest)| !label.is_empty() && rest.eq_ignore_ascii_case(suffix)),
+        None => false,
+    }
 }
 
 fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -846,6 +1113,7 @@ mod tests {
                 mode: ServerTlsMode::Simple,
                 credential,
                 client_ca: None,
+                subject_alt_names: vec![],
                 min_version: None,
                 max_version: None,
             }),
@@ -876,7 +1144,9 @@ mod tests {
             cert: pem(&c),
             key: pem(&k),
         });
-        let config = server_config(&ok).expect("a valid pair loads");
+        let (config, leaf) = server_config(&ok).expect("a valid pair loads");
+        let not_after = not_after(&leaf).expect("rcgen's default validity");
+        assert!(not_after.starts_with("4096-01-01"), "{not_after}");
         assert_eq!(
             config.alpn_protocols,
             vec![b"h2".to_vec(), b"http/1.1".to_vec()]
@@ -955,6 +1225,41 @@ mod tests {
         );
         mutual.tls.as_mut().unwrap().client_ca = Some(ClientCa::Missing("no ca.crt".into()));
         assert_eq!(server_config(&mutual).unwrap_err(), "no ca.crt");
+    }
+
+    #[test]
+    fn client_sans_match_exactly_by_type() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![
+            "*.clients.example.com".to_string(),
+            "10.0.0.7".to_string(),
+        ])
+        .unwrap();
+        params.subject_alt_names.push(rcgen::SanType::URI(
+            "spiffe://cluster.local/ns/a/sa/b".try_into().unwrap(),
+        ));
+        let cert = params.self_signed(&key).unwrap();
+        let names = certificate_sans(cert.der());
+        assert_eq!(
+            names,
+            [
+                ("DNS", "*.clients.example.com".to_string()),
+                ("IP", "10.0.0.7".to_string()),
+                ("URI", "spiffe://cluster.local/ns/a/sa/b".to_string()),
+            ]
+        );
+        let ok = |allowed: &[&str]| {
+            san_matches(
+                &allowed.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                &names,
+            )
+        };
+        assert!(ok(&["spiffe://cluster.local/ns/a/sa/b"]));
+        assert!(!ok(&["spiffe://cluster.local/ns/a/sa/c"]));
+        assert!(ok(&["x.clients.example.com"]));
+        assert!(!ok(&["x.y.clients.example.com"]));
+        assert!(ok(&["other", "10.0.0.7"]));
+        assert!(!ok(&["10.0.0.8"]));
     }
 
     /// A real ClientHello, as rustls writes it.

@@ -174,6 +174,7 @@ mod tests {
             weight: w,
             clusters: vec![],
             workload: Default::default(),
+            locality: String::new(),
         };
         plan.services.insert(
             vip,

@@ -2,6 +2,7 @@
 
 pub mod authz;
 pub mod bpf;
+pub mod cgroups;
 pub mod egress;
 pub mod gateway;
 pub mod kernel;
@@ -9,5 +10,7 @@ pub mod maps;
 pub mod pool;
 pub mod proxy;
 pub mod upstream;
+pub mod upstream_tls;
+pub mod workers;
 
 pub use bpf::{Dataplane, DataplaneError, MapSizes, Pins, cleanup};

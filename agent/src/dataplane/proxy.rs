@@ -9,14 +9,15 @@
 
 use crate::compile::authz::{self, AuthzPlan, HttpAttributes};
 use crate::compile::http::{
-    self, Cluster, ClusterPolicy, HashKey, HeaderOps, HttpRoutes, LoadBalancer, Redirect,
-    RequestView, RetryPolicy, RouteAction,
+    self, Cluster, ClusterPolicy, CorsDecision, HashKey, HeaderOps, HttpRoutes, LoadBalancer,
+    Redirect, RequestView, RetryPolicy, RouteAction,
 };
 use crate::compile::registry::Workload;
 use crate::compile::{Plan, Source, VipKey};
 use crate::dataplane::kernel;
 use crate::dataplane::pool::{PoolSettings, UpstreamError};
 use crate::dataplane::upstream::{ClusterState, Clusters, HashInput, Outcome};
+use crate::dataplane::workers::ProxyWorkers;
 use crate::metrics::{Metrics, RequestKey};
 use crate::model::istio::MESH_GATEWAY;
 use crate::model::security::Action;
@@ -31,7 +32,6 @@ use hyper::http::uri::PathAndQuery;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::borrow::Cow;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
@@ -107,12 +107,14 @@ impl ProxyTable {
 }
 
 /// The upstream connection settings of a cluster's DestinationRule.
-fn pool_settings(policy: &ClusterPolicy) -> PoolSettings {
+fn pool_settings(cluster: &Cluster, state: &ClusterState) -> PoolSettings {
+    let policy: &ClusterPolicy = &cluster.policy;
     PoolSettings {
         http2: policy.http2,
         connect_timeout: policy.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
         idle_timeout: policy.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT),
         max_requests_per_connection: policy.max_requests_per_connection,
+        tls: state.tls_origination(cluster),
     }
 }
 
@@ -135,6 +137,8 @@ pub struct Proxy {
     mirrors: Arc<tokio::sync::Semaphore>,
     metrics: Arc<Metrics>,
     idle_sweeper: Once,
+    /// This node's locality (`--locality`), for locality load balancing.
+    locality: Option<http::Locality>,
 }
 
 /// What became of a request, for telemetry.
@@ -168,6 +172,7 @@ impl Proxy {
     pub fn new(
         connections: BpfHashMap<MapData, ClientKey, RevNatValue>,
         metrics: Arc<Metrics>,
+        locality: Option<http::Locality>,
     ) -> Arc<Self> {
         Arc::new(Self {
             table: ArcSwap::from_pointee(ProxyTable::default()),
@@ -176,6 +181,7 @@ impl Proxy {
             mirrors: Arc::new(tokio::sync::Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
             metrics,
             idle_sweeper: Once::new(),
+            locality,
         })
     }
 
@@ -226,29 +232,46 @@ impl Proxy {
         })
     }
 
-    /// Binds the listener now (so errors surface at start-up) and returns the accept loop.
-    pub async fn bind(
+    /// Binds one `SO_REUSEPORT` listener on `addr` per worker now (so errors surface at
+    /// start-up) and runs each one's accept loop on its worker.
+    pub fn bind_workers(
         self: &Arc<Self>,
+        workers: &ProxyWorkers,
         addr: SocketAddr,
-    ) -> Result<impl Future<Output = ()> + use<>, ProxyError> {
-        let listener = bind_listener(addr).map_err(|source| ProxyError::Bind { addr, source })?;
-        info!(%addr, "L7 proxy listening");
+    ) -> Result<(), ProxyError> {
+        let listeners = workers
+            .handles()
+            .iter()
+            .map(|_| bind_listener(addr).map_err(|source| ProxyError::Bind { addr, source }))
+            .collect::<Result<Vec<_>, _>>()?;
+        info!(%addr, workers = listeners.len(), "L7 proxy listening");
         self.start_idle_sweeper();
-        let proxy = self.clone();
-        Ok(async move {
-            loop {
-                let (stream, peer) = match listener.accept().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        warn!(error = %e, "proxy accept");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                };
-                let proxy = proxy.clone();
-                tokio::spawn(async move { proxy.serve_connection(stream, peer).await });
-            }
-        })
+        for (listener, worker) in listeners.into_iter().zip(workers.handles()) {
+            let proxy = self.clone();
+            worker.spawn(async move {
+                // Registers the socket with this worker's reactor.
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => proxy.accept_loop(listener).await,
+                    Err(e) => warn!(%addr, error = %e, "proxy listener on a worker"),
+                }
+            });
+        }
+        Ok(())
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "proxy accept");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let proxy = self.clone();
+            tokio::spawn(async move { proxy.serve_connection(stream, peer).await });
+        }
     }
 
     async fn serve_connection(self: Arc<Self>, stream: TcpStream, peer: SocketAddr) {
@@ -304,9 +327,26 @@ impl Proxy {
         scheme: &'static str,
     ) -> Response<ProxyBody> {
         let started = Instant::now();
-        let served = self
-            .route(service, source, peer, req, gateway, scheme)
+        let mut cors_headers = Vec::new();
+        let mut served = self
+            .route(
+                service,
+                source,
+                peer,
+                req,
+                gateway,
+                scheme,
+                &mut cors_headers,
+            )
             .await;
+        // Envoy's CORS filter sets these on every response to an allowed origin's request,
+        // the proxy's own replies (faults, timeouts, 503s) included.
+        for (name, value) in cors_headers {
+            served
+                .response
+                .headers_mut()
+                .insert(name, header_value(&value));
+        }
         let series = self.metrics.request_series(&RequestKey {
             source: source.map(|s| &s.workload),
             service: &service.host,
@@ -321,6 +361,9 @@ impl Proxy {
         served.response
     }
 
+    /// Routes and forwards one request. `cors_headers` receives the CORS headers the response
+    /// is to carry (the rule's `corsPolicy`, for an allowed origin).
+    #[allow(clippy::too_many_arguments)]
     async fn route<'s>(
         &self,
         service: &'s ProxyService,
@@ -329,6 +372,7 @@ impl Proxy {
         req: Request<Incoming>,
         gateway: &str,
         scheme: &'static str,
+        cors_headers: &mut Vec<(&'static str, String)>,
     ) -> Served<'s> {
         let (mut parts, body) = req.into_parts();
         let view = RequestView {
@@ -346,6 +390,24 @@ impl Proxy {
         let Some(rule) = service.routes.select(&view) else {
             return Served::local(StatusCode::NOT_FOUND, "", "NR");
         };
+        // The CORS filter runs before faults and routing: it answers preflights itself.
+        if let Some(cors) = &rule.cors {
+            match cors.evaluate(&view) {
+                CorsDecision::Preflight { headers, .. } => {
+                    let mut response = Response::new(full(Bytes::new()));
+                    for (name, value) in headers {
+                        response.headers_mut().insert(name, header_value(&value));
+                    }
+                    return Served {
+                        response,
+                        destination: None,
+                        flags: "-",
+                    };
+                }
+                CorsDecision::Allowed { headers } => *cors_headers = headers,
+                CorsDecision::NotCors | CorsDecision::OriginNotAllowed => {}
+            }
+        }
 
         // Faults first; as in Istio, a faulted route gets no retries and no timeout.
         let (retries, timeout) = if rule.fault.is_some() {
@@ -435,11 +497,31 @@ impl Proxy {
                 None if !parts.headers.contains_key(HOST) => Some(header_value(view.authority)),
                 None => None,
             };
+        // A cookie Envoy would generate for a request without one (hash key and Set-Cookie).
+        let mut set_cookie: Option<HeaderValue> = None;
         let hash_key: Option<String> = match &dest.cluster.policy.load_balancer {
             LoadBalancer::Hash(HashKey::Header(h)) => view.header_value(h).map(Cow::into_owned),
-            LoadBalancer::Hash(HashKey::Cookie { name, .. }) => {
-                view.cookie(name).map(str::to_string)
-            }
+            LoadBalancer::Hash(HashKey::Cookie {
+                name,
+                ttl,
+                path,
+                attributes,
+            }) => match (view.cookie(name).filter(|v| !v.is_empty()), ttl) {
+                // An empty cookie counts as none, as in Envoy.
+                (Some(v), _) => Some(v.to_string()),
+                (None, Some(ttl)) => {
+                    let value = generated_cookie_value(peer, &service.host, service.port);
+                    set_cookie = Some(set_cookie_header(
+                        name,
+                        &value,
+                        *ttl,
+                        path.as_deref(),
+                        attributes,
+                    ));
+                    Some(value)
+                }
+                (None, None) => None,
+            },
             LoadBalancer::Hash(HashKey::QueryParam(q)) => view.query_value(q).map(str::to_string),
             _ => None,
         };
@@ -518,12 +600,13 @@ impl Proxy {
             };
         };
         let hash = HashInput {
+            client_locality: self.locality.as_ref(),
             header: hash_key.as_deref(),
             cookie: hash_key.as_deref(),
             query_param: hash_key.as_deref(),
             source_ip: Some(peer.ip()),
         };
-        let settings = pool_settings(&cluster.policy);
+        let settings = pool_settings(cluster, &state);
         // The destination workload authorizes the request as it arrives there: after rewrites
         // and header changes, from the client's address.
         let policies = self.table.load().authz.clone();
@@ -640,10 +723,11 @@ impl Proxy {
                 let mut up = Request::new(body);
                 *up.method_mut() = method;
                 *up.headers_mut() = headers;
-                let sent = picked
-                    .in_flight
-                    .pool()
-                    .send(endpoint, settings, path_and_query, up);
+                let sent =
+                    picked
+                        .in_flight
+                        .pool()
+                        .send(endpoint, settings.clone(), path_and_query, up);
                 let result = match retries.per_try_timeout {
                     Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| ()),
                     None => Ok(sent.await),
@@ -724,6 +808,9 @@ impl Proxy {
         let headers = served.response.headers_mut();
         apply_header_ops(headers, &dest.headers_response);
         apply_header_ops(headers, &rule.headers_response);
+        if let Some(cookie) = set_cookie {
+            headers.append(hyper::header::SET_COOKIE, cookie);
+        }
         served
     }
 
@@ -742,7 +829,7 @@ impl Proxy {
         *req.method_mut() = head.method.clone();
         *req.headers_mut() = head.headers.clone();
         req.headers_mut().insert(HOST, host.clone());
-        let settings = pool_settings(&cluster.policy);
+        let settings = pool_settings(cluster, &state);
         let path_and_query = head.path_and_query.clone();
         tokio::spawn(async move {
             let _permit = permit;
@@ -780,6 +867,42 @@ fn shadow_host(authority: &str) -> HeaderValue {
     header_value(&host)
 }
 
+/// The value of a consistent-hash cookie generated for a request that had none. Like Envoy's,
+/// it is the hash of the downstream connection's addresses, so requests racing on one connection
+/// get the same cookie, and 16 hex digits.
+fn generated_cookie_value(peer: SocketAddr, host: &str, port: u16) -> String {
+    use std::hash::BuildHasher;
+    // A fixed seed: the value means the same endpoint after an agent restart.
+    let hasher = foldhash::fast::FixedState::with_seed(0xc00c_1e5e_ed00_0001);
+    format!("{:016x}", hasher.hash_one((peer, host, port)))
+}
+
+/// Envoy's `Set-Cookie` for a generated hash cookie: quoted value, `Max-Age` unless the ttl is
+/// zero (a session cookie), `Path`, the extra attributes, `HttpOnly`.
+fn set_cookie_header(
+    name: &str,
+    value: &str,
+    ttl: Duration,
+    path: Option<&str>,
+    attributes: &[(String, Option<String>)],
+) -> HeaderValue {
+    let mut cookie = format!("{name}=\"{value}\"");
+    if !ttl.is_zero() {
+        cookie += &format!("; Max-Age={}", ttl.as_secs());
+    }
+    if let Some(path) = path {
+        cookie += &format!("; Path={path}");
+    }
+    for (attribute, value) in attributes {
+        match value {
+            Some(v) => cookie += &format!("; {attribute}={v}"),
+            None => cookie += &format!("; {attribute}"),
+        }
+    }
+    cookie += "; HttpOnly";
+    header_value(&cookie)
+}
+
 /// Envoy's 503 for an attempt that failed before a response: connection failure (`UF`) or
 /// termination (`UC`).
 fn upstream_failure<'a>(e: &UpstreamError, destination: Option<&'a Workload>) -> Served<'a> {
@@ -788,11 +911,16 @@ fn upstream_failure<'a>(e: &UpstreamError, destination: Option<&'a Workload>) ->
     } else {
         ("connection termination", "UC")
     };
+    // Envoy appends the TLS error as `transport failure reason`.
+    let transport = e
+        .transport_failure()
+        .map(|r| format!(", transport failure reason: TLS_error: {r}"))
+        .unwrap_or_default();
     Served {
         response: local_reply_owned(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "upstream connect error or disconnect/reset before headers. reset reason: {reason}"
+                "upstream connect error or disconnect/reset before headers. reset reason: {reason}{transport}"
             ),
         ),
         destination,
@@ -875,20 +1003,23 @@ fn full(b: Bytes) -> ProxyBody {
     Full::new(b).map_err(|never| match never {}).boxed()
 }
 
-fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A listening socket on `addr`, one of several: `SO_REUSEPORT` lets every worker (and, during
+/// an upgrade, the next agent's workers) bind the same address.
+fn bind_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
         Some(socket2::Protocol::TCP),
     )?;
     socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// A response generated by the proxy itself, marked the way Envoy marks its own replies.
@@ -903,4 +1034,43 @@ fn local_reply_owned(status: StatusCode, body: String) -> Response<ProxyBody> {
         .header("server", "steerd")
         .body(full(Bytes::from(body)))
         .expect("static response parts are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_hash_cookie_follows_envoy() {
+        let attributes = vec![
+            ("SameSite".to_string(), Some("Strict".to_string())),
+            ("Secure".to_string(), None),
+        ];
+        let cookie = set_cookie_header(
+            "user",
+            "00ff",
+            Duration::from_secs(60),
+            Some("/"),
+            &attributes,
+        );
+        assert_eq!(
+            cookie,
+            "user=\"00ff\"; Max-Age=60; Path=/; SameSite=Strict; Secure; HttpOnly"
+        );
+        assert_eq!(
+            set_cookie_header("user", "00ff", Duration::ZERO, None, &[]),
+            "user=\"00ff\"; HttpOnly",
+            "a zero ttl is a session cookie"
+        );
+        let peer: SocketAddr = "10.244.1.2:40000".parse().unwrap();
+        let value = generated_cookie_value(peer, "reviews", 9080);
+        assert_eq!(value.len(), 16);
+        assert_eq!(value, generated_cookie_value(peer, "reviews", 9080));
+        let other: SocketAddr = "10.244.1.2:40001".parse().unwrap();
+        assert_ne!(
+            value,
+            generated_cookie_value(other, "reviews", 9080),
+            "another connection gets another cookie"
+        );
+    }
 }

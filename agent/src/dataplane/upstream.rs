@@ -6,8 +6,10 @@
 //! Every request looks its cluster and endpoint up here, so reads take no lock: the maps are
 //! swapped whole (copy on insert, which happens once per new cluster or endpoint).
 
-use crate::compile::http::{Cluster, HashKey, LoadBalancer, OutlierPolicy};
-use crate::dataplane::pool::EndpointPool;
+use crate::compile::http::{
+    Cluster, HashKey, LoadBalancer, Locality, LocalityPolicy, OutlierPolicy,
+};
+use crate::dataplane::pool::{EndpointPool, TlsOrigination};
 use arc_swap::ArcSwap;
 use hashbrown::HashMap;
 use std::hash::{BuildHasher, Hash};
@@ -16,9 +18,17 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// What the load balancer needs from the request for consistent hashing.
+/// Up to this many candidate endpoints, LEAST_REQUEST compares all of them; beyond, two random
+/// ones (Envoy's power of two choices). With few endpoints two random picks are often the same
+/// busy one, while checking a handful of counters costs next to nothing.
+const LEAST_REQUEST_FULL_SCAN: usize = 8;
+
+/// What the load balancer needs from the request: the consistent-hash key, and where the
+/// client is.
 #[derive(Debug, Default)]
 pub struct HashInput<'a> {
+    /// This node's locality, for locality load balancing (None: not configured).
+    pub client_locality: Option<&'a Locality>,
     pub header: Option<&'a str>,
     pub cookie: Option<&'a str>,
     pub source_ip: Option<std::net::IpAddr>,
@@ -106,6 +116,8 @@ pub struct ClusterState {
     requests: AtomicU32,
     /// Requests rejected by the pool limits (Envoy's `upstream_rq_pending_overflow`).
     pub overflows: AtomicU64,
+    /// DestinationRule `tls` origination, rebuilt when the plan's settings change.
+    tls: Mutex<Option<Arc<TlsOrigination>>>,
 }
 
 impl Default for ClusterState {
@@ -117,7 +129,26 @@ impl Default for ClusterState {
             round_robin: AtomicU64::new(0),
             requests: AtomicU32::new(0),
             overflows: AtomicU64::new(0),
+            tls: Mutex::new(None),
         }
+    }
+}
+
+impl ClusterState {
+    /// The TLS origination of `cluster` (built on first use and when its settings change), or
+    /// None when it speaks plain text.
+    pub fn tls_origination(&self, cluster: &Cluster) -> Option<Arc<TlsOrigination>> {
+        let plan = cluster.policy.tls.as_ref()?;
+        let mut cached = self.tls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = cached.as_ref().filter(|t| t.plan == *plan) {
+            return Some(t.clone());
+        }
+        let built = Arc::new(crate::dataplane::upstream_tls::build(plan, &cluster.host));
+        if let Err(e) = &built.connector {
+            tracing::warn!(cluster = %cluster.name, error = %e, "upstream TLS settings unusable; connections fail (503 UF)");
+        }
+        *cached = Some(built.clone());
+        Some(built)
     }
 }
 
@@ -220,9 +251,21 @@ impl ClusterState {
         }
         let now = Instant::now();
         let may_be_ejected = self.millis(now) < self.ejections_end_ms.load(Ordering::Acquire);
-        // The common case (no ejections, first attempt) balances over the cluster's endpoints as
-        // they are; otherwise over the indices of the remaining candidates.
-        let filtered: Option<Vec<usize>> = (may_be_ejected || !exclude.is_empty()).then(|| {
+        let locality = match (hash.client_locality, &cluster.policy.locality) {
+            (Some(client), Some(policy))
+                if policy.failover_enabled || !policy.distribute.is_empty() =>
+            {
+                Some((client, policy))
+            }
+            _ => None,
+        };
+        // The common case (no ejections, first attempt, no locality preference) balances over
+        // the cluster's endpoints as they are; otherwise over the indices of the remaining
+        // candidates.
+        let filtered: Option<Vec<usize>> = (may_be_ejected
+            || !exclude.is_empty()
+            || locality.is_some())
+        .then(|| {
             let all: Vec<usize> = (0..endpoints.len()).collect();
             let healthy: Vec<usize> = if may_be_ejected {
                 all.iter()
@@ -232,7 +275,11 @@ impl ClusterState {
             } else {
                 all.clone()
             };
-            let mut candidates = if healthy.is_empty() { all } else { healthy };
+            let mut candidates = match locality {
+                Some((client, policy)) => locality_candidates(cluster, client, policy, &healthy),
+                None if healthy.is_empty() => all,
+                None => healthy,
+            };
             if candidates.len() > 1 {
                 let fresh: Vec<usize> = candidates
                     .iter()
@@ -245,6 +292,9 @@ impl ClusterState {
             }
             candidates
         });
+        if filtered.as_ref().is_some_and(Vec::is_empty) {
+            return None;
+        }
         let candidates = Candidates {
             cluster,
             indices: filtered.as_deref(),
@@ -263,15 +313,27 @@ impl ClusterState {
             }
             LoadBalancer::Random => candidates.weighted(fastrand::f64() * candidates.total()),
             LoadBalancer::LeastRequest => {
-                // Power of two choices, Envoy's default for LEAST_REQUEST.
-                let a = candidates.index(fastrand::usize(..candidates.len()));
-                let b = candidates.index(fastrand::usize(..candidates.len()));
                 let load = |x: usize| {
                     self.endpoint(endpoints[x].addr)
                         .in_flight
                         .load(Ordering::Acquire)
                 };
-                if load(b) < load(a) { b } else { a }
+                let n = candidates.len();
+                if n <= LEAST_REQUEST_FULL_SCAN {
+                    // Few endpoints: the least loaded of all of them (Envoy's full scan), ties
+                    // broken by a random starting point so idle endpoints share the load.
+                    let start = fastrand::usize(..n);
+                    (0..n)
+                        .map(|k| candidates.index((start + k) % n))
+                        .min_by_key(|&i| load(i))
+                        .expect("candidates are not empty")
+                } else {
+                    // Power of two distinct choices, Envoy's default for LEAST_REQUEST.
+                    let a = fastrand::usize(..n);
+                    let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+                    let (a, b) = (candidates.index(a), candidates.index(b));
+                    if load(b) < load(a) { b } else { a }
+                }
             }
             LoadBalancer::Hash(key) => {
                 let value: Option<std::borrow::Cow<'_, str>> = match key {
@@ -373,6 +435,117 @@ impl ClusterState {
     }
 }
 
+/// Envoy's overprovisioning factor (1.4): a priority level keeps all its traffic while at least
+/// 1/1.4 ≈ 71% of its endpoints are healthy, and spills the rest to the next level below that.
+const OVERPROVISIONING: f64 = 1.4;
+
+/// The endpoints locality load balancing lets a request use, among `healthy` (indices; empty
+/// when every endpoint is ejected): with `distribute`, those of one locality picked by its
+/// weight (endpoints of no listed locality never); with failover, those of one priority level
+/// picked by Envoy's priority load (each level's share is its healthy fraction times the
+/// overprovisioning factor, what it cannot take goes to the next level).
+fn locality_candidates(
+    cluster: &Cluster,
+    client: &Locality,
+    policy: &LocalityPolicy,
+    healthy: &[usize],
+) -> Vec<usize> {
+    let endpoints = &cluster.endpoints;
+    if let Some(weights) = policy.distribution(client, endpoints) {
+        // Healthy endpoints of a weighted locality; in panic (none healthy) any weighted one.
+        let usable: Vec<usize> = healthy
+            .iter()
+            .copied()
+            .filter(|&i| weights[i] > 0.0)
+            .collect();
+        let usable = if usable.is_empty() {
+            (0..endpoints.len()).filter(|&i| weights[i] > 0.0).collect()
+        } else {
+            usable
+        };
+        let total: f64 = usable.iter().map(|&i| weights[i]).sum();
+        let mut x = fastrand::f64() * total;
+        let chosen = usable
+            .iter()
+            .copied()
+            .find(|&i| {
+                x -= weights[i];
+                x < 0.0
+            })
+            .or(usable.last().copied());
+        return match chosen {
+            Some(c) => {
+                let locality = &endpoints[c].locality;
+                usable
+                    .into_iter()
+                    .filter(|&i| endpoints[i].locality == *locality)
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+    }
+    let Some(priorities) = policy.priorities(client, endpoints) else {
+        return if healthy.is_empty() {
+            (0..endpoints.len()).collect()
+        } else {
+            healthy.to_vec()
+        };
+    };
+    let levels = priorities.iter().max().map_or(0, |m| *m as usize + 1);
+    let mut total = vec![0usize; levels];
+    let mut up = vec![0usize; levels];
+    for p in &priorities {
+        total[*p as usize] += 1;
+    }
+    for &i in healthy {
+        up[priorities[i] as usize] += 1;
+    }
+    let health: Vec<f64> = (0..levels)
+        .map(|p| (OVERPROVISIONING * 100.0 * up[p] as f64 / total[p].max(1) as f64).min(100.0))
+        .collect();
+    let health_sum: f64 = health.iter().sum();
+    let level = if health_sum <= 0.0 {
+        // Nothing healthy anywhere: Envoy's panic mode on the first level.
+        0
+    } else {
+        // Loads in priority order; below 100% in total they are scaled up (Envoy normalizes).
+        let mut remaining = 100.0;
+        let loads: Vec<f64> = health
+            .iter()
+            .map(|h| {
+                let load = h.min(remaining);
+                remaining -= load;
+                load
+            })
+            .collect();
+        let scale = if health_sum < 100.0 {
+            100.0 / health_sum
+        } else {
+            1.0
+        };
+        let mut x = fastrand::f64() * 100.0;
+        loads
+            .iter()
+            .position(|l| {
+                x -= l * scale;
+                x < 0.0
+            })
+            .unwrap_or_else(|| loads.iter().rposition(|l| *l > 0.0).unwrap_or(0))
+    };
+    let in_level: Vec<usize> = healthy
+        .iter()
+        .copied()
+        .filter(|&i| priorities[i] as usize == level)
+        .collect();
+    if in_level.is_empty() {
+        (0..endpoints.len())
+            .filter(|&i| priorities[i] as usize == level)
+            .collect()
+    } else {
+        in_level
+    }
+}
+
 /// The endpoints a pick chooses among: all of a cluster's, or the listed indices.
 struct Candidates<'a> {
     cluster: &'a Cluster,
@@ -456,7 +629,7 @@ impl Clusters {
 mod tests {
     use super::*;
     use crate::compile::WeightedBackend;
-    use crate::compile::http::ClusterPolicy;
+    use crate::compile::http::{ClusterPolicy, LocalityPolicy};
     use std::time::Duration;
 
     fn cluster(n: usize, lb: LoadBalancer) -> Cluster {
@@ -471,6 +644,7 @@ mod tests {
                     weight: 1.0 / n as f64,
                     clusters: vec![],
                     workload: Default::default(),
+                    locality: String::new(),
                 })
                 .collect(),
             policy: ClusterPolicy {
@@ -520,6 +694,135 @@ mod tests {
             distinct.len() >= 3,
             "keys spread over endpoints: {distinct:?}"
         );
+    }
+
+    #[test]
+    fn least_request_avoids_busy_endpoints() {
+        for n in [3, 20] {
+            let c = cluster(n, LoadBalancer::LeastRequest);
+            let s = Arc::new(ClusterState::default());
+            let busy: SocketAddr = "10.0.0.1:80".parse().unwrap();
+            // Requests in flight everywhere, then all but the first endpoint's finish.
+            let all: Vec<Picked> = (0..4 * n)
+                .map(|_| s.pick(&c, &HashInput::default(), &[]).unwrap())
+                .collect();
+            let held: Vec<Picked> = all.into_iter().filter(|p| p.addr == busy).collect();
+            assert!(!held.is_empty());
+            let picks: Vec<SocketAddr> = (0..100)
+                .map(|_| s.pick(&c, &HashInput::default(), &[]).unwrap().addr)
+                .collect();
+            let to_busy = picks.iter().filter(|a| **a == busy).count();
+            if n <= LEAST_REQUEST_FULL_SCAN {
+                assert_eq!(to_busy, 0, "full scan never picks the busy endpoint");
+                let distinct: std::collections::HashSet<_> = picks.iter().collect();
+                assert_eq!(distinct.len(), n - 1, "idle endpoints share: {distinct:?}");
+            } else {
+                // Two distinct choices: the busy one only wins against another with as many
+                // requests in flight, which no idle endpoint has.
+                assert_eq!(to_busy, 0);
+            }
+        }
+    }
+
+    /// Endpoints 10.0.0.1.. in the given localities.
+    fn cluster_in(localities: &[&str], policy: LocalityPolicy) -> Cluster {
+        let mut c = cluster(localities.len(), LoadBalancer::RoundRobin);
+        for (e, l) in c.endpoints.iter_mut().zip(localities) {
+            e.locality = l.to_string();
+        }
+        c.policy.locality = Some(policy);
+        c
+    }
+
+    fn counts(s: &ClusterState, c: &Cluster, client: &Locality, n: usize) -> Vec<usize> {
+        let mut out = vec![0; c.endpoints.len()];
+        let input = HashInput {
+            client_locality: Some(client),
+            ..Default::default()
+        };
+        for _ in 0..n {
+            out[s.pick(c, &input, &[]).unwrap().index] += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn locality_failover_prefers_the_nearest_healthy_endpoints() {
+        let failover = LocalityPolicy {
+            failover_enabled: true,
+            ..Default::default()
+        };
+        let c = cluster_in(&["us/z1", "us/z1", "us/z2", "eu/z1"], failover.clone());
+        let client = Locality::parse("us/z1");
+        let s = Arc::new(ClusterState::default());
+        let c1 = counts(&s, &c, &client, 100);
+        assert_eq!(
+            (c1[2], c1[3]),
+            (0, 0),
+            "the local zone takes everything: {c1:?}"
+        );
+        assert!(c1[0] > 0 && c1[1] > 0, "{c1:?}");
+        // One of two local endpoints out: 50% healthy × 1.4 = 70% stays local, 30% spills to
+        // the same region's other zone, nothing to the other region.
+        let policy = OutlierPolicy {
+            consecutive_5xx: Some(1),
+            consecutive_gateway_errors: None,
+            interval: Duration::from_secs(1),
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_percent: 100,
+        };
+        s.record(c.endpoints[0].addr, Outcome::ServerError, Some(&policy), 4);
+        let c2 = counts(&s, &c, &client, 2000);
+        assert_eq!((c2[0], c2[3]), (0, 0), "{c2:?}");
+        assert!((1250..=1550).contains(&c2[1]), "about 70% local: {c2:?}");
+        // Both local endpoints out: the region's other zone, then (with it out) the other
+        // region.
+        s.record(c.endpoints[1].addr, Outcome::ServerError, Some(&policy), 4);
+        assert_eq!(counts(&s, &c, &client, 50), vec![0, 0, 50, 0]);
+        s.record(c.endpoints[2].addr, Outcome::ServerError, Some(&policy), 4);
+        assert_eq!(counts(&s, &c, &client, 50), vec![0, 0, 0, 50]);
+        // Without failover (no outlier detection), locality does not matter.
+        let plain = cluster_in(
+            &["us/z1", "us/z1", "us/z2", "eu/z1"],
+            LocalityPolicy::default(),
+        );
+        let all = counts(&Arc::new(ClusterState::default()), &plain, &client, 100);
+        assert!(all.iter().all(|n| *n == 25), "{all:?}");
+    }
+
+    #[test]
+    fn locality_failover_rules_and_distribute() {
+        let client = Locality::parse("us/z1");
+        // us has nothing; failover us → eu comes before ap.
+        let c = cluster_in(
+            &["ap/z1", "eu/z9"],
+            LocalityPolicy {
+                failover: vec![("us".into(), "eu".into())],
+                failover_enabled: true,
+                ..Default::default()
+            },
+        );
+        let s = Arc::new(ClusterState::default());
+        assert_eq!(counts(&s, &c, &client, 40), vec![0, 40]);
+        // distribute: 80% to us/z2, 20% to eu, nothing to ap.
+        let c = cluster_in(
+            &["us/z2", "us/z2", "eu/z1", "ap/z1"],
+            LocalityPolicy {
+                distribute: vec![(
+                    "us/*".into(),
+                    vec![("us/z2".into(), 80), ("eu/*".into(), 20)],
+                )],
+                ..Default::default()
+            },
+        );
+        let n = counts(&s, &c, &client, 2000);
+        assert_eq!(n[3], 0, "{n:?}");
+        assert!((1500..=1700).contains(&(n[0] + n[1])), "{n:?}");
+        assert!(n[0] > 0 && n[1] > 0, "{n:?}");
+        // A client no `from` matches: no distribution.
+        let other = Locality::parse("ap/z1");
+        let n = counts(&s, &c, &other, 400);
+        assert!(n.iter().all(|c| *c > 0), "{n:?}");
     }
 
     #[test]

@@ -16,6 +16,11 @@
 //! - The task sends a [`Snapshot`] whose config holds only `resolved`, and only when an answer
 //!   changed; the agent merges it with the other sources' snapshots before compiling.
 //!
+//! - Answers survive the agent: every change is written to a state file
+//!   (`<--state-dir>/dns-answers.json`, [`StateFile`]), and a new agent seeds its names from it.
+//!   A seeded answer serves at once, marked stale, and is looked up again at once; when DNS
+//!   fails it is kept like a live answer. A missing or unreadable file starts empty.
+//!
 //! The nameserver is the system's (`/etc/resolv.conf`: servers, search list, ndots, timeout,
 //! attempts), or `steerd run --dns-server IP[:PORT]`.
 
@@ -160,6 +165,88 @@ fn answer(result: Result<Lookup, NetError>) -> Answer {
     }
 }
 
+/// Why a seeded answer is reported stale until the first lookup confirms or replaces it.
+pub const SEEDED: &str = "answer saved by the previous agent, not yet looked up again";
+
+/// One name's last good answer, as saved between agents.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedAnswer {
+    /// A records, then AAAA records.
+    pub addresses: Vec<IpAddr>,
+    /// When the answer's TTL ran (or runs) out, seconds since the Unix epoch.
+    pub expires_unix: u64,
+}
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct StateContent {
+    version: u32,
+    names: BTreeMap<String, SavedAnswer>,
+}
+
+const STATE_VERSION: u32 = 1;
+
+/// The file that keeps the last answers across agent restarts. Regular files cannot live in
+/// bpffs, hence a directory of its own (`--state-dir`, default `/run/steerd`).
+#[derive(Debug, Clone)]
+pub struct StateFile {
+    pub path: std::path::PathBuf,
+}
+
+impl StateFile {
+    pub const FILE_NAME: &str = "dns-answers.json";
+
+    pub fn in_dir(dir: &std::path::Path) -> StateFile {
+        StateFile {
+            path: dir.join(Self::FILE_NAME),
+        }
+    }
+
+    /// The saved answers; a missing file is an empty state, an unreadable or corrupt one too
+    /// (with a warning: the agent then waits for DNS as on a first start).
+    pub fn load(&self) -> BTreeMap<String, SavedAnswer> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeMap::new(),
+            Err(e) => {
+                warn!(path = %self.path.display(), error = %e, "cannot read the saved DNS answers; starting without them");
+                return BTreeMap::new();
+            }
+        };
+        match serde_json::from_str::<StateContent>(&text) {
+            Ok(c) if c.version == STATE_VERSION => c.names,
+            Ok(c) => {
+                warn!(path = %self.path.display(), version = c.version, "saved DNS answers have an unknown version; starting without them");
+                BTreeMap::new()
+            }
+            Err(e) => {
+                warn!(path = %self.path.display(), error = %e, "saved DNS answers are corrupt; starting without them");
+                BTreeMap::new()
+            }
+        }
+    }
+
+    /// Replaces the file atomically (a crash leaves the old or the new one, never half).
+    pub fn save(&self, names: &BTreeMap<String, SavedAnswer>) -> std::io::Result<()> {
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let content = StateContent {
+            version: STATE_VERSION,
+            names: names.clone(),
+        };
+        let text = serde_json::to_vec_pretty(&content).map_err(std::io::Error::other)?;
+        let tmp = self.path.with_extension("json.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &self.path)
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// The agent loop's handle on the resolver task.
 pub struct DnsSource {
     names: watch::Sender<BTreeSet<String>>,
@@ -168,7 +255,11 @@ pub struct DnsSource {
 impl DnsSource {
     /// Starts the resolver task; it sends its answers to `out`. The resolver itself is built
     /// when the first name is wanted (a node without DNS ServiceEntries needs no resolv.conf).
-    pub fn spawn(server: Option<SocketAddr>, out: mpsc::Sender<Snapshot>) -> DnsSource {
+    pub fn spawn(
+        server: Option<SocketAddr>,
+        state: Option<StateFile>,
+        out: mpsc::Sender<Snapshot>,
+    ) -> DnsSource {
         let (names, wanted) = watch::channel(BTreeSet::new());
         tokio::spawn(async move {
             let mut built: Option<Arc<Result<TokioResolver, String>>> = None;
@@ -193,7 +284,26 @@ impl DnsSource {
                     }
                 }
             };
-            run(lookup_fn, wanted, out).await;
+            let seed = state.as_ref().map(StateFile::load).unwrap_or_default();
+            if !seed.is_empty() {
+                info!(
+                    names = seed.len(),
+                    "DNS answers of the previous agent loaded; looking them up again"
+                );
+            }
+            let mut save_failed = false;
+            let save = move |names: &BTreeMap<String, SavedAnswer>| {
+                let Some(state) = &state else { return };
+                match state.save(names) {
+                    Ok(()) => save_failed = false,
+                    Err(e) if !save_failed => {
+                        save_failed = true;
+                        warn!(path = %state.path.display(), error = %e, "cannot save the DNS answers; a restarted agent will wait for DNS");
+                    }
+                    Err(_) => {}
+                }
+            };
+            run_with_state(lookup_fn, wanted, out, seed, save).await;
         });
         DnsSource { names }
     }
@@ -245,6 +355,21 @@ impl Entry {
             due: now,
             in_flight: false,
             answered: false,
+        }
+    }
+
+    /// An entry from a saved answer: served (stale) until a lookup, which is due at once.
+    fn seeded(saved: &SavedAnswer, now: Instant) -> Entry {
+        let (v4, v6) = saved.addresses.iter().partition(|ip| ip.is_ipv4());
+        Entry {
+            v4,
+            v6,
+            error: Some(SEEDED.to_string()),
+            // A failing first lookup then reports its own error (see `apply`).
+            failures: 0,
+            due: now,
+            in_flight: false,
+            answered: true,
         }
     }
 
@@ -304,14 +429,37 @@ impl Entry {
 /// The resolver loop, with the lookup as a parameter (tests use a scripted one). Ends when the
 /// agent drops its [`DnsSource`] or stops listening.
 pub async fn run<L, F>(
-    mut lookup: L,
-    mut wanted: watch::Receiver<BTreeSet<String>>,
+    lookup: L,
+    wanted: watch::Receiver<BTreeSet<String>>,
     out: mpsc::Sender<Snapshot>,
 ) where
     L: FnMut(String) -> F,
     F: Future<Output = NameAnswer> + Send + 'static,
 {
+    run_with_state(lookup, wanted, out, BTreeMap::new(), |_| {}).await
+}
+
+/// [`run`], seeded with saved answers (used for names when they are first wanted) and handing
+/// every changed set of answers to `save`.
+pub async fn run_with_state<L, F, S>(
+    mut lookup: L,
+    mut wanted: watch::Receiver<BTreeSet<String>>,
+    out: mpsc::Sender<Snapshot>,
+    mut seed: BTreeMap<String, SavedAnswer>,
+    mut save: S,
+) where
+    L: FnMut(String) -> F,
+    F: Future<Output = NameAnswer> + Send + 'static,
+    S: FnMut(&BTreeMap<String, SavedAnswer>),
+{
     let mut entries: BTreeMap<String, Entry> = BTreeMap::new();
+    // What was last saved, with each name's expiry.
+    let mut saved: BTreeMap<String, SavedAnswer> = BTreeMap::new();
+    // Seeded answers keep their expiry until a lookup gives a new one.
+    let seed_expiry: BTreeMap<String, u64> = seed
+        .iter()
+        .map(|(name, s)| (name.clone(), s.expires_unix))
+        .collect();
     let mut sent: BTreeMap<String, Resolved> = BTreeMap::new();
     let mut lookups: FuturesUnordered<BoxFuture<'static, (String, NameAnswer)>> =
         FuturesUnordered::new();
@@ -322,7 +470,10 @@ pub async fn run<L, F>(
         for name in &names {
             entries
                 .entry(name.clone())
-                .or_insert_with(|| Entry::new(now));
+                .or_insert_with(|| match seed.remove(name) {
+                    Some(saved) => Entry::seeded(&saved, now),
+                    None => Entry::new(now),
+                });
         }
         for (name, entry) in entries.iter_mut() {
             if !entry.in_flight && entry.due <= now {
@@ -348,6 +499,37 @@ pub async fn run<L, F>(
                 return;
             }
             sent = view;
+            // The last good answers: what a restarted agent starts from. Names not wanted now
+            // are dropped, and so are the saved answers the seed still holds for them.
+            let wall = unix_now();
+            let good: BTreeMap<String, SavedAnswer> = entries
+                .iter()
+                .filter(|(_, e)| e.answered && !(e.v4.is_empty() && e.v6.is_empty()))
+                .map(|(name, e)| {
+                    let remaining = e.due.saturating_duration_since(Instant::now()).as_secs();
+                    let previous = saved
+                        .get(name)
+                        .map(|s| s.expires_unix)
+                        .or_else(|| seed_expiry.get(name).copied());
+                    let expires_unix = match previous {
+                        // A stale or failing answer keeps the expiry it had.
+                        Some(t) if e.error.is_some() => t,
+                        _ => wall + remaining,
+                    };
+                    let addresses = e.v4.iter().chain(&e.v6).copied().collect();
+                    (
+                        name.clone(),
+                        SavedAnswer {
+                            addresses,
+                            expires_unix,
+                        },
+                    )
+                })
+                .collect();
+            if good != saved {
+                save(&good);
+                saved = good;
+            }
         }
         let next_due = entries
             .values()
@@ -588,6 +770,100 @@ mod tests {
             resolved(&["10.0.0.9"], None)
         );
         assert_eq!(*script.times(name).last().unwrap(), 63);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn saved_answers_serve_at_once_stay_while_dns_fails_and_are_saved_again() {
+        let name = "db.example.test";
+        let script = Script::new();
+        script.set(
+            name,
+            Answer::Failed("request timed out".into()),
+            Answer::Failed("request timed out".into()),
+        );
+        let seed: BTreeMap<String, SavedAnswer> = [
+            (
+                name.to_string(),
+                SavedAnswer {
+                    addresses: vec![ip("10.0.0.1"), ip("fd00::1")],
+                    expires_unix: 1_000,
+                },
+            ),
+            // Not wanted by this configuration: neither served nor saved again.
+            (
+                "gone.example.test".to_string(),
+                SavedAnswer {
+                    addresses: vec![ip("10.0.0.2")],
+                    expires_unix: 1_000,
+                },
+            ),
+        ]
+        .into();
+        let saves: Arc<Mutex<Vec<BTreeMap<String, SavedAnswer>>>> = Arc::default();
+        let (names_tx, names_rx) = watch::channel([name.to_string()].into());
+        let (tx, mut rx) = mpsc::channel(16);
+        let (script2, saves2) = (script.clone(), saves.clone());
+        tokio::spawn(run_with_state(
+            move |n: String| {
+                let answer = script2.answers.lock().unwrap().get(&n).cloned().unwrap();
+                async move { answer }
+            },
+            names_rx,
+            tx,
+            seed,
+            move |names: &BTreeMap<String, SavedAnswer>| saves2.lock().unwrap().push(names.clone()),
+        ));
+        // Before any lookup: the saved answer, stale.
+        let first = next(&mut rx, 1).await.unwrap();
+        assert_eq!(
+            first,
+            [(
+                name.to_string(),
+                resolved(&["10.0.0.1", "fd00::1"], Some(SEEDED))
+            )]
+            .into()
+        );
+        // DNS is down: the answer stays, with the failure.
+        assert_eq!(
+            next(&mut rx, 1).await.unwrap()[name],
+            resolved(&["10.0.0.1", "fd00::1"], Some("request timed out"))
+        );
+        // What is saved is the same answer with its old expiry.
+        let saved = saves.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(saved.keys().collect::<Vec<_>>(), [name]);
+        assert_eq!(saved[name].expires_unix, 1_000);
+        // A new answer replaces it, and is saved with its own expiry.
+        script.set(name, ok(&["10.0.0.9"], 60), none());
+        assert_eq!(
+            next(&mut rx, 2).await.unwrap()[name],
+            resolved(&["10.0.0.9"], None)
+        );
+        let saved = saves.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(saved[name].addresses, vec![ip("10.0.0.9")]);
+        assert!(saved[name].expires_unix > 1_000);
+        drop(names_tx);
+    }
+
+    #[test]
+    fn the_state_file_round_trips_and_a_corrupt_one_is_empty() {
+        let dir = std::env::temp_dir().join(format!("steerd-dns-state-{}", std::process::id()));
+        let state = StateFile::in_dir(&dir.join("sub"));
+        assert!(state.load().is_empty(), "missing file");
+        let names: BTreeMap<String, SavedAnswer> = [(
+            "db.example.test".to_string(),
+            SavedAnswer {
+                addresses: vec![ip("10.0.0.1"), ip("fd00::1")],
+                expires_unix: 42,
+            },
+        )]
+        .into();
+        state.save(&names).unwrap();
+        assert_eq!(state.load(), names);
+        std::fs::write(&state.path, "{\"version\": 1, \"names\": {\"x\": ").unwrap();
+        assert!(state.load().is_empty(), "corrupt file");
+        std::fs::write(&state.path, "{\"version\": 99, \"names\": {}}").unwrap();
+        assert!(state.load().is_empty(), "unknown version");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test(start_paused = true)]

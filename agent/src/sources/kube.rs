@@ -13,6 +13,11 @@
 //!   unreachable server leaves the current plan in place instead of emptying it.
 //! - An object that does not parse is left out (or keeps its last good version, like a file
 //!   does), is reported in the snapshot's errors, and gets a Warning Event `InvalidConfig`.
+//! - Secrets only when the agent serves gateways ([`KubeSource::watch_secrets_in`]): one watcher
+//!   per served Gateway's namespace (Istio reads `credentialName` there), skipping the Secret
+//!   types that never hold a gateway credential. Only the credential keys of a Secret are kept
+//!   (see [`crate::model::secret`]), and Secrets without any are dropped as they arrive, so the
+//!   agent's memory holds the certificates it may serve and nothing else.
 
 use super::Update;
 use crate::compile::incremental::Change;
@@ -94,11 +99,18 @@ enum Shape {
     CoreEndpoints,
 }
 
+/// Secret types that never carry a gateway credential: service-account and bootstrap tokens,
+/// image pull secrets and Helm releases (the largest Secrets of most clusters).
+const SECRET_FIELD_SELECTOR: &str = "type!=kubernetes.io/service-account-token,type!=bootstrap.kubernetes.io/token,type!=kubernetes.io/dockerconfigjson,type!=kubernetes.io/dockercfg,type!=helm.sh/release.v1";
+
 /// One watched resource.
 #[derive(Debug, Clone)]
 struct Target {
     ar: ApiResource,
     shape: Shape,
+    /// Watch this namespace only (Secrets); None: all namespaces.
+    namespace: Option<String>,
+    field_selector: Option<&'static str>,
 }
 
 impl Target {
@@ -106,6 +118,18 @@ impl Target {
         Target {
             ar,
             shape: Shape::Native,
+            namespace: None,
+            field_selector: None,
+        }
+    }
+
+    /// The Secrets of one namespace that may hold a gateway credential.
+    fn secrets(namespace: &str) -> Target {
+        use k8s_openapi::api::core::v1::Secret;
+        Target {
+            namespace: Some(namespace.to_string()),
+            field_selector: Some(SECRET_FIELD_SELECTOR),
+            ..Target::native(ApiResource::erase::<Secret>(&()))
         }
     }
 }
@@ -136,13 +160,13 @@ fn select_targets(
             Target::native(ar)
         } else if let Some(ar) = find(DISCOVERY_GROUP, "v1beta1", "EndpointSlice") {
             Target {
-                ar,
                 shape: Shape::EndpointSliceV1beta1,
+                ..Target::native(ar)
             }
         } else {
             Target {
-                ar: ApiResource::erase::<Endpoints>(&()),
                 shape: Shape::CoreEndpoints,
+                ..Target::native(ApiResource::erase::<Endpoints>(&()))
             }
         },
     );
@@ -421,11 +445,16 @@ impl KindState {
             }
         });
         match parsed {
-            Ok(objects) => Entry {
-                resource_version,
-                objects: objects.unwrap_or_default(),
-                error: None,
-            },
+            Ok(objects) => {
+                let mut objects = objects.unwrap_or_default();
+                // A Secret without any credential key is of no use to a gateway: not kept.
+                objects.retain(|o| !matches!(o, Object::Secret(s) if s.spec.data.is_empty()));
+                Entry {
+                    resource_version,
+                    objects,
+                    error: None,
+                }
+            }
             Err(error) => {
                 invalid.push(Invalid {
                     error: (*error).clone(),
@@ -477,6 +506,8 @@ type EventStream =
 pub struct KubeSource {
     client: Client,
     recorder: Recorder,
+    /// Namespaces whose Secrets are watched (those of the served gateways).
+    secret_namespaces: Vec<String>,
 }
 
 impl KubeSource {
@@ -504,7 +535,20 @@ impl KubeSource {
             reporter.instance = Some(format!("steerd-{node}"));
         }
         let recorder = Recorder::new(client.clone(), reporter);
-        Ok(KubeSource { client, recorder })
+        Ok(KubeSource {
+            client,
+            recorder,
+            secret_namespaces: Vec::new(),
+        })
+    }
+
+    /// Also watches the Secrets of `namespaces` (the served gateways' namespaces), for
+    /// `credentialName`. Without this no Secret is read at all.
+    pub fn watch_secrets_in(mut self, namespaces: impl IntoIterator<Item = String>) -> Self {
+        self.secret_namespaces = namespaces.into_iter().collect();
+        self.secret_namespaces.sort();
+        self.secret_namespaces.dedup();
+        self
     }
 
     /// Watches until `tx` closes, sending a complete snapshot after the initial lists and after
@@ -514,7 +558,8 @@ impl KubeSource {
             served = self.discover_until_served() => served,
             _ = tx.closed() => return,
         };
-        let (targets, mut missing) = select_targets(&served);
+        let (mut targets, mut missing) = select_targets(&served);
+        targets.extend(self.secret_namespaces.iter().map(|ns| Target::secrets(ns)));
         if !missing.is_empty() {
             warn!(kinds = ?missing, "not served by the API server (Istio CRDs not installed?); looking again every {}s", REDISCOVERY.as_secs());
         }
@@ -592,11 +637,18 @@ impl KubeSource {
         states: &mut Vec<KindState>,
         streams: &mut SelectAll<EventStream>,
     ) {
-        info!(kind = %target.ar.kind, api_version = %target.ar.api_version, "watching");
+        info!(kind = %target.ar.kind, api_version = %target.ar.api_version, namespace = ?target.namespace, "watching");
         let index = states.len();
-        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &target.ar);
+        let api: Api<DynamicObject> = match &target.namespace {
+            Some(ns) => Api::namespaced_with(self.client.clone(), ns, &target.ar),
+            None => Api::all_with(self.client.clone(), &target.ar),
+        };
         // The default config lists then watches: streaming lists need Kubernetes ≥ 1.27.
-        let stream = watcher::watcher(api, watcher::Config::default())
+        let mut config = watcher::Config::default();
+        if let Some(selector) = target.field_selector {
+            config = config.fields(selector);
+        }
+        let stream = watcher::watcher(api, config)
             .default_backoff()
             .map(move |event| (index, event));
         streams.push(boxed(stream));
@@ -823,6 +875,8 @@ mod tests {
                 "endpointslices",
             ),
             shape: Shape::EndpointSliceV1beta1,
+            namespace: None,
+            field_selector: None,
         };
         let obj = dynamic(
             &target,
@@ -858,6 +912,8 @@ mod tests {
         let target = Target {
             ar: ApiResource::erase::<k8s_openapi::api::core::v1::Endpoints>(&()),
             shape: Shape::CoreEndpoints,
+            namespace: None,
+            field_selector: None,
         };
         let obj = dynamic(
             &target,
@@ -946,6 +1002,58 @@ mod tests {
             .collect();
         out.sort();
         out
+    }
+
+    #[test]
+    fn secrets_keep_credential_keys_only_and_unrelated_secrets_are_dropped() {
+        use watcher::Event::*;
+        let target = Target::secrets("edge");
+        assert_eq!(target.namespace.as_deref(), Some("edge"));
+        assert!(
+            target
+                .field_selector
+                .unwrap()
+                .contains("type!=kubernetes.io/service-account-token")
+        );
+        let mut state = KindState::new(target.clone());
+        let (mut invalid, mut changes) = (Vec::new(), Vec::new());
+        let tls = dynamic(
+            &target,
+            "edge",
+            "a-cert",
+            "1",
+            json!({"type": "kubernetes.io/tls", "data": {"tls.crt": "Q0VSVA==", "tls.key": "S0VZ", "extra": "eA=="}}),
+        );
+        let unrelated = dynamic(
+            &target,
+            "edge",
+            "db-password",
+            "2",
+            json!({"type": "Opaque", "data": {"password": "eA=="}}),
+        );
+        state.handle(Init, &mut invalid, &mut changes);
+        state.handle(InitApply(tls), &mut invalid, &mut changes);
+        state.handle(InitApply(unrelated), &mut invalid, &mut changes);
+        state.handle(InitDone, &mut invalid, &mut changes);
+        assert!(invalid.is_empty(), "{invalid:?}");
+        let secrets: Vec<_> = changes
+            .iter()
+            .map(|c| match c {
+                Change::Added(Object::Secret(s)) => s,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(secrets.len(), 1, "only the credential Secret is kept");
+        assert_eq!(secrets[0].meta.key(), "edge/a-cert");
+        assert_eq!(
+            secrets[0].spec.data.keys().collect::<Vec<_>>(),
+            ["tls.crt", "tls.key"]
+        );
+        assert!(
+            state.live[&("edge".into(), "db-password".into())]
+                .objects
+                .is_empty()
+        );
     }
 
     #[test]

@@ -51,6 +51,15 @@ struct Args {
     warmup: u64,
     cpu: Option<usize>,
     fifo: Option<i32>,
+    /// `tcp` over IPv6: send every packet (the SYN included) with this extension header.
+    ipv6_ext: Option<Ipv6Ext>,
+}
+
+/// IPv6 extension headers the probe can add (sticky socket options, CAP_NET_RAW).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Ipv6Ext {
+    HopByHop,
+    DestinationOptions,
 }
 
 #[derive(Default)]
@@ -116,7 +125,8 @@ fn main() {
             eprintln!("steerd-probe: {e}");
             eprintln!(
                 "usage: steerd-probe tcp|udp|loop --to ADDR:PORT [--count N] [--timeout-ms T] \
-                 [--connected] [--duration-ms D] [--interval-ms I] [--warmup W] [--cpu C] [--fifo P]"
+                 [--connected] [--duration-ms D] [--interval-ms I] [--warmup W] [--cpu C] [--fifo P] \
+                 [--ipv6-ext hopopts|dstopts]"
             );
             std::process::exit(2);
         }
@@ -125,7 +135,11 @@ fn main() {
     match args.mode {
         Mode::Tcp => {
             for _ in 0..args.count {
-                report.record(args.to, true, tcp_attempt(args.to, args.timeout));
+                report.record(
+                    args.to,
+                    true,
+                    tcp_attempt_with(args.to, args.timeout, args.ipv6_ext),
+                );
             }
         }
         Mode::Udp => {
@@ -235,8 +249,84 @@ fn timed_tcp_attempt(to: SocketAddr, timeout: Duration) -> Result<(Duration, Str
 }
 
 fn tcp_attempt(to: SocketAddr, timeout: Duration) -> Result<Reply, String> {
-    let mut stream =
-        TcpStream::connect_timeout(&to, timeout).map_err(|e| format!("connect {to}: {e}"))?;
+    tcp_attempt_with(to, timeout, None)
+}
+
+/// A TCP socket whose packets carry an IPv6 extension header: an 8-byte header holding one
+/// PadN option (nothing for the receiver to act on), set before connect so the SYN has it.
+fn ipv6_ext_connect(to: SocketAddr, timeout: Duration, ext: Ipv6Ext) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V6(to6) = to else {
+        return Err(std::io::Error::other(
+            "IPv6 extension headers need an IPv6 --to",
+        ));
+    };
+    // SAFETY: plain socket calls on a descriptor this function owns (TcpStream takes it).
+    unsafe {
+        let fd = libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        // Next header (the kernel fills it), length 0 (8 bytes), PadN with 4 bytes of padding.
+        let header: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+        let option = match ext {
+            Ipv6Ext::HopByHop => libc::IPV6_HOPOPTS,
+            Ipv6Ext::DestinationOptions => libc::IPV6_DSTOPTS,
+        };
+        if libc::setsockopt(
+            fd,
+            libc::IPPROTO_IPV6,
+            option,
+            header.as_ptr().cast(),
+            header.len() as libc::socklen_t,
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        // A blocking connect gives up after SO_SNDTIMEO.
+        let tv = libc::timeval {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
+        let addr = libc::sockaddr_in6 {
+            sin6_family: libc::AF_INET6 as libc::sa_family_t,
+            sin6_port: to6.port().to_be(),
+            sin6_flowinfo: 0,
+            sin6_addr: libc::in6_addr {
+                s6_addr: to6.ip().octets(),
+            },
+            sin6_scope_id: to6.scope_id(),
+        };
+        if libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_in6).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
+fn tcp_attempt_with(
+    to: SocketAddr,
+    timeout: Duration,
+    ext: Option<Ipv6Ext>,
+) -> Result<Reply, String> {
+    let connected = match ext {
+        None => TcpStream::connect_timeout(&to, timeout),
+        Some(ext) => ipv6_ext_connect(to, timeout, ext),
+    };
+    let mut stream = connected.map_err(|e| format!("connect {to}: {e}"))?;
     let peer = stream
         .peer_addr()
         .map_err(|e| format!("getpeername: {e}"))?;
@@ -321,6 +411,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut warmup = 0;
     let mut cpu = None;
     let mut fifo = None;
+    let mut ipv6_ext = None;
     while let Some(flag) = argv.next() {
         let mut value = || argv.next().ok_or_else(|| format!("{flag} needs a value"));
         let number = |v: String| v.parse::<u64>().map_err(|e| format!("{flag} {v:?}: {e}"));
@@ -343,6 +434,13 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
                 p @ 1..=99 => fifo = Some(p as i32),
                 p => return Err(format!("--fifo {p}: a priority from 1 to 99")),
             },
+            "--ipv6-ext" => {
+                ipv6_ext = Some(match value()?.as_str() {
+                    "hopopts" => Ipv6Ext::HopByHop,
+                    "dstopts" => Ipv6Ext::DestinationOptions,
+                    v => return Err(format!("--ipv6-ext {v:?}: hopopts or dstopts")),
+                })
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -373,5 +471,6 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         warmup,
         cpu,
         fifo,
+        ipv6_ext,
     })
 }
