@@ -116,7 +116,7 @@ impl ServiceLabels {
 #[derive(Debug, Default)]
 pub struct LabelIndex {
     pub services: HashMap<VipKey, ServiceLabels>,
-    pub workloads: HashMap<SocketAddr, Workload>,
+    pub workloads: HashMap<SocketAddr, std::sync::Arc<Workload>>,
     /// `namespace/name` of workloads with AuthorizationPolicies, by address.
     pub authz_workloads: HashMap<std::net::IpAddr, String>,
 }
@@ -223,7 +223,12 @@ impl prometheus_client::collector::Collector for TcpCollector {
                     .get(&vip)
                     .cloned()
                     .unwrap_or_else(|| ServiceLabels::from_host(&vip.ip.to_string()));
-                let l = IstioLabels::new(None, &service, labels.workloads.get(&backend), "tcp");
+                let l = IstioLabels::new(
+                    None,
+                    &service,
+                    labels.workloads.get(&backend).map(|w| &**w),
+                    "tcp",
+                );
                 let t = totals.entry(l).or_default();
                 t.connections_opened += s.connections_opened;
                 t.connections_closed += s.connections_closed;

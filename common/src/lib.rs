@@ -76,8 +76,14 @@ pub const MAX_AUTHZ_PREFIXES: u32 = 262_144;
 /// Distinct destinations whose refused connections are counted; LRU-evicted beyond this.
 pub const MAX_AUTHZ_DENIED: u32 = 16_384;
 
-/// (service, backend) pairs with traffic counters; LRU-evicted beyond this.
+/// (service, backend) pairs with traffic counters; LRU-evicted beyond this. The object's size;
+/// the agent sizes the map at load time (`--max-traffic-counters`, default
+/// [`DEFAULT_TRAFFIC_COUNTERS`]).
 pub const MAX_STATS: u32 = 65_536;
+/// The agent's default size of the traffic counters map: 4.25 MiB of kernel memory, preallocated
+/// (an LRU map). Only pairs with traffic from this node take an entry; beyond it the least
+/// recently used pair's counters restart from zero, which Prometheus reads as a counter reset.
+pub const DEFAULT_TRAFFIC_COUNTERS: u32 = 32_768;
 /// Connections redirected to the L7 proxy whose original destination has not been claimed yet.
 pub const MAX_L7_PENDING: u32 = 65_536;
 

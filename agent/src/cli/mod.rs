@@ -180,6 +180,12 @@ pub struct RunArgs {
     /// first created (after `steerd cleanup`); a running node keeps its pinned map's size.
     #[arg(long, env = "STEERD_MAX_TRACKED_SOCKETS", default_value_t = steerd_common::DEFAULT_TRACKED_SOCKETS)]
     pub max_tracked_sockets: u32,
+    /// How many (service, backend) pairs the kernel keeps traffic counters for (the
+    /// `istio_tcp_*` metrics); beyond it the least recently used pair's counters are dropped
+    /// and restart from zero (a counter reset to Prometheus). 136 bytes each, preallocated.
+    /// Takes effect when the map is first created (after `steerd cleanup`).
+    #[arg(long, env = "STEERD_MAX_TRAFFIC_COUNTERS", default_value_t = steerd_common::DEFAULT_TRAFFIC_COUNTERS)]
+    pub max_traffic_counters: u32,
     /// Nameserver (`IP[:PORT]`) for ServiceEntries with `resolution: DNS`/`DNS_ROUND_ROBIN`.
     /// Default: the system's (/etc/resolv.conf).
     #[arg(long, value_parser = crate::sources::dns::parse_server)]

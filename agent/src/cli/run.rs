@@ -8,7 +8,7 @@ use crate::compile::{
     incremental::{Dirty, IncrementalCompiler},
 };
 use crate::dataplane::{
-    Dataplane, Pins, authz, kernel,
+    Dataplane, MapSizes, Pins, authz, kernel,
     proxy::{Proxy, ProxyTable},
     workers::ProxyWorkers,
 };
@@ -43,9 +43,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .cloned()
             .collect()
     };
-    let mut dataplane =
-        Dataplane::start(&pins, &cgroup, policy_interfaces, args.max_tracked_sockets)
-            .with_context(|| format!("starting the dataplane (bpffs {})", args.bpffs.display()))?;
+    let mut dataplane = Dataplane::start(
+        &pins,
+        &cgroup,
+        policy_interfaces,
+        MapSizes {
+            tracked_sockets: args.max_tracked_sockets,
+            traffic_counters: args.max_traffic_counters,
+        },
+    )
+    .with_context(|| format!("starting the dataplane (bpffs {})", args.bpffs.display()))?;
 
     let state = Arc::new(AdminState::default());
     let (proxy, _proxy_workers) = match start_proxy(&args, &mut dataplane, state.metrics.clone())? {
@@ -471,7 +478,7 @@ impl PlanWriter {
                 .map(|(vip, svc)| {
                     (
                         kernel::service_key(vip),
-                        svc.as_ref().map(kernel::kernel_service),
+                        svc.as_deref().map(kernel::kernel_service),
                     )
                 })
                 .collect();

@@ -1203,7 +1203,7 @@ pub fn compile(
         return AuthzPlan::default();
     }
     let mut resources: Vec<&Resource<AuthorizationPolicy>> =
-        config.authorization_policies.iter().collect();
+        config.authorization_policies.iter().map(|p| &**p).collect();
     resources.sort_by_key(|r| r.meta.key());
     let workloads = workloads(config);
     let mut plan = AuthzPlan {

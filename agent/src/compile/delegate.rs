@@ -59,12 +59,13 @@ pub fn delegate_keys(vs: &Resource<VirtualService>) -> BTreeSet<(String, String)
 /// The delegate VirtualService `namespace/name`: the first without `hosts` (Istio only takes
 /// host-less VirtualServices as delegates).
 pub fn find_delegate<'c>(
-    virtual_services: &'c [Resource<VirtualService>],
+    virtual_services: &'c [crate::model::Shared<VirtualService>],
     namespace: &str,
     name: &str,
 ) -> Option<&'c Resource<VirtualService>> {
     virtual_services
         .iter()
+        .map(|v| &**v)
         .find(|v| v.meta.namespace == namespace && v.meta.name == name && v.spec.is_delegate())
 }
 

@@ -41,8 +41,8 @@ pub struct WorkloadEgress {
 }
 
 /// The Sidecars that may apply, in the order Istio prefers them (by namespace, then name).
-pub fn ordered(sidecars: &[Resource<Sidecar>]) -> Vec<&Resource<Sidecar>> {
-    let mut out: Vec<_> = sidecars.iter().collect();
+pub fn ordered(sidecars: &[crate::model::Shared<Sidecar>]) -> Vec<&Resource<Sidecar>> {
+    let mut out: Vec<&Resource<Sidecar>> = sidecars.iter().map(|s| &**s).collect();
     out.sort_by(|a, b| {
         (&a.meta.namespace, &a.meta.name, &a.origin).cmp(&(
             &b.meta.namespace,
@@ -103,7 +103,7 @@ pub fn pod_uid(pod: &Resource<Pod>) -> Option<&str> {
 /// the first by `namespace/name` wins.
 pub fn compile<'p>(
     pods: impl Iterator<Item = &'p Resource<Pod>>,
-    sidecars: &[Resource<Sidecar>],
+    sidecars: &[crate::model::Shared<Sidecar>],
 ) -> BTreeMap<String, WorkloadEgress> {
     let mut out: BTreeMap<String, WorkloadEgress> = BTreeMap::new();
     let sidecars = ordered(sidecars);
@@ -230,7 +230,7 @@ mod tests {
 
     fn policies(text: &str) -> BTreeMap<String, (String, Scope, Option<bool>)> {
         let c = config(text);
-        compile(c.pods.iter(), &c.sidecars)
+        compile(c.pods.iter().map(|p| &**p), &c.sidecars)
             .into_iter()
             .map(|(uid, w)| (uid, (w.sidecar, w.scope, w.registry_only)))
             .collect()

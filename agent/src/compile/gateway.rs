@@ -353,6 +353,7 @@ pub fn compile(config: &ConfigSet, gateways: &[String]) -> GatewayPlan {
         let mut found: Vec<&Resource<istio::Gateway>> = config
             .gateways
             .iter()
+            .map(|g| &**g)
             .filter(|g| g.meta.key() == key)
             .collect();
         found.sort_by(|a, b| a.origin.cmp(&b.origin));
@@ -591,6 +592,7 @@ impl<'a> Ctx<'a> {
             .config
             .virtual_services
             .iter()
+            .map(|vs| &**vs)
             .filter(|vs| {
                 vs.spec
                     .gateways

@@ -19,8 +19,8 @@ use super::{
     source_of,
 };
 use crate::model::{
-    ConfigSet, EndpointSlice, Object, Pod, Resolved, Resource, Service, istio, node::Node, secret,
-    security,
+    ConfigSet, EndpointSlice, Object, Pod, Resolved, Resource, Service, Shared, istio, node::Node,
+    secret, security,
 };
 use ipnet::IpNet;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -45,7 +45,7 @@ pub enum Change {
 }
 
 /// Objects of one kind by key; several sources (or files) may each hold a copy.
-type ByKey<T> = BTreeMap<Key, Vec<(SourceId, Resource<T>)>>;
+type ByKey<T> = BTreeMap<Key, Vec<(SourceId, Shared<T>)>>;
 
 fn key_of(meta: &crate::model::Meta) -> Key {
     (meta.namespace.clone(), meta.name.clone())
@@ -53,7 +53,7 @@ fn key_of(meta: &crate::model::Meta) -> Key {
 
 /// Copies of one key are kept in source order, the order the agent merges sources in (and so
 /// the order in which "first definition wins" rules see them).
-fn add_copy<T>(map: &mut ByKey<T>, source: SourceId, r: Resource<T>) {
+fn add_copy<T>(map: &mut ByKey<T>, source: SourceId, r: Shared<T>) {
     let copies = map.entry(key_of(&r.meta)).or_default();
     let at = copies.partition_point(|(s, _)| *s <= source);
     copies.insert(at, (source, r));
@@ -61,7 +61,7 @@ fn add_copy<T>(map: &mut ByKey<T>, source: SourceId, r: Resource<T>) {
 
 /// Removes the copy `source` holds of `r` (the equal one if it holds several). Returns whether
 /// there was one.
-fn remove_copy<T: PartialEq>(map: &mut ByKey<T>, source: SourceId, r: &Resource<T>) -> bool {
+fn remove_copy<T: PartialEq>(map: &mut ByKey<T>, source: SourceId, r: &Shared<T>) -> bool {
     let key = key_of(&r.meta);
     let Some(copies) = map.get_mut(&key) else {
         return false;
@@ -81,7 +81,7 @@ fn remove_copy<T: PartialEq>(map: &mut ByKey<T>, source: SourceId, r: &Resource<
 fn in_namespace<'m, T>(
     map: &'m ByKey<T>,
     namespace: &str,
-) -> impl Iterator<Item = &'m Resource<T>> + 'm {
+) -> impl Iterator<Item = &'m Shared<T>> + 'm {
     let start = (namespace.to_string(), String::new());
     let namespace = namespace.to_string();
     map.range(start..)
@@ -89,22 +89,87 @@ fn in_namespace<'m, T>(
         .flat_map(|(_, copies)| copies.iter().map(|(_, r)| r))
 }
 
-fn copies<'m, T>(map: &'m ByKey<T>, key: &Key) -> impl Iterator<Item = &'m Resource<T>> + 'm {
+fn copies<'m, T>(map: &'m ByKey<T>, key: &Key) -> impl Iterator<Item = &'m Shared<T>> + 'm {
     map.get(key)
         .into_iter()
         .flat_map(|c| c.iter().map(|(_, r)| r))
 }
 
 /// Every copy of every object of one kind, in key order.
-fn all<T: Clone>(map: &ByKey<T>) -> Vec<Resource<T>> {
+fn all<T>(map: &ByKey<T>) -> Vec<Shared<T>> {
     map.values()
         .flat_map(|c| c.iter().map(|(_, r)| r.clone()))
         .collect()
 }
 
+/// A small ordered set, as the indexes hold them: most index entries name one or two objects,
+/// and a `BTreeSet` allocates a whole node (over 500 bytes for a key of two strings) for the
+/// first one, 50,000 times over for a cluster's endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SmallSet<T>(Vec<T>);
+
+impl<T> Default for SmallSet<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<T: Ord> SmallSet<T> {
+    /// Adds `value`; false if it was there.
+    pub(crate) fn insert(&mut self, value: T) -> bool {
+        match self.0.binary_search(&value) {
+            Ok(_) => false,
+            Err(at) => {
+                self.0.reserve_exact(1);
+                self.0.insert(at, value);
+                true
+            }
+        }
+    }
+
+    /// Removes `value`; false if it was not there.
+    pub(crate) fn remove<Q: ?Sized + Ord>(&mut self, value: &Q) -> bool
+    where
+        T: std::borrow::Borrow<Q>,
+    {
+        match self.0.binary_search_by(|v| v.borrow().cmp(value)) {
+            Ok(at) => {
+                self.0.remove(at);
+                self.0.shrink_to_fit();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    pub(crate) fn first(&self) -> Option<&T> {
+        self.0.first()
+    }
+
+    pub(crate) fn last(&self) -> Option<&T> {
+        self.0.last()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(crate) fn iter(&self) -> std::slice::Iter<'_, T> {
+        self.0.iter()
+    }
+}
+
+impl<'a, T> IntoIterator for &'a SmallSet<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// Points `key` at exactly the index entries `now` (it was at `before`).
 fn reindex<I: std::hash::Hash + Eq + Ord + Clone>(
-    index: &mut HashMap<I, BTreeSet<Key>>,
+    index: &mut HashMap<I, SmallSet<Key>>,
     key: &Key,
     before: BTreeSet<I>,
     now: BTreeSet<I>,
@@ -147,27 +212,27 @@ pub struct Store {
     resolved: BTreeMap<SourceId, BTreeMap<String, Resolved>>,
 
     /// EndpointSlices by their Service (namespace, `kubernetes.io/service-name`).
-    slices_by_service: HashMap<Key, BTreeSet<Key>>,
+    slices_by_service: HashMap<Key, SmallSet<Key>>,
     /// EndpointSlices by the Pods their endpoints name (`targetRef`).
-    slices_by_pod: HashMap<Key, BTreeSet<Key>>,
+    slices_by_pod: HashMap<Key, SmallSet<Key>>,
     /// VirtualServices by each exact host they name (resolved, lower case: hosts match
     /// case-insensitively).
-    vs_by_host: HashMap<String, BTreeSet<Key>>,
+    vs_by_host: HashMap<String, SmallSet<Key>>,
     /// VirtualServices with at least one wildcard host.
     vs_wildcard: BTreeSet<Key>,
     /// Root VirtualServices by the delegate VirtualServices their routes name.
-    vs_by_delegate: HashMap<Key, BTreeSet<Key>>,
+    vs_by_delegate: HashMap<Key, SmallSet<Key>>,
     /// DestinationRules by resolved host.
-    dr_by_host: HashMap<String, BTreeSet<Key>>,
+    dr_by_host: HashMap<String, SmallSet<Key>>,
     /// ServiceEntries by host.
-    se_by_host: HashMap<String, BTreeSet<Key>>,
+    se_by_host: HashMap<String, SmallSet<Key>>,
     /// Pods by IP, for the plan's sources.
-    pods_by_ip: HashMap<IpAddr, BTreeSet<Key>>,
+    pods_by_ip: HashMap<IpAddr, SmallSet<Key>>,
     /// Pods by the Node they run on (`spec.nodeName`): a Node's topology is their locality.
-    pods_by_node: HashMap<String, BTreeSet<Key>>,
+    pods_by_node: HashMap<String, SmallSet<Key>>,
     /// EndpointSlices by the Nodes their endpoints name (`nodeName`), for endpoints of no known
     /// Pod.
-    slices_by_node: HashMap<String, BTreeSet<Key>>,
+    slices_by_node: HashMap<String, SmallSet<Key>>,
 }
 
 fn pod_node(p: &Resource<Pod>) -> Option<&str> {
@@ -319,13 +384,13 @@ impl Store {
     /// The Services, Pods and Nodes the copies of a slice name.
     fn slice_refs(&self, key: &Key) -> SliceRefs {
         let services = copies(&self.endpoint_slices, key)
-            .filter_map(slice_service)
+            .filter_map(|s| slice_service(s))
             .collect();
         let pods = copies(&self.endpoint_slices, key)
-            .flat_map(slice_pods)
+            .flat_map(|s| slice_pods(s))
             .collect();
         let nodes = copies(&self.endpoint_slices, key)
-            .flat_map(slice_nodes)
+            .flat_map(|s| slice_nodes(s))
             .collect();
         (services, pods, nodes)
     }
@@ -345,7 +410,9 @@ impl Store {
 
     /// The Node `name` (its first copy), for the agent's own locality.
     pub fn node(&self, name: &str) -> Option<&Resource<Node>> {
-        copies(&self.nodes, &(String::new(), name.to_string())).next()
+        copies(&self.nodes, &(String::new(), name.to_string()))
+            .next()
+            .map(|n| &**n)
     }
 
     fn pod_ips(&self, key: &Key) -> BTreeSet<IpAddr> {
@@ -373,7 +440,7 @@ impl Store {
     /// The delegates named by every copy at `key`.
     fn vs_delegates(&self, key: &Key) -> BTreeSet<Key> {
         copies(&self.virtual_services, key)
-            .flat_map(delegate_keys)
+            .flat_map(|vs| delegate_keys(vs))
             .collect()
     }
 
@@ -419,11 +486,13 @@ impl Store {
         let mut keys: BTreeSet<Key> = self
             .vs_by_host
             .get(&host.to_ascii_lowercase())
+            .into_iter()
+            .flatten()
             .cloned()
-            .unwrap_or_default();
+            .collect();
         for key in &self.vs_wildcard {
             if copies(&self.virtual_services, key)
-                .flat_map(vs_patterns)
+                .flat_map(|vs| vs_patterns(vs))
                 .any(|p| p.starts_with('*') && host_matches(&p, host))
             {
                 keys.insert(key.clone());
@@ -485,7 +554,7 @@ impl Store {
         // The delegates of those VirtualServices (which name no hosts themselves).
         let delegates: BTreeSet<Key> = vs_keys
             .iter()
-            .flat_map(|k| copies(&self.virtual_services, k).flat_map(delegate_keys))
+            .flat_map(|k| copies(&self.virtual_services, k).flat_map(|vs| delegate_keys(vs)))
             .filter(|k| self.virtual_services.contains_key(k))
             .collect();
         vs_keys.extend(delegates);
@@ -550,7 +619,7 @@ impl Store {
             }
             dr_keys.extend(self.dr_by_host.get(host).into_iter().flatten().cloned());
         }
-        fn pick<T: Clone>(map: &ByKey<T>, keys: &BTreeSet<Key>) -> Vec<Resource<T>> {
+        fn pick<T>(map: &ByKey<T>, keys: &BTreeSet<Key>) -> Vec<Shared<T>> {
             keys.iter().flat_map(|k| copies(map, k).cloned()).collect()
         }
         let pods = pick(&self.pods, &pod_keys);
@@ -559,7 +628,7 @@ impl Store {
         let node_keys: BTreeSet<Key> = pods
             .iter()
             .filter_map(|p| pod_node(p).map(str::to_string))
-            .chain(endpoint_slices.iter().flat_map(slice_nodes))
+            .chain(endpoint_slices.iter().flat_map(|s| slice_nodes(s)))
             .map(|n| (String::new(), n))
             .collect();
         ConfigSet {
@@ -584,7 +653,7 @@ impl Store {
 #[derive(Debug, Default)]
 pub struct Dirty {
     /// VIPs whose entry may have changed, with the entry now (None: removed).
-    pub services: BTreeMap<VipKey, Option<ServicePlan>>,
+    pub services: BTreeMap<VipKey, Option<std::sync::Arc<ServicePlan>>>,
     /// Registered destinations that appeared / disappeared.
     pub registered_added: BTreeSet<IpNet>,
     pub registered_removed: BTreeSet<IpNet>,
@@ -622,11 +691,11 @@ pub struct IncrementalCompiler {
     store: Store,
     hosts: BTreeMap<String, HostOutput>,
     /// Hosts by lower-cased name (VirtualService hosts match case-insensitively).
-    hosts_lower: HashMap<String, BTreeSet<String>>,
+    hosts_lower: HashMap<String, SmallSet<String>>,
     /// For each host, the hosts whose routes send to it.
-    dependents: HashMap<String, BTreeSet<String>>,
+    dependents: HashMap<String, SmallSet<String>>,
     /// The hosts claiming each VIP:port; the last by name wins, as in [`compile`].
-    vip_owners: BTreeMap<VipKey, BTreeSet<String>>,
+    vip_owners: BTreeMap<VipKey, SmallSet<String>>,
     /// How many hosts register each destination.
     registered: BTreeMap<IpNet, u32>,
     /// Findings about AuthorizationPolicies.
@@ -787,7 +856,7 @@ impl IncrementalCompiler {
                 .store
                 .pods
                 .values()
-                .flat_map(|c| c.iter().map(|(_, r)| r));
+                .flat_map(|c| c.iter().map(|(_, r)| &**r));
             let workloads = super::egress::compile(pods, &sidecars);
             if workloads != self.plan.egress.workloads {
                 self.plan.egress.workloads = workloads;
@@ -848,7 +917,7 @@ impl IncrementalCompiler {
                 .and_then(|key| {
                     copies(&self.store.pods, key).find(|p| pod_ips(&p.spec).contains(ip))
                 })
-                .map(source_of);
+                .map(|p| source_of(p));
             let before = match source {
                 Some(s) => self
                     .plan
@@ -987,7 +1056,9 @@ impl IncrementalCompiler {
                 None => self.plan.services.remove(&key),
             };
             let same = match (&previous, &entry) {
-                (Some(p), Some(e)) => format!("{p:?}") == format!("{e:?}"),
+                (Some(p), Some(e)) => {
+                    std::sync::Arc::ptr_eq(p, e) || format!("{p:?}") == format!("{e:?}")
+                }
                 (None, None) => true,
                 _ => false,
             };
@@ -1432,7 +1503,7 @@ mod tests {
         let Object::VirtualService(mut changed) = vs.clone() else {
             panic!("template 18 is a VirtualService")
         };
-        changed.spec.http[0].matches[0]
+        std::sync::Arc::make_mut(&mut changed).spec.http[0].matches[0]
             .headers
             .insert("x".into(), istio::StringMatch::Exact("z".into()));
         inc.apply(

@@ -101,8 +101,9 @@ pub struct WeightedBackend {
     pub weight: f64,
     /// Istio cluster names this backend belongs to (`outbound|9000|v1|tcp-echo.ns.svc.cluster.local`).
     pub clusters: Vec<String>,
-    /// Who serves this address, for telemetry.
-    pub workload: registry::Workload,
+    /// Who serves this address, for telemetry (shared by the backend's entries under every VIP
+    /// and subset, and by the metrics' label index).
+    pub workload: Arc<registry::Workload>,
     /// `region/zone/subzone` of the endpoint (empty: unknown), for locality load balancing.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub locality: String,
@@ -124,7 +125,9 @@ pub struct ServicePlan {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Plan {
-    pub services: BTreeMap<VipKey, ServicePlan>,
+    /// Shared with the per-host outputs of the incremental compiler and with published copies
+    /// of the plan: copying a plan copies pointers, not backends.
+    pub services: BTreeMap<VipKey, Arc<ServicePlan>>,
     pub diagnostics: Vec<Diagnostic>,
     /// Pods by IP: who a client is, for `sourceLabels` matches and telemetry.
     #[serde(skip)]
@@ -204,9 +207,9 @@ pub fn compile(config: &ConfigSet) -> Plan {
         egress: EgressPlan {
             registry_only: mesh_registry_only(config),
             registered: registered.into_iter().collect(),
-            workloads: egress::compile(config.pods.iter(), &config.sidecars),
+            workloads: egress::compile(config.pods.iter().map(|p| &**p), &config.sidecars),
         },
-        sources: sources(config.pods.iter()),
+        sources: sources(config.pods.iter().map(|p| &**p)),
         services,
         diagnostics,
     }
@@ -214,7 +217,7 @@ pub fn compile(config: &ConfigSet) -> Plan {
 
 /// The endpoints the L7 proxy serves (the kernel's authorization admits node addresses there).
 pub fn http_endpoints(
-    services: &BTreeMap<VipKey, ServicePlan>,
+    services: &BTreeMap<VipKey, Arc<ServicePlan>>,
 ) -> std::collections::BTreeSet<SocketAddr> {
     services
         .values()
@@ -229,7 +232,7 @@ pub fn http_endpoints(
 /// DestinationRule, and the same for the hosts its routes send to ([`Self::references`]).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct HostOutput {
-    pub services: Vec<(VipKey, ServicePlan)>,
+    pub services: Vec<(VipKey, Arc<ServicePlan>)>,
     /// Findings about the objects that define the host and about the routes that serve it.
     pub diagnostics: Vec<Diagnostic>,
     /// Destinations REGISTRY_ONLY lets through because of this host: its VIPs, its endpoint
@@ -330,14 +333,14 @@ pub fn compile_hosts(
                     };
                     services.push((
                         key,
-                        ServicePlan {
+                        Arc::new(ServicePlan {
                             host: svc.hostname.clone(),
                             port_name: port.name.clone(),
                             route: route.clone(),
                             backends: normalise(backends),
                             needs_l7,
                             http: http.clone(),
-                        },
+                        }),
                     ));
                 }
             }
@@ -454,7 +457,7 @@ type SubsetIndex = HashMap<String, (String, BTreeMap<String, BTreeMap<String, St
 
 fn subset_index(config: &ConfigSet) -> SubsetIndex {
     let mut rules: Vec<&Resource<istio::DestinationRule>> =
-        config.destination_rules.iter().collect();
+        config.destination_rules.iter().map(|r| &**r).collect();
     rules.sort_by_key(|r| r.meta.key());
     let mut index = SubsetIndex::new();
     for dr in rules {
@@ -474,7 +477,7 @@ fn destination_rule_index(
     config: &ConfigSet,
 ) -> HashMap<String, &Resource<istio::DestinationRule>> {
     let mut rules: Vec<&Resource<istio::DestinationRule>> =
-        config.destination_rules.iter().collect();
+        config.destination_rules.iter().map(|r| &**r).collect();
     rules.sort_by_key(|r| r.meta.key());
     let mut index = HashMap::new();
     for dr in rules {

@@ -54,7 +54,7 @@ pub struct Endpoint {
     /// What the endpoint is (`Pod ns/name`, `WorkloadEntry ns/name`, `EndpointSlice ns/name`).
     pub source: String,
     /// Who serves it, as Istio's telemetry names it.
-    pub workload: Workload,
+    pub workload: std::sync::Arc<Workload>,
     /// `region/zone/subzone` (empty: unknown), for locality load balancing.
     pub locality: String,
 }
@@ -72,7 +72,7 @@ pub fn pod_locality_label(labels: &BTreeMap<String, String>) -> Option<String> {
 pub fn nodes_by_name(config: &ConfigSet) -> HashMap<&str, &Resource<Node>> {
     let mut nodes = HashMap::new();
     for n in &config.nodes {
-        nodes.entry(n.meta.name.as_str()).or_insert(n);
+        nodes.entry(n.meta.name.as_str()).or_insert(&**n);
     }
     nodes
 }
@@ -252,7 +252,12 @@ fn pod_endpoints<'p>(
     nodes: &HashMap<&str, &Resource<Node>>,
 ) -> impl Iterator<Item = Endpoint> + 'p {
     let source = format!("Pod {}", pod.meta.key());
-    let workload = Workload::new("Pod", &pod.meta.namespace, &pod.meta.name, &pod.meta.labels);
+    let workload = std::sync::Arc::new(Workload::new(
+        "Pod",
+        &pod.meta.namespace,
+        &pod.meta.name,
+        &pod.meta.labels,
+    ));
     let locality = pod_locality(pod, nodes);
     pod_ips(&pod.spec).into_iter().map(move |ip| Endpoint {
         ip,
@@ -454,12 +459,12 @@ impl Builder<'_> {
                         .or_else(|| ep.zone.as_ref().map(|z| format!("/{z}")))
                         .unwrap_or_default(),
                 };
-                let workload = match pod_ref.and_then(|r| r.name.as_deref()) {
+                let workload = std::sync::Arc::new(match pod_ref.and_then(|r| r.name.as_deref()) {
                     Some(pod) => Workload::new("Pod", &slice.meta.namespace, pod, &labels),
                     None => {
                         Workload::new("EndpointSlice", &slice.meta.namespace, "unknown", &labels)
                     }
-                };
+                });
                 for (i, addr) in ep.addresses.iter().enumerate() {
                     match addr.parse::<IpAddr>() {
                         Ok(ip) => out.push(Endpoint {
@@ -579,7 +584,8 @@ impl Builder<'_> {
                             &meta.namespace,
                             &meta.name,
                             &we.labels,
-                        ),
+                        )
+                        .into(),
                         locality: we.locality.clone().unwrap_or_default(),
                     }),
                     Err(_) => self.diag(
@@ -618,7 +624,8 @@ impl Builder<'_> {
                                 &we.meta.namespace,
                                 &we.meta.name,
                                 &labels,
-                            ),
+                            )
+                            .into(),
                             labels,
                             locality: we.spec.locality.clone().unwrap_or_default(),
                         });
@@ -658,7 +665,8 @@ impl Builder<'_> {
                             &meta.namespace,
                             &meta.name,
                             &we.labels,
-                        ),
+                        )
+                        .into(),
                         locality: we.locality.clone().unwrap_or_default(),
                     };
                     let field = format!("spec.endpoints[{i}].address");
@@ -684,7 +692,8 @@ impl Builder<'_> {
                             &we.meta.namespace,
                             &we.meta.name,
                             &labels,
-                        ),
+                        )
+                        .into(),
                         labels,
                         locality: we.spec.locality.clone().unwrap_or_default(),
                     };
@@ -725,7 +734,8 @@ impl Builder<'_> {
                             &meta.namespace,
                             &meta.name,
                             &BTreeMap::new(),
-                        ),
+                        )
+                        .into(),
                         locality: String::new(),
                     };
                     let resolved = if host.contains('*') {
@@ -874,15 +884,18 @@ fn selected_workload_entries<'a>(
     se: &'a Resource<istio::ServiceEntry>,
 ) -> impl Iterator<Item = &'a Resource<istio::WorkloadEntry>> {
     let selector = se.spec.workload_selector.as_ref();
-    config.workload_entries.iter().filter(move |w| {
-        selector.is_some_and(|sel| {
-            w.meta.namespace == se.meta.namespace
-                && sel
-                    .labels
-                    .iter()
-                    .all(|(k, v)| w.spec.labels.get(k).or_else(|| w.meta.labels.get(k)) == Some(v))
+    config
+        .workload_entries
+        .iter()
+        .map(|w| &**w)
+        .filter(move |w| {
+            selector.is_some_and(|sel| {
+                w.meta.namespace == se.meta.namespace
+                    && sel.labels.iter().all(|(k, v)| {
+                        w.spec.labels.get(k).or_else(|| w.meta.labels.get(k)) == Some(v)
+                    })
+            })
         })
-    })
 }
 
 /// Every name the DNS ServiceEntries of `config` need resolved (keys of
@@ -943,7 +956,7 @@ pub fn build_tagged(config: &ConfigSet, diags: &mut Vec<(String, Diagnostic)>) -
     let mut untagged = Vec::new();
     let mut pods_by_ns: HashMap<&str, Vec<&Resource<Pod>>> = HashMap::new();
     let mut pod_by_name = HashMap::new();
-    for p in &config.pods {
+    for p in config.pods.iter().map(|p| &**p) {
         pods_by_ns
             .entry(p.meta.namespace.as_str())
             .or_default()
@@ -951,7 +964,7 @@ pub fn build_tagged(config: &ConfigSet, diags: &mut Vec<(String, Diagnostic)>) -
         pod_by_name.insert((p.meta.namespace.as_str(), p.meta.name.as_str()), p);
     }
     let mut slices_by_service: HashMap<(&str, &str), Vec<_>> = HashMap::new();
-    for s in &config.endpoint_slices {
+    for s in config.endpoint_slices.iter().map(|s| &**s) {
         if let Some(service) = s.meta.labels.get("kubernetes.io/service-name") {
             slices_by_service
                 .entry((s.meta.namespace.as_str(), service.as_str()))

@@ -156,6 +156,14 @@ pub struct Dataplane {
     ebpf: Ebpf,
 }
 
+/// Sizes of the LRU maps, chosen at load (`--max-tracked-sockets`, `--max-traffic-counters`):
+/// they are preallocated, so their size is kernel memory whatever the traffic.
+#[derive(Debug, Clone, Copy)]
+pub struct MapSizes {
+    pub tracked_sockets: u32,
+    pub traffic_counters: u32,
+}
+
 /// Pinned maps earlier versions created and this one no longer uses (`sd_stats_v1`: per-CPU
 /// counters, now `sd_stats_v2`).
 const RETIRED_MAPS: &[&str] = &["sd_stats_v1"];
@@ -168,12 +176,13 @@ impl Dataplane {
         pins: &Pins,
         cgroup: &Path,
         policy_interfaces: Vec<String>,
-        tracked_sockets: u32,
+        sizes: MapSizes,
     ) -> Result<Self, DataplaneError> {
         prepare_bpffs(pins)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins.maps())
-            .map_max_entries(map_names::REVNAT, tracked_sockets.max(1024))
+            .map_max_entries(map_names::REVNAT, sizes.tracked_sockets.max(1024))
+            .map_max_entries(map_names::STATS, sizes.traffic_counters.max(1024))
             .load(EBPF_OBJECT)?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),

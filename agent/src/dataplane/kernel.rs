@@ -178,14 +178,14 @@ mod tests {
         };
         plan.services.insert(
             vip,
-            ServicePlan {
+            std::sync::Arc::new(ServicePlan {
                 host: "h".into(),
                 port_name: "p".into(),
                 route: "default".into(),
                 backends: vec![b("10.0.0.1:80", 0.8), b("10.0.0.2:80", 0.2)],
                 needs_l7: false,
                 http: None,
-            },
+            }),
         );
         let t = tables(&plan);
         let svc = &t[&service_key(&vip)];
@@ -196,7 +196,9 @@ mod tests {
             (shares[0].1 - 0.8).abs() < 1e-6 && (shares[1].1 - 0.2).abs() < 1e-6,
             "{shares:?}"
         );
-        plan.services.get_mut(&vip).unwrap().backends.clear();
+        std::sync::Arc::make_mut(plan.services.get_mut(&vip).unwrap())
+            .backends
+            .clear();
         assert_eq!(tables(&plan)[&service_key(&vip)].flags, SVC_F_NO_BACKENDS);
     }
 }

@@ -703,7 +703,7 @@ impl Proxy {
                     );
                 };
                 let endpoint = picked.addr;
-                let destination = Some(&cluster.endpoints[picked.index].workload);
+                let destination = Some(&*cluster.endpoints[picked.index].workload);
                 tried.push(endpoint);
                 if let Some(denied) = authorize(endpoint, destination) {
                     if attempt + 1 < max_attempts && retriable_status(&retries, 403) {

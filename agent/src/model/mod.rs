@@ -58,6 +58,11 @@ pub struct Resource<T> {
     pub spec: T,
 }
 
+/// One object as every holder shares it: the source that read it, the agent's store, and the
+/// configurations handed to the compiler point at one copy (objects are never changed in
+/// place; a new version is a new object).
+pub type Shared<T> = std::sync::Arc<Resource<T>>;
+
 /// The kinds steerd reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum Kind {
@@ -103,20 +108,20 @@ impl fmt::Display for Kind {
 /// Everything the compiler needs, from every source.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ConfigSet {
-    pub services: Vec<Resource<Service>>,
-    pub endpoint_slices: Vec<Resource<EndpointSlice>>,
-    pub pods: Vec<Resource<Pod>>,
+    pub services: Vec<Shared<Service>>,
+    pub endpoint_slices: Vec<Shared<EndpointSlice>>,
+    pub pods: Vec<Shared<Pod>>,
     /// Only the topology labels (see [`node`]), for endpoint localities.
-    pub nodes: Vec<Resource<node::Node>>,
-    pub virtual_services: Vec<Resource<istio::VirtualService>>,
-    pub destination_rules: Vec<Resource<istio::DestinationRule>>,
-    pub service_entries: Vec<Resource<istio::ServiceEntry>>,
-    pub workload_entries: Vec<Resource<istio::WorkloadEntry>>,
-    pub gateways: Vec<Resource<istio::Gateway>>,
-    pub sidecars: Vec<Resource<istio::Sidecar>>,
+    pub nodes: Vec<Shared<node::Node>>,
+    pub virtual_services: Vec<Shared<istio::VirtualService>>,
+    pub destination_rules: Vec<Shared<istio::DestinationRule>>,
+    pub service_entries: Vec<Shared<istio::ServiceEntry>>,
+    pub workload_entries: Vec<Shared<istio::WorkloadEntry>>,
+    pub gateways: Vec<Shared<istio::Gateway>>,
+    pub sidecars: Vec<Shared<istio::Sidecar>>,
     /// Only what Gateway credentials need (see [`secret`]).
-    pub secrets: Vec<Resource<secret::Secret>>,
-    pub authorization_policies: Vec<Resource<security::AuthorizationPolicy>>,
+    pub secrets: Vec<Shared<secret::Secret>>,
+    pub authorization_policies: Vec<Shared<security::AuthorizationPolicy>>,
     /// What DNS said about the names `resolution: DNS`/`DNS_ROUND_ROBIN` ServiceEntries need,
     /// by name (lower case, no trailing dot; see [`crate::compile::registry::dns_names`]).
     /// Filled by the agent's resolver (`sources::dns`), not by manifests; a name missing here
@@ -135,23 +140,21 @@ pub struct Resolved {
     pub error: Option<String>,
 }
 
-/// One parsed object of any supported kind. Objects are moved straight into a [`ConfigSet`]'s
-/// vectors, so boxing the large Kubernetes variants would only add an allocation.
-#[allow(clippy::large_enum_variant)]
+/// One parsed object of any supported kind, shared (see [`Shared`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
-    Service(Resource<Service>),
-    EndpointSlice(Resource<EndpointSlice>),
-    Pod(Resource<Pod>),
-    Node(Resource<node::Node>),
-    VirtualService(Resource<istio::VirtualService>),
-    DestinationRule(Resource<istio::DestinationRule>),
-    ServiceEntry(Resource<istio::ServiceEntry>),
-    WorkloadEntry(Resource<istio::WorkloadEntry>),
-    Gateway(Resource<istio::Gateway>),
-    Sidecar(Resource<istio::Sidecar>),
-    Secret(Resource<secret::Secret>),
-    AuthorizationPolicy(Resource<security::AuthorizationPolicy>),
+    Service(Shared<Service>),
+    EndpointSlice(Shared<EndpointSlice>),
+    Pod(Shared<Pod>),
+    Node(Shared<node::Node>),
+    VirtualService(Shared<istio::VirtualService>),
+    DestinationRule(Shared<istio::DestinationRule>),
+    ServiceEntry(Shared<istio::ServiceEntry>),
+    WorkloadEntry(Shared<istio::WorkloadEntry>),
+    Gateway(Shared<istio::Gateway>),
+    Sidecar(Shared<istio::Sidecar>),
+    Secret(Shared<secret::Secret>),
+    AuthorizationPolicy(Shared<security::AuthorizationPolicy>),
 }
 
 impl ConfigSet {
@@ -381,10 +384,10 @@ pub fn parse_value(
 
     let parsed = match (group, kind) {
         ("", "Service") if version == "v1" => {
-            typed(value, "").map(|s| Object::Service(resource(&meta, origin, s)))
+            typed(value, "").map(|s| Object::Service(resource(&meta, origin, slim::service(s))))
         }
         ("", "Pod") if version == "v1" => {
-            typed(value, "").map(|s| Object::Pod(resource(&meta, origin, s)))
+            typed(value, "").map(|p| Object::Pod(resource(&meta, origin, slim::pod(p))))
         }
         ("", "Node") if version == "v1" => {
             // Cluster-scoped: no namespace (parse_meta defaults one), and only the topology.
@@ -393,18 +396,17 @@ pub fn parse_value(
                 name: meta.name.clone(),
                 ..Default::default()
             };
-            return Ok(Some(vec![Object::Node(Resource {
+            return Ok(Some(vec![Object::Node(std::sync::Arc::new(Resource {
                 meta,
                 origin: origin.clone(),
                 spec: node,
-            })]));
+            }))]));
         }
         ("", "Secret") if version == "v1" => {
             secret::parse(map).map(|s| Object::Secret(resource(&meta, origin, s)))
         }
-        ("discovery.k8s.io", "EndpointSlice") if version == "v1" => {
-            typed(value, "").map(|s| Object::EndpointSlice(resource(&meta, origin, s)))
-        }
+        ("discovery.k8s.io", "EndpointSlice") if version == "v1" => typed(value, "")
+            .map(|s| Object::EndpointSlice(resource(&meta, origin, slim::endpoint_slice(s)))),
         (ISTIO_SECURITY_GROUP, _) => {
             if !ISTIO_SECURITY_VERSIONS.contains(&version) {
                 return Err(err(
@@ -473,6 +475,120 @@ pub fn parse_value(
         .map_err(|(field, message)| err(kind, &object, &field, message))
 }
 
+/// Kubernetes objects as steerd keeps them: only the fields it reads. The agent holds every
+/// Service, EndpointSlice and Pod of the cluster; a Pod's containers (images, env, probes,
+/// resources), managed fields and annotations are most of its size and none of steerd's
+/// business. The object's own `metadata` goes too: [`Meta`] holds the name, namespace and
+/// labels, and only a Pod's `deletionTimestamp` and `uid` are read from it.
+mod slim {
+    use k8s_openapi::api::core::v1::{
+        Container, ContainerPort, Pod, PodCondition, PodSpec, PodStatus, Service,
+    };
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    /// The spec (ports, selector, cluster IPs, type, ...); no metadata or status.
+    pub(super) fn service(s: Service) -> Service {
+        Service {
+            metadata: ObjectMeta::default(),
+            spec: s.spec,
+            status: None,
+        }
+    }
+
+    /// Address type, ports, and of each endpoint its addresses, readiness, Pod reference and
+    /// where it runs (hostname, node, zone; not the deprecated topology map or hints).
+    pub(super) fn endpoint_slice(s: EndpointSlice) -> EndpointSlice {
+        EndpointSlice {
+            address_type: s.address_type,
+            endpoints: s
+                .endpoints
+                .into_iter()
+                .map(|e| Endpoint {
+                    addresses: e.addresses,
+                    conditions: e.conditions,
+                    hostname: e.hostname,
+                    node_name: e.node_name,
+                    zone: e.zone,
+                    target_ref: e
+                        .target_ref
+                        .map(|r| k8s_openapi::api::core::v1::ObjectReference {
+                            kind: r.kind,
+                            name: r.name,
+                            namespace: r.namespace,
+                            ..Default::default()
+                        }),
+                    ..Default::default()
+                })
+                .collect(),
+            metadata: ObjectMeta::default(),
+            ports: s.ports,
+        }
+    }
+
+    /// Deletion mark and uid; host network, Node and the containers' named ports; phase, Ready
+    /// condition, Pod and host IPs.
+    pub(super) fn pod(p: Pod) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                deletion_timestamp: p.metadata.deletion_timestamp,
+                // Names the Pod's cgroup on the node (per-workload Sidecar policy).
+                uid: p.metadata.uid,
+                ..Default::default()
+            },
+            spec: p.spec.map(|s| {
+                // A Service's `targetPort` names a container port; unnamed ports are never
+                // looked up. The named ports of all containers, in order, go into one unnamed
+                // container (a `Container` is over 2 KB even when empty).
+                let named: Vec<ContainerPort> = s
+                    .containers
+                    .into_iter()
+                    .flat_map(|c| c.ports.unwrap_or_default())
+                    .filter(|p| p.name.is_some())
+                    .map(|p| ContainerPort {
+                        name: p.name,
+                        container_port: p.container_port,
+                        protocol: p.protocol,
+                        ..Default::default()
+                    })
+                    .collect();
+                PodSpec {
+                    host_network: s.host_network,
+                    // The Node whose topology labels are the Pod's locality.
+                    node_name: s.node_name,
+                    containers: if named.is_empty() {
+                        Vec::new()
+                    } else {
+                        vec![Container {
+                            ports: Some(named),
+                            ..Default::default()
+                        }]
+                    },
+                    ..Default::default()
+                }
+            }),
+            status: p.status.map(|s| PodStatus {
+                phase: s.phase,
+                conditions: s.conditions.map(|c| {
+                    c.into_iter()
+                        .filter(|c| c.type_ == "Ready")
+                        .map(|c| PodCondition {
+                            type_: c.type_,
+                            status: c.status,
+                            ..Default::default()
+                        })
+                        .collect()
+                }),
+                pod_ip: s.pod_ip,
+                pod_ips: s.pod_ips,
+                host_ip: s.host_ip,
+                host_ips: s.host_ips,
+                ..Default::default()
+            }),
+        }
+    }
+}
+
 /// The `spec` of an Istio object (`{}` when absent), with null fields pruned: the API server
 /// prunes them from CRDs, so `hosts: ~` is as good as absent.
 fn istio_spec(map: &serde_json::Map<String, serde_json::Value>) -> serde_json::Value {
@@ -496,12 +612,12 @@ fn prune_nulls(value: &mut serde_json::Value) {
     }
 }
 
-fn resource<T>(meta: &Meta, origin: &Origin, spec: T) -> Resource<T> {
-    Resource {
+fn resource<T>(meta: &Meta, origin: &Origin, spec: T) -> Shared<T> {
+    std::sync::Arc::new(Resource {
         meta: meta.clone(),
         origin: origin.clone(),
         spec,
-    }
+    })
 }
 
 /// Deserializes with the path of the failing field (`spec.tcp[0].route`).
@@ -673,6 +789,51 @@ spec:
         let (_, errs) = parse_documents("f.yaml", "apiVersion: v1\nkind: Service\nmetadata: {}\n");
         assert_eq!(errs.len(), 1);
         assert_eq!(errs[0].field, "metadata");
+    }
+
+    #[test]
+    fn kubernetes_objects_keep_only_what_steerd_reads() {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  labels: {app: a}\n  annotations: {big: x}\n  deletionTimestamp: \"2026-01-01T00:00:00Z\"\n  uid: u-1\nspec:\n  nodeName: n-1\n  hostNetwork: true\n  containers:\n  - name: app\n    image: registry/app:1\n    env: [{name: A, value: b}]\n    ports: [{name: http, containerPort: 8080, protocol: TCP, hostPort: 80}, {containerPort: 7070}]\n  - name: sidecar\n    ports: [{name: grpc, containerPort: 9090}]\n  - name: plain\nstatus:\n  phase: Running\n  podIP: 10.0.0.1\n  podIPs: [{ip: 10.0.0.1}]\n  hostIP: 192.168.0.1\n  conditions: [{type: Ready, status: \"False\"}, {type: PodScheduled, status: \"True\"}]\n  containerStatuses: [{name: app, image: registry/app:1, imageID: x, ready: true, restartCount: 0}]\n";
+        let (objs, errs) = parse_documents("f.yaml", text);
+        assert!(errs.is_empty(), "{errs:?}");
+        let Object::Pod(pod) = &objs[0] else {
+            panic!("expected a Pod: {:?}", objs[0])
+        };
+        assert_eq!(pod.meta.labels["app"], "a");
+        let (spec, status) = (
+            pod.spec.spec.as_ref().unwrap(),
+            pod.spec.status.as_ref().unwrap(),
+        );
+        assert!(pod.spec.metadata.deletion_timestamp.is_some());
+        assert_eq!(pod.spec.metadata.uid.as_deref(), Some("u-1"));
+        assert_eq!(pod.spec.metadata.labels, None);
+        assert_eq!(pod.spec.metadata.annotations, None);
+        assert_eq!(spec.host_network, Some(true));
+        assert_eq!(spec.node_name.as_deref(), Some("n-1"));
+        assert_eq!(spec.containers.len(), 1);
+        let container = &spec.containers[0];
+        assert_eq!(container.image, None);
+        assert_eq!(container.env, None);
+        let ports: Vec<_> = container
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.as_deref(), p.container_port, p.host_port))
+            .collect();
+        assert_eq!(
+            ports,
+            [(Some("http"), 8080, None), (Some("grpc"), 9090, None)]
+        );
+        assert_eq!(status.phase.as_deref(), Some("Running"));
+        assert_eq!(status.pod_ip.as_deref(), Some("10.0.0.1"));
+        assert_eq!(status.host_ip.as_deref(), Some("192.168.0.1"));
+        let conditions = status.conditions.as_ref().unwrap();
+        assert_eq!(conditions.len(), 1);
+        assert_eq!(
+            (conditions[0].type_.as_str(), conditions[0].status.as_str()),
+            ("Ready", "False")
+        );
+        assert_eq!(status.container_statuses, None);
     }
 
     #[test]

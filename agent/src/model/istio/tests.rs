@@ -24,7 +24,7 @@ fn vs(spec: &str) -> Result<VirtualService, Box<ParseError>> {
         indent(spec)
     );
     match parse_one(&doc) {
-        Ok(Object::VirtualService(r)) => Ok(r.spec),
+        Ok(Object::VirtualService(r)) => Ok(r.spec.clone()),
         Ok(o) => panic!("{o:?}"),
         Err(mut e) => Err(Box::new(e.remove(0))),
     }
@@ -36,7 +36,7 @@ fn dr(spec: &str) -> Result<DestinationRule, Box<ParseError>> {
         indent(spec)
     );
     match parse_one(&doc) {
-        Ok(Object::DestinationRule(r)) => Ok(r.spec),
+        Ok(Object::DestinationRule(r)) => Ok(r.spec.clone()),
         Ok(o) => panic!("{o:?}"),
         Err(mut e) => Err(Box::new(e.remove(0))),
     }
