@@ -13,7 +13,7 @@
 
 use crate::compile::{Plan, VipKey, registry::Workload};
 use crate::dataplane::kernel;
-use aya::maps::{MapData, PerCpuHashMap};
+use aya::maps::{HashMap as BpfHashMap, MapData};
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
@@ -197,7 +197,7 @@ struct TcpCollector {
     /// REGISTRY_ONLY refusals per destination.
     denied: Mutex<Option<aya::maps::HashMap<MapData, steerd_common::Addr, u64>>>,
     /// AuthorizationPolicy refusals per destination (per CPU).
-    authz_denied: Mutex<Option<PerCpuHashMap<MapData, steerd_common::AuthzDestKey, u64>>>,
+    authz_denied: Mutex<Option<BpfHashMap<MapData, steerd_common::AuthzDestKey, u64>>>,
     labels: Arc<RwLock<Arc<LabelIndex>>>,
 }
 
@@ -462,10 +462,7 @@ impl Metrics {
     }
 
     /// Hands the kernel's AuthorizationPolicy refusal counters to the scraper.
-    pub fn attach_authz_denied(
-        &self,
-        map: PerCpuHashMap<MapData, steerd_common::AuthzDestKey, u64>,
-    ) {
+    pub fn attach_authz_denied(&self, map: BpfHashMap<MapData, steerd_common::AuthzDestKey, u64>) {
         *self.tcp.authz_denied.lock().expect("authz map lock") = Some(map);
     }
 

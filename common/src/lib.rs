@@ -43,8 +43,9 @@ pub mod map_names {
     pub const AUTHZ_DEST: &str = "sd_authz_dst_v1";
     /// LPM [`crate::AuthzSourceKey`] → `u32` verdict: each destination's source table.
     pub const AUTHZ_SOURCE: &str = "sd_authz_src_v1";
-    /// [`crate::AuthzDestKey`] → `u64` (per CPU): connections refused, per destination.
-    pub const AUTHZ_DENIED: &str = "sd_authz_dny_v1";
+    /// [`crate::AuthzDestKey`] → `u64` (LRU hash shared by all CPUs, atomic adds): connections
+    /// refused, per destination (`sd_authz_dny_v1` was per CPU).
+    pub const AUTHZ_DENIED: &str = "sd_authz_dny_v2";
 }
 
 /// Maximum number of service VIP:port:protocol entries.
@@ -316,8 +317,9 @@ pub const EGRESS_REGISTRY_ONLY: u32 = 1;
 /// Map `sd_authz_dst_v1` (hash): [`AuthzDestKey`] → [`AuthzDestValue`]. The TC program on the
 /// node side of each pod's veth looks up every TCP SYN towards the pod by its destination
 /// address and port, then by the address with `port == 0` (every port without an entry of its
-/// own); no entry means no policy: the SYN passes. Also the key of `sd_authz_dny_v1` (LRU
-/// per-CPU hash → `u64`), which counts refused SYNs per destination (with the real port).
+/// own); no entry means no policy: the SYN passes. Also the key of `sd_authz_dny_v2` (LRU
+/// hash → `u64`, shared by all CPUs), which counts refused SYNs per destination (with the real
+/// port).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AuthzDestKey {

@@ -30,7 +30,7 @@ use aya_ebpf::{
         bpf_redirect,
     },
     macros::{cgroup_sock_addr, classifier, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, lpm_trie::Key as LpmKey},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, lpm_trie::Key as LpmKey},
     programs::{SockAddrContext, SockOpsContext, TcContext},
 };
 use aya_log_ebpf::debug;
@@ -85,9 +85,8 @@ static AUTHZ_DEST: HashMap<AuthzDestKey, AuthzDestValue> =
 #[map(name = "sd_authz_src_v1")]
 static AUTHZ_SOURCE: LpmTrie<AuthzSourceKey, u32> = LpmTrie::pinned(MAX_AUTHZ_PREFIXES, 0);
 
-#[map(name = "sd_authz_dny_v1")]
-static AUTHZ_DENIED: LruPerCpuHashMap<AuthzDestKey, u64> =
-    LruPerCpuHashMap::pinned(MAX_AUTHZ_DENIED, 0);
+#[map(name = "sd_authz_dny_v2")]
+static AUTHZ_DENIED: LruHashMap<AuthzDestKey, u64> = LruHashMap::pinned(MAX_AUTHZ_DENIED, 0);
 
 /// Return value that lets the syscall proceed.
 const ALLOW: i32 = 1;
@@ -600,23 +599,26 @@ fn count(key: &StatsKey, opened: u64, closed: u64, sent: u64, received: u64) {
         let _ = STATS.insert(key, &BackendStats::default(), BPF_NOEXIST);
     }
     if let Some(stats) = STATS.get_ptr_mut(key) {
-        let add = |field: *mut u64, n: u64| {
-            if n != 0 {
-                // SAFETY: `field` points into a live map value, 8-byte aligned (repr(C) u64s).
-                // The BPF target has no `AtomicU64::fetch_add`; the intrinsic with an unused
-                // result is the kernel's atomic add (BPF_ATOMIC | BPF_ADD).
-                unsafe {
-                    core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, n)
-                };
-            }
-        };
         // SAFETY: the map value outlives this call; only field addresses are taken.
         unsafe {
-            add(addr_of_mut!((*stats).connections_opened), opened);
-            add(addr_of_mut!((*stats).connections_closed), closed);
-            add(addr_of_mut!((*stats).bytes_sent), sent);
-            add(addr_of_mut!((*stats).bytes_received), received);
+            atomic_add(addr_of_mut!((*stats).connections_opened), opened);
+            atomic_add(addr_of_mut!((*stats).connections_closed), closed);
+            atomic_add(addr_of_mut!((*stats).bytes_sent), sent);
+            atomic_add(addr_of_mut!((*stats).bytes_received), received);
         }
+    }
+}
+
+/// Adds `n` to a counter in a map value shared by all CPUs.
+///
+/// # Safety
+/// `field` points into a live map value, 8-byte aligned.
+#[inline(always)]
+unsafe fn atomic_add(field: *mut u64, n: u64) {
+    if n != 0 {
+        // The BPF target has no `AtomicU64::fetch_add`; the intrinsic with an unused result is
+        // the kernel's atomic add (BPF_ATOMIC | BPF_ADD).
+        unsafe { core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(field, n) };
     }
 }
 
@@ -861,12 +863,15 @@ fn parse_syn(ctx: &TcContext) -> Option<Parsed> {
 
 #[inline(always)]
 fn count_denied(key: &AuthzDestKey) {
-    match AUTHZ_DENIED.get_ptr_mut(key) {
-        // Per-CPU values: no other CPU writes this copy.
-        Some(n) => unsafe { *n += 1 },
-        None => {
-            let _ = AUTHZ_DENIED.insert(key, &1, BPF_NOEXIST);
-        }
+    // One entry for all CPUs (a per-CPU map's memory grows with the CPU count): atomic adds.
+    // A failed insert means another CPU inserted the entry meanwhile: count on that one.
+    if AUTHZ_DENIED.get_ptr_mut(key).is_none() && AUTHZ_DENIED.insert(key, &1, BPF_NOEXIST).is_ok()
+    {
+        return;
+    }
+    if let Some(n) = AUTHZ_DENIED.get_ptr_mut(key) {
+        // SAFETY: `n` points into a live map value (a u64).
+        unsafe { atomic_add(n, 1) };
     }
 }
 

@@ -513,8 +513,25 @@ fn kill9_and_restart_lose_no_connects() {
     std::thread::sleep(Duration::from_millis(1000));
     // A second generation replaces the first's links while traffic flows.
     agent.kill9();
+    // Pins of maps an earlier layout used (per-CPU counters): stand-ins made by hard-linking
+    // current maps under the retired names. The next agent must unpin them.
+    let maps_dir = t.bpffs.path().join("maps");
+    const RETIRED: [&str; 2] = ["sd_stats_v1", "sd_authz_dny_v1"];
+    for (current, retired) in ["sd_stats_v2", "sd_authz_dny_v2"].iter().zip(RETIRED) {
+        std::fs::hard_link(maps_dir.join(current), maps_dir.join(retired))
+            .unwrap_or_else(|e| panic!("linking {current} as {retired}: {e}"));
+    }
     agent = spawn_agent(&t.node, &t.manifests, &t.bpffs, &t.client);
     t.agent = agent;
+    for retired in RETIRED {
+        assert!(
+            !maps_dir.join(retired).exists(),
+            "the retired pin {retired} is still there"
+        );
+    }
+    for current in ["sd_stats_v2", "sd_authz_dny_v2"] {
+        assert!(maps_dir.join(current).exists(), "{current} is not pinned");
+    }
 
     let r = probe.wait();
     assert!(

@@ -13,7 +13,7 @@ use super::bpf::{DataplaneError, Pins};
 use super::kernel::{addr_of, ip_of};
 use crate::compile::authz::{KernelAuthz, SourceTable};
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{HashMap, MapData, MapError, PerCpuHashMap};
+use aya::maps::{HashMap, MapData, MapError};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
@@ -251,7 +251,7 @@ fn verdict_name(v: u32) -> String {
 pub fn read(
     destinations: &HashMap<MapData, AuthzDestKey, AuthzDestValue>,
     sources: &LpmTrie<MapData, AuthzSourceKey, u32>,
-    denied: Option<&PerCpuHashMap<MapData, AuthzDestKey, u64>>,
+    denied: Option<&HashMap<MapData, AuthzDestKey, u64>>,
 ) -> AuthzMapsView {
     let mut tables: BTreeMap<u32, Vec<(u32, steerd_common::Addr, u32)>> = BTreeMap::new();
     for (k, v) in sources.iter().filter_map(Result::ok) {
@@ -305,15 +305,15 @@ pub fn read(
     view
 }
 
-/// Refused SYNs per destination address and port, summed over CPUs.
-pub fn denied_counts(map: &PerCpuHashMap<MapData, AuthzDestKey, u64>) -> Vec<DeniedView> {
+/// Refused SYNs per destination address and port.
+pub fn denied_counts(map: &HashMap<MapData, AuthzDestKey, u64>) -> Vec<DeniedView> {
     let mut out: Vec<DeniedView> = map
         .iter()
         .filter_map(Result::ok)
-        .map(|(k, per_cpu)| DeniedView {
+        .map(|(k, connections)| DeniedView {
             address: ip_of(&k.addr),
             port: u16::from_be(k.port),
-            connections: per_cpu.iter().sum(),
+            connections,
         })
         .collect();
     out.sort_by_key(|d| (d.address, d.port));
@@ -483,9 +483,9 @@ pub fn open_pinned(maps: &Path) -> Result<AuthzMapsView, DataplaneError> {
     let sources: LpmTrie<MapData, AuthzSourceKey, u32> =
         LpmTrie::try_from(aya::maps::Map::LpmTrie(open(map_names::AUTHZ_SOURCE)?))
             .map_err(map_err(map_names::AUTHZ_SOURCE))?;
-    let denied: Option<PerCpuHashMap<MapData, AuthzDestKey, u64>> = open(map_names::AUTHZ_DENIED)
+    let denied: Option<HashMap<MapData, AuthzDestKey, u64>> = open(map_names::AUTHZ_DENIED)
         .ok()
-        .and_then(|m| PerCpuHashMap::try_from(aya::maps::Map::PerCpuLruHashMap(m)).ok());
+        .and_then(|m| HashMap::try_from(aya::maps::Map::LruHashMap(m)).ok());
     Ok(read(&destinations, &sources, denied.as_ref()))
 }
 

@@ -13,7 +13,7 @@
 use super::maps::MapWriter;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuHashMap},
+    maps::{Array, HashMap, MapData},
     programs::{CgroupAttachMode, Program, SchedClassifier, links::FdLink},
 };
 use std::fs;
@@ -146,7 +146,7 @@ pub struct Dataplane {
     /// AuthorizationPolicy tables for TCP.
     pub authz: super::authz::AuthzWriter,
     /// Connections refused by AuthorizationPolicies, per destination (taken by the scraper).
-    pub authz_denied: Option<PerCpuHashMap<MapData, AuthzDestKey, u64>>,
+    pub authz_denied: Option<HashMap<MapData, AuthzDestKey, u64>>,
     /// Which pod veths the authorization program is attached to.
     pub policy_interfaces: super::authz::PolicyAttachments,
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -164,9 +164,9 @@ pub struct MapSizes {
     pub traffic_counters: u32,
 }
 
-/// Pinned maps earlier versions created and this one no longer uses (`sd_stats_v1`: per-CPU
-/// counters, now `sd_stats_v2`).
-const RETIRED_MAPS: &[&str] = &["sd_stats_v1"];
+/// Pinned maps earlier versions created and this one no longer uses (`sd_stats_v1` and
+/// `sd_authz_dny_v1`: per-CPU counters, now `sd_stats_v2` and `sd_authz_dny_v2`).
+const RETIRED_MAPS: &[&str] = &["sd_stats_v1", "sd_authz_dny_v1"];
 
 impl Dataplane {
     /// Loads the programs against the pinned maps (creating them on first start), attaches
@@ -262,7 +262,7 @@ impl Dataplane {
             aya::maps::LpmTrie::try_from(take(&mut ebpf, map_names::AUTHZ_SOURCE)?)
                 .map_err(map_err(map_names::AUTHZ_SOURCE))?,
         );
-        let authz_denied = PerCpuHashMap::try_from(take(&mut ebpf, map_names::AUTHZ_DENIED)?)
+        let authz_denied = HashMap::try_from(take(&mut ebpf, map_names::AUTHZ_DENIED)?)
             .map_err(map_err(map_names::AUTHZ_DENIED))?;
         if writer.service_count() > 0 {
             info!(
