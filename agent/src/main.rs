@@ -28,8 +28,8 @@ fn main() -> Result<()> {
             init_logging(args.log_format);
             let workers = cli::worker_threads(args.worker_threads);
             tracing::info!(workers, "L7 proxy worker threads");
-            // The control plane (sources, compiler, admin, gateways) runs here; the L7 proxy has
-            // its own single-threaded workers (dataplane::workers).
+            // The control plane (sources, compiler, admin) and the gateway listeners run here; the
+            // L7 proxy has its own single-threaded workers (dataplane::workers).
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(workers.min(2))
                 .enable_all()
