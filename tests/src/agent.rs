@@ -45,8 +45,14 @@ fn steerd_bin_if_present() -> Option<PathBuf> {
     Some(target_dir().join("debug/steerd")).filter(|p| p.is_file())
 }
 
+/// The workspace this test runs from. `cargo test` sets `CARGO_MANIFEST_DIR` for the test
+/// process; the compile-time value is only a fallback, because this library's build can be
+/// shared by another checkout of the same workspace using the same target directory (cargo
+/// fingerprints workspace members by relative path), and would then build that checkout's agent.
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .parent()
         .expect("tests/ has a parent")
         .to_owned()

@@ -992,6 +992,62 @@ fn least_request_sends_new_requests_to_idle_backends() {
 }
 
 #[test]
+fn warmup_ramps_up_an_endpoint_that_joins() {
+    // The default balancer (LEAST_REQUEST) with Envoy's slow start over 6 s.
+    let window = Duration::from_secs(6);
+    let dr = load_balancer_dr("{warmup: {duration: 6s, minimumPercent: 10}}");
+    let m = Mesh::start(&[("dr.yaml", &dr)]);
+    let started = std::time::Instant::now();
+    let reviews = std::fs::read_to_string(m.manifests.path().join("reviews.yaml")).unwrap();
+    let v3_pod = "app: reviews, version: v3";
+    assert!(reviews.contains(v3_pod));
+    // Once the first three are warm, v3 leaves the service and comes back.
+    std::thread::sleep(
+        (started + window + Duration::from_millis(500))
+            .saturating_duration_since(std::time::Instant::now()),
+    );
+    m.manifests.write(
+        "reviews.yaml",
+        reviews.replace(v3_pod, "app: retired, version: v3"),
+    );
+    let gone = steerd_e2e::wait_until(Duration::from_secs(10), || {
+        m.http(&["--url", &url("/"), "--count", "40", "--keepalive"])
+            .count("reviews-v3")
+            == 0
+    });
+    assert!(gone, "v3 never left the service:\n{}", m.agent.log());
+    m.manifests.write("reviews.yaml", &reviews);
+    let back = steerd_e2e::wait_until(Duration::from_secs(10), || {
+        m.http(&["--url", &url("/"), "--count", "30", "--keepalive"])
+            .count("reviews-v3")
+            > 0
+    });
+    let rejoined = std::time::Instant::now();
+    assert!(back, "v3 never came back:\n{}", m.agent.log());
+    // Within its first second v3's weight is at the 10 % floor (or just above): about 5 % of
+    // the requests (15 of 300), where it would get a third (100) without warmup.
+    let early = m.http(&["--url", &url("/"), "--count", "300", "--keepalive"]);
+    assert_eq!(early.status(200), 300, "{early:?}");
+    assert!(
+        early.count("reviews-v3") <= 60,
+        "a warming endpoint got its full share: {early:?}\n{}",
+        m.agent.log()
+    );
+    assert!(early.count("reviews-v3") >= 1, "{early:?}");
+    // Past the window it gets its share.
+    std::thread::sleep(
+        (rejoined + window + Duration::from_millis(500))
+            .saturating_duration_since(std::time::Instant::now()),
+    );
+    let warm = m.http(&["--url", &url("/"), "--count", "300", "--keepalive"]);
+    assert_eq!(warm.status(200), 300, "{warm:?}");
+    assert!(
+        warm.count("reviews-v3") >= 70,
+        "the warm endpoint did not get its share: {warm:?}"
+    );
+}
+
+#[test]
 fn cors_preflights_are_answered_and_allowed_origins_get_cors_headers() {
     let http = "  - match: [{uri: {prefix: /ignore}}]\n    corsPolicy:\n      allowOrigins: [{exact: 'https://a.example'}]\n      unmatchedPreflights: IGNORE\n    route: [{destination: {host: reviews, subset: v1}}]\n  - corsPolicy:\n      allowOrigins: [{exact: 'https://a.example'}, {prefix: 'https://dev.'}, {regex: 'https://[a-z]+\\.b\\.example'}]\n      allowMethods: [GET, POST]\n      allowHeaders: [x-token]\n      exposeHeaders: [x-backend-id]\n      maxAge: 10m\n      allowCredentials: true\n    route: [{destination: {host: reviews, subset: v1}}]\n";
     let m = Mesh::start(&[("dr.yaml", REVIEWS_DR), ("vs.yaml", &virtual_service(http))]);

@@ -60,8 +60,13 @@ const CARGO_FUZZ_VERSION: &str = "0.13.2";
 const FUZZ_TARGETS: [&str; 2] = ["parse", "explain"];
 const FUZZ_SECONDS: u64 = 20;
 
+/// The workspace `cargo xtask` runs in: `cargo run` sets `CARGO_MANIFEST_DIR` at run time, which
+/// is right even when this binary's build is shared with another checkout through one target
+/// directory (the compile-time value is the fallback).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .parent()
         .expect("xtask lives in the workspace")
         .to_path_buf()

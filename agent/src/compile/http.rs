@@ -265,6 +265,36 @@ pub struct ClusterPolicy {
     /// `tls` SIMPLE/MUTUAL: the proxy originates TLS to the endpoints.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<UpstreamTls>,
+    /// `loadBalancer.warmup` (or the deprecated `warmupDurationSecs`): new endpoints ramp up.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup: Option<Warmup>,
+}
+
+/// Envoy's slow start, as Istio configures it for ROUND_ROBIN and LEAST_REQUEST clusters: an
+/// endpoint that joined the cluster less than `window` ago gets a share of its weight that grows
+/// with its age, so a new replica is not sent its full share of traffic while it warms up.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Warmup {
+    pub window: Duration,
+    /// The least share of its weight an endpoint gets (Istio's `minimumPercent`, default 10).
+    pub min_weight_percent: f64,
+    /// How the share grows: `(age / window)^(1 / aggression)` (1.0: linearly).
+    pub aggression: f64,
+}
+
+impl Warmup {
+    /// The factor applied to the weight of an endpoint that joined `age` ago (1 once warm).
+    /// Envoy's `applySlowStartFactor`: the age counts in milliseconds, at least one.
+    pub fn factor(&self, age: Duration) -> f64 {
+        if age >= self.window {
+            return 1.0;
+        }
+        let window_ms = self.window.as_secs_f64() * 1000.0;
+        let time_factor = (age.as_secs_f64() * 1000.0).max(1.0) / window_ms;
+        time_factor
+            .powf(1.0 / self.aggression)
+            .max(self.min_weight_percent / 100.0)
+    }
 }
 
 /// TLS the proxy originates to a cluster's endpoints (DestinationRule `tls`, SIMPLE or MUTUAL).
@@ -973,6 +1003,20 @@ pub struct HttpRoutes {
 }
 
 impl HttpRoutes {
+    /// Every cluster the routes send to or mirror to (with repeats).
+    pub fn clusters(&self) -> impl Iterator<Item = &Cluster> {
+        self.rules.iter().flat_map(|rule| {
+            let primaries = match &rule.action {
+                RouteAction::Forward(d) => d.as_slice(),
+                _ => &[],
+            };
+            primaries
+                .iter()
+                .map(|d| &*d.cluster)
+                .chain(rule.mirrors.iter().map(|m| &*m.cluster))
+        })
+    }
+
     /// The first rule matching the request (None: Envoy's 404 "route not found").
     pub fn select(&self, req: &RequestView<'_>) -> Option<&HttpRule> {
         self.rules.iter().find(|r| r.matches(req))

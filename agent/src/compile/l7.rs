@@ -4,7 +4,7 @@
 use super::http::{
     Cluster, ClusterPolicy, CorsPolicy, Fault, HashKey, HeaderOps, HttpDestination, HttpRoutes,
     HttpRule, LoadBalancer, LocalityPolicy, Mirror, OutlierPolicy, Redirect, RequestMatch,
-    RetryPolicy, Rewrite, RouteAction, StrMatch, UpstreamCa, UpstreamTls,
+    RetryPolicy, Rewrite, RouteAction, StrMatch, UpstreamCa, UpstreamTls, Warmup,
 };
 use super::registry::{self, RegistryService, resolve_host};
 use super::{Ctx, cluster_name};
@@ -221,6 +221,7 @@ fn cluster_policy(
         // Istio's default (and LEAST_CONN's modern meaning).
         _ => LoadBalancer::LeastRequest,
     };
+    let warmup = warmup(lb.as_ref(), &load_balancer);
     let outlier_set = outlier.is_some();
     let tcp = pool.as_ref().and_then(|p| p.tcp.as_ref());
     let http = pool.as_ref().and_then(|p| p.http.as_ref());
@@ -256,7 +257,32 @@ fn cluster_policy(
         ),
         // Filled by `Ctx::upstream_tls`, which can read Secrets.
         tls: None,
+        warmup,
     }
+}
+
+/// `loadBalancer.warmup` or the deprecated `warmupDurationSecs` (the newer field wins), for the
+/// balancers Istio configures Envoy's slow start on: ROUND_ROBIN and LEAST_REQUEST (also the
+/// default). RANDOM and consistent hashing ignore it, as in Istio.
+fn warmup(lb: Option<&istio::LoadBalancerSettings>, balancer: &LoadBalancer) -> Option<Warmup> {
+    if !matches!(
+        balancer,
+        LoadBalancer::RoundRobin | LoadBalancer::LeastRequest
+    ) {
+        return None;
+    }
+    let lb = lb?;
+    let (window, min_weight_percent, aggression) = match (&lb.warmup, lb.warmup_duration_secs) {
+        (Some(w), _) => (w.duration.as_std()?, w.minimum_percent, w.aggression),
+        (None, Some(d)) => (d.as_std()?, None, None),
+        (None, None) => return None,
+    };
+    // Validation rejects the out-of-range values; these guards keep the factor finite anyway.
+    (!window.is_zero()).then(|| Warmup {
+        window,
+        min_weight_percent: min_weight_percent.unwrap_or(10.0).clamp(0.0, 100.0),
+        aggression: aggression.filter(|a| *a > 0.0).unwrap_or(1.0),
+    })
 }
 
 impl<'a> Ctx<'a> {
@@ -871,7 +897,23 @@ impl Ctx<'_> {
             );
         }
         let mut found = Vec::new();
+        let mut idle_warmups = Vec::new();
         for (path, lb) in policies {
+            let warmup_field = if lb.warmup.is_some() {
+                Some("warmup")
+            } else {
+                lb.warmup_duration_secs.map(|_| "warmupDurationSecs")
+            };
+            let slow_start_ignored = matches!(
+                lb.policy,
+                Some(istio::LbPolicy::ConsistentHash(_))
+                    | Some(istio::LbPolicy::Simple(
+                        istio::SimpleLb::Random | istio::SimpleLb::Passthrough
+                    ))
+            );
+            if let (Some(field), true) = (warmup_field, slow_start_ignored) {
+                idle_warmups.push(format!("{path}.{field}"));
+            }
             let Some(ch) = lb.consistent_hash() else {
                 continue;
             };
@@ -895,6 +937,20 @@ impl Ctx<'_> {
                           endpoint, only a removed endpoint's keys move); the ring hash or maglev \
                           settings are not used"
                     .into(),
+            });
+        }
+        for field in idle_warmups {
+            self.diags.push(super::Diagnostic {
+                level: super::Level::Info,
+                code: None,
+                kind: "DestinationRule".into(),
+                object: dr.meta.key(),
+                origin: dr.origin.clone(),
+                field,
+                message:
+                    "warmup (slow start) applies to ROUND_ROBIN and LEAST_REQUEST only, as in \
+                          Istio; with this load balancer it is not used"
+                        .into(),
             });
         }
     }
@@ -1063,6 +1119,86 @@ mod tests {
         assert_eq!(lb("{simple: RANDOM}"), LoadBalancer::Random);
         assert_eq!(lb("{simple: LEAST_REQUEST}"), LoadBalancer::LeastRequest);
         assert_eq!(lb("{simple: ROUND_ROBIN}"), LoadBalancer::RoundRobin);
+    }
+
+    #[test]
+    fn warmup_compiles_for_round_robin_and_least_request_only() {
+        let warmup = |lb: &str| {
+            let dr = format!(
+                "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews}}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer: {lb}\n  subsets:\n  - name: v1\n    labels: {{version: v1}}\n    trafficPolicy: {{loadBalancer: {{simple: RANDOM, warmup: {{duration: 5s}}}}}}\n"
+            );
+            let plan = reviews_plan(&[&dr]);
+            let cluster = default_cluster(&plan);
+            cluster.policy.warmup
+        };
+        assert_eq!(
+            warmup(
+                "{simple: ROUND_ROBIN, warmup: {duration: 60s, minimumPercent: 25, aggression: 2}}"
+            ),
+            Some(Warmup {
+                window: Duration::from_secs(60),
+                min_weight_percent: 25.0,
+                aggression: 2.0
+            })
+        );
+        // Istio's defaults: 10 % floor, linear; the deprecated field means the same.
+        let defaults = Some(Warmup {
+            window: Duration::from_secs(30),
+            min_weight_percent: 10.0,
+            aggression: 1.0,
+        });
+        assert_eq!(
+            warmup("{warmup: {duration: 30s}}"),
+            defaults,
+            "the default balancer"
+        );
+        assert_eq!(
+            warmup("{simple: LEAST_REQUEST, warmupDurationSecs: 30s}"),
+            defaults
+        );
+        assert_eq!(
+            warmup("{simple: ROUND_ROBIN, warmupDurationSecs: 99s, warmup: {duration: 30s}}"),
+            defaults,
+            "warmup wins over warmupDurationSecs"
+        );
+        assert_eq!(warmup("{simple: RANDOM, warmup: {duration: 30s}}"), None);
+        assert_eq!(
+            warmup("{consistentHash: {httpHeaderName: x-user}, warmup: {duration: 30s}}"),
+            None
+        );
+        assert_eq!(warmup("{simple: ROUND_ROBIN}"), None);
+        let dr = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: reviews}\nspec:\n  host: reviews\n  trafficPolicy:\n    loadBalancer: {simple: ROUND_ROBIN, warmup: {duration: 5s}}\n  subsets:\n  - name: v1\n    labels: {version: v1}\n    trafficPolicy: {loadBalancer: {simple: RANDOM, warmupDurationSecs: 5s}}\n";
+        let reported: Vec<String> = reviews_plan(&[dr])
+            .diagnostics
+            .iter()
+            .filter(|d| d.message.contains("slow start"))
+            .map(|d| d.field.clone())
+            .collect();
+        assert_eq!(
+            reported,
+            ["spec.subsets[0].trafficPolicy.loadBalancer.warmupDurationSecs"]
+        );
+    }
+
+    #[test]
+    fn warmup_factor_follows_envoy() {
+        let w = Warmup {
+            window: Duration::from_secs(10),
+            min_weight_percent: 10.0,
+            aggression: 1.0,
+        };
+        assert_eq!(w.factor(Duration::ZERO), 0.1, "the floor");
+        assert!((w.factor(Duration::from_secs(4)) - 0.4).abs() < 1e-9);
+        assert_eq!(w.factor(Duration::from_secs(10)), 1.0);
+        let steep = Warmup {
+            aggression: 0.5,
+            min_weight_percent: 0.0,
+            ..w
+        };
+        // (age / window)^(1 / aggression): 0.5^2.
+        assert!((steep.factor(Duration::from_secs(5)) - 0.25).abs() < 1e-9);
+        // The age counts at least one millisecond.
+        assert!((steep.factor(Duration::ZERO) - 1e-8).abs() < 1e-12);
     }
 
     fn virtual_service(http: &str) -> String {

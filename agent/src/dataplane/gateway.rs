@@ -214,6 +214,16 @@ impl Gateways {
 
     /// Serves `plan`: listeners that stay get the new plan, new ones are bound, others closed.
     pub fn update(&self, plan: GatewayPlan) {
+        self.proxy.observe_gateway_members(
+            plan.listeners
+                .iter()
+                .flat_map(|l| {
+                    l.virtual_hosts
+                        .iter()
+                        .chain(l.servers.iter().flat_map(|s| &s.virtual_hosts))
+                })
+                .flat_map(|v| v.routes.clusters()),
+        );
         let mut inner = self.lock();
         let mut logged = BTreeSet::new();
         for d in &plan.diagnostics {

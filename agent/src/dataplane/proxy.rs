@@ -16,7 +16,7 @@ use crate::compile::registry::Workload;
 use crate::compile::{Plan, Source, VipKey};
 use crate::dataplane::kernel;
 use crate::dataplane::pool::{PoolSettings, UpstreamError};
-use crate::dataplane::upstream::{ClusterState, Clusters, HashInput, Outcome};
+use crate::dataplane::upstream::{ClusterState, Clusters, HashInput, MemberSource, Outcome};
 use crate::dataplane::workers::ProxyWorkers;
 use crate::metrics::{Metrics, RequestKey};
 use crate::model::istio::MESH_GATEWAY;
@@ -200,7 +200,19 @@ impl Proxy {
     /// Swaps in the routing of a new plan; requests in flight finish with the table they
     /// started with.
     pub fn update(&self, table: ProxyTable) {
+        self.clusters.observe_members(
+            MemberSource::Mesh,
+            table.services.values().flat_map(|s| s.routes.clusters()),
+            std::time::Instant::now(),
+        );
         self.table.store(Arc::new(table));
+    }
+
+    /// Records which endpoints the `warmup` clusters of a gateway plan list (see
+    /// [`Clusters::observe_members`]); the mesh table's are recorded by [`Proxy::update`].
+    pub fn observe_gateway_members<'c>(&self, clusters: impl IntoIterator<Item = &'c Cluster>) {
+        self.clusters
+            .observe_members(MemberSource::Gateway, clusters, std::time::Instant::now());
     }
 
     /// Runtime state of a cluster (ejections, pool usage), for `inspect`.

@@ -7,11 +7,12 @@
 //! swapped whole (copy on insert, which happens once per new cluster or endpoint).
 
 use crate::compile::http::{
-    Client, Cluster, HashKey, LoadBalancer, Locality, LocalityPolicy, OutlierPolicy,
+    Client, Cluster, HashKey, LoadBalancer, Locality, LocalityPolicy, OutlierPolicy, Warmup,
 };
 use crate::dataplane::pool::{EndpointPool, TlsOrigination};
 use arc_swap::ArcSwap;
 use hashbrown::HashMap;
+use std::collections::BTreeSet;
 use std::hash::{BuildHasher, Hash};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -121,6 +122,16 @@ pub struct ClusterState {
     pub overflows: AtomicU64,
     /// DestinationRule `tls` origination, rebuilt when the plan's settings change.
     tls: Mutex<Option<Arc<TlsOrigination>>>,
+    /// When each endpoint joined the cluster, for `warmup` (kept only for clusters with it).
+    members: ArcSwap<Membership>,
+}
+
+/// A cluster's endpoints as the last plans listed them, with the time each joined.
+#[derive(Debug, Default)]
+struct Membership {
+    joined: HashMap<SocketAddr, Instant>,
+    /// The last join: after it plus the warmup window, every endpoint is warm.
+    last_join: Option<Instant>,
 }
 
 impl Default for ClusterState {
@@ -133,6 +144,7 @@ impl Default for ClusterState {
             requests: AtomicU32::new(0),
             overflows: AtomicU64::new(0),
             tls: Mutex::new(None),
+            members: ArcSwap::from_pointee(Membership::default()),
         }
     }
 }
@@ -203,6 +215,43 @@ pub enum Outcome {
 }
 
 impl ClusterState {
+    /// Sets the cluster's endpoints (the union over every route that uses it) and times the
+    /// new ones' joining from `now`; an address that left and comes back joins again, as a new
+    /// Envoy host would.
+    fn set_members(&self, addrs: &BTreeSet<SocketAddr>, now: Instant) {
+        let current = self.members.load();
+        let joined: HashMap<SocketAddr, Instant> = addrs
+            .iter()
+            .map(|a| (*a, current.joined.get(a).copied().unwrap_or(now)))
+            .collect();
+        let last_join = joined.values().copied().max();
+        self.members
+            .store(Arc::new(Membership { joined, last_join }));
+    }
+
+    /// Per endpoint index, the slow-start factor of its weight; None when every endpoint is
+    /// past the warmup window (the common case: one comparison). An endpoint no plan has listed
+    /// yet counts as warm.
+    fn warmup_factors(&self, cluster: &Cluster, warmup: &Warmup, now: Instant) -> Option<Vec<f64>> {
+        let members = self.members.load();
+        let last = members.last_join?;
+        if now.saturating_duration_since(last) >= warmup.window {
+            return None;
+        }
+        Some(
+            cluster
+                .endpoints
+                .iter()
+                .map(|e| {
+                    members
+                        .joined
+                        .get(&e.addr)
+                        .map_or(1.0, |t| warmup.factor(now.saturating_duration_since(*t)))
+                })
+                .collect(),
+        )
+    }
+
     fn endpoint(&self, addr: SocketAddr) -> Arc<EndpointState> {
         self.endpoints.get_or_default(&addr)
     }
@@ -248,11 +297,20 @@ impl ClusterState {
         hash: &HashInput<'_>,
         exclude: &[SocketAddr],
     ) -> Option<Picked> {
+        self.pick_at(cluster, hash, exclude, Instant::now())
+    }
+
+    fn pick_at(
+        &self,
+        cluster: &Cluster,
+        hash: &HashInput<'_>,
+        exclude: &[SocketAddr],
+        now: Instant,
+    ) -> Option<Picked> {
         let endpoints = &cluster.endpoints;
         if endpoints.is_empty() {
             return None;
         }
-        let now = Instant::now();
         let may_be_ejected = self.millis(now) < self.ejections_end_ms.load(Ordering::Acquire);
         // Locality load balancing needs to know where the client is: this node's locality, or
         // (failoverPriority) the client workload's labels.
@@ -306,9 +364,17 @@ impl ClusterState {
         if filtered.as_ref().is_some_and(Vec::is_empty) {
             return None;
         }
+        // Slow start scales the weights of endpoints that joined recently (ROUND_ROBIN and
+        // LEAST_REQUEST only; compile leaves `warmup` unset for the others).
+        let factors = cluster
+            .policy
+            .warmup
+            .as_ref()
+            .and_then(|w| self.warmup_factors(cluster, w, now));
         let candidates = Candidates {
             cluster,
             indices: filtered.as_deref(),
+            factors: factors.as_deref(),
         };
         let index = match &cluster.policy.load_balancer {
             LoadBalancer::RoundRobin => {
@@ -330,7 +396,25 @@ impl ClusterState {
                         .load(Ordering::Acquire)
                 };
                 let n = candidates.len();
-                if n <= LEAST_REQUEST_FULL_SCAN {
+                if !candidates.equal_weights() {
+                    // Unequal weights (endpoint weights, slow start): Envoy's weighted least
+                    // request, each endpoint's weight divided by its requests in flight plus one
+                    // (active_request_bias 1.0), drawn in proportion rather than by EDF.
+                    let effective =
+                        |k: usize| candidates.weight(k) / (load(candidates.index(k)) as f64 + 1.0);
+                    let total: f64 = (0..n).map(effective).sum();
+                    let mut x = fastrand::f64() * total;
+                    let mut chosen = candidates.index(n - 1);
+                    for k in 0..n {
+                        let w = effective(k);
+                        if x < w {
+                            chosen = candidates.index(k);
+                            break;
+                        }
+                        x -= w;
+                    }
+                    chosen
+                } else if n <= LEAST_REQUEST_FULL_SCAN {
                     // Few endpoints: the least loaded of all of them (Envoy's full scan), ties
                     // broken by a random starting point so idle endpoints share the load.
                     let start = fastrand::usize(..n);
@@ -564,6 +648,8 @@ fn locality_candidates(
 struct Candidates<'a> {
     cluster: &'a Cluster,
     indices: Option<&'a [usize]>,
+    /// Per endpoint index, a factor on its weight (slow start).
+    factors: Option<&'a [f64]>,
 }
 
 impl Candidates<'_> {
@@ -578,7 +664,8 @@ impl Candidates<'_> {
     }
 
     fn weight(&self, k: usize) -> f64 {
-        self.cluster.endpoints[self.index(k)].weight
+        let i = self.index(k);
+        self.cluster.endpoints[i].weight * self.factors.map_or(1.0, |f| f[i])
     }
 
     fn total(&self) -> f64 {
@@ -626,9 +713,52 @@ impl Candidates<'_> {
 #[derive(Debug, Default)]
 pub struct Clusters {
     states: SwapMap<String, ClusterState>,
+    /// The endpoints of the clusters with `warmup`, as each kind of plan lists them: the mesh
+    /// routes and the gateways' share cluster state, and a cluster's endpoints are the union.
+    members: Mutex<[HashMap<String, BTreeSet<SocketAddr>>; 2]>,
+}
+
+/// Which plan lists a cluster's endpoints (see [`Clusters::observe_members`]).
+#[derive(Debug, Clone, Copy)]
+pub enum MemberSource {
+    Mesh = 0,
+    Gateway = 1,
 }
 
 impl Clusters {
+    /// Records the endpoints of the `warmup` clusters in a new plan of `source`, so slow start
+    /// times each endpoint from the plan that brought it (not from the first request after
+    /// it), and restarts it for an endpoint that left and came back.
+    pub fn observe_members<'c>(
+        &self,
+        source: MemberSource,
+        clusters: impl IntoIterator<Item = &'c Cluster>,
+        now: Instant,
+    ) {
+        let mut listed: HashMap<String, BTreeSet<SocketAddr>> = HashMap::default();
+        for c in clusters.into_iter().filter(|c| c.policy.warmup.is_some()) {
+            listed
+                .entry(c.name.clone())
+                .or_default()
+                .extend(c.endpoints.iter().map(|e| e.addr));
+        }
+        let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = std::mem::replace(&mut members[source as usize], listed);
+        let touched: BTreeSet<&String> = previous
+            .keys()
+            .chain(members[source as usize].keys())
+            .collect();
+        for name in touched {
+            let union: BTreeSet<SocketAddr> = members
+                .iter()
+                .filter_map(|m| m.get(name))
+                .flatten()
+                .copied()
+                .collect();
+            self.get(name).set_members(&union, now);
+        }
+    }
+
     pub fn get(&self, name: &str) -> Arc<ClusterState> {
         self.states.get_or_default(name)
     }
@@ -681,6 +811,167 @@ mod tests {
         }
         assert_eq!(seen.len(), 3);
         assert!(seen.values().all(|n| (90..=110).contains(n)), "{seen:?}");
+    }
+
+    fn share_of(s: &ClusterState, c: &Cluster, addr: SocketAddr, at: Instant, n: usize) -> f64 {
+        let hits = (0..n)
+            .filter(|_| s.pick_at(c, &HashInput::default(), &[], at).unwrap().addr == addr)
+            .count();
+        hits as f64 / n as f64
+    }
+
+    fn warm(lb: LoadBalancer, window: u64, min: f64, aggression: f64) -> Cluster {
+        let mut c = cluster(2, lb);
+        c.policy.warmup = Some(Warmup {
+            window: Duration::from_secs(window),
+            min_weight_percent: min,
+            aggression,
+        });
+        c
+    }
+
+    /// A plan listing `c`'s endpoints arrives at `at`.
+    fn join(s: &ClusterState, c: &Cluster, at: Instant) {
+        s.set_members(&c.endpoints.iter().map(|e| e.addr).collect(), at);
+    }
+
+    fn with_third(c: &Cluster) -> Cluster {
+        let mut c = c.clone();
+        let mut new = c.endpoints[0].clone();
+        new.addr = "10.0.0.9:80".parse().unwrap();
+        c.endpoints.push(new);
+        c
+    }
+
+    #[test]
+    fn warmup_ramps_a_new_endpoint_up_over_the_window() {
+        for lb in [LoadBalancer::RoundRobin, LoadBalancer::LeastRequest] {
+            let before = warm(lb.clone(), 10, 10.0, 1.0);
+            let s = ClusterState::default();
+            let t0 = Instant::now();
+            join(&s, &before, t0);
+            // The first two are warm 20 s later, when a third joins.
+            let after = with_third(&before);
+            let joined = t0 + Duration::from_secs(20);
+            join(&s, &after, joined);
+            let new: SocketAddr = "10.0.0.9:80".parse().unwrap();
+            let at = |secs: f64| joined + Duration::from_secs_f64(secs);
+            // Factor max(0.1, age/10): at 0.5 s the 10 % floor, 0.1 / 2.1 of the picks.
+            let early = share_of(&s, &after, new, at(0.5), 4000);
+            assert!((0.03..0.07).contains(&early), "{lb:?} at 0.5 s: {early}");
+            // At 5 s: 0.5 / 2.5.
+            let half = share_of(&s, &after, new, at(5.0), 4000);
+            assert!((0.16..0.24).contains(&half), "{lb:?} at 5 s: {half}");
+            // Past the window: a third, as without warmup.
+            let done = share_of(&s, &after, new, at(10.5), 4000);
+            assert!((0.30..0.37).contains(&done), "{lb:?} at 10.5 s: {done}");
+        }
+    }
+
+    #[test]
+    fn warmup_aggression_and_floor_shape_the_ramp() {
+        let before = warm(LoadBalancer::RoundRobin, 10, 30.0, 2.0);
+        let s = ClusterState::default();
+        let t0 = Instant::now();
+        join(&s, &before, t0);
+        let after = with_third(&before);
+        let joined = t0 + Duration::from_secs(60);
+        join(&s, &after, joined);
+        let new: SocketAddr = "10.0.0.9:80".parse().unwrap();
+        // Floor 30 %: 0.3 / 2.3 right away (age/10 would be far less).
+        let early = share_of(&s, &after, new, joined + Duration::from_millis(100), 4000);
+        assert!((0.11..0.15).contains(&early), "{early}");
+        // Aggression 2: (0.64)^(1/2) = 0.8 at 6.4 s, 0.8 / 2.8 of the picks.
+        let later = share_of(&s, &after, new, joined + Duration::from_millis(6400), 4000);
+        assert!((0.26..0.31).contains(&later), "{later}");
+    }
+
+    #[test]
+    fn warmup_restarts_for_an_endpoint_that_leaves_and_returns() {
+        let three = with_third(&warm(LoadBalancer::RoundRobin, 10, 10.0, 1.0));
+        let s = ClusterState::default();
+        let t0 = Instant::now();
+        join(&s, &three, t0);
+        let new: SocketAddr = "10.0.0.9:80".parse().unwrap();
+        // Everyone joined together: equal shares even inside the window.
+        let together = share_of(&s, &three, new, t0 + Duration::from_secs(2), 3000);
+        assert!((0.30..0.37).contains(&together), "{together}");
+        let two = warm(LoadBalancer::RoundRobin, 10, 10.0, 1.0);
+        join(&s, &two, t0 + Duration::from_secs(30));
+        let back = t0 + Duration::from_secs(40);
+        join(&s, &three, back);
+        let again = share_of(&s, &three, new, back + Duration::from_millis(500), 4000);
+        assert!((0.03..0.07).contains(&again), "{again}");
+    }
+
+    #[test]
+    fn warmup_members_are_the_union_of_every_route_and_plan_kind() {
+        // One cluster name, two endpoint lists (the IPv4 and IPv6 VIPs' routes), plus a gateway.
+        let v4 = warm(LoadBalancer::RoundRobin, 10, 10.0, 1.0);
+        let mut v6 = v4.clone();
+        for (i, e) in v6.endpoints.iter_mut().enumerate() {
+            e.addr = format!("[fd00::{}]:80", i + 1).parse().unwrap();
+        }
+        let clusters = Clusters::default();
+        let t0 = Instant::now();
+        clusters.observe_members(MemberSource::Mesh, [&v4, &v6], t0);
+        clusters.observe_members(MemberSource::Gateway, [&v4], t0);
+        // Later plans list the same endpoints: nobody rejoins, so nobody is throttled.
+        let later = t0 + Duration::from_secs(30);
+        clusters.observe_members(MemberSource::Mesh, [&v6, &v4], later);
+        clusters.observe_members(MemberSource::Gateway, [&v4], later);
+        let state = clusters.get("c");
+        assert!(
+            state
+                .warmup_factors(&v4, v4.policy.warmup.as_ref().unwrap(), later)
+                .is_none()
+        );
+        // The mesh drops the IPv4 list but the gateway still lists it: still members.
+        let t2 = t0 + Duration::from_secs(60);
+        clusters.observe_members(MemberSource::Mesh, [&v6], t2);
+        assert!(
+            state
+                .warmup_factors(&v4, v4.policy.warmup.as_ref().unwrap(), t2)
+                .is_none()
+        );
+        // Dropped by both, then back: it joins again.
+        clusters.observe_members(MemberSource::Gateway, [&v6], t2);
+        clusters.observe_members(MemberSource::Gateway, [&v4], t2 + Duration::from_secs(1));
+        let factors = state
+            .warmup_factors(
+                &v4,
+                v4.policy.warmup.as_ref().unwrap(),
+                t2 + Duration::from_secs(2),
+            )
+            .expect("the rejoined endpoints warm up");
+        assert_eq!(factors, vec![0.1, 0.1]);
+        // A cluster without warmup is not tracked.
+        let plain = cluster(2, LoadBalancer::RoundRobin);
+        clusters.observe_members(MemberSource::Mesh, [&plain], t2);
+        assert!(clusters.members.lock().unwrap()[0].is_empty());
+    }
+
+    #[test]
+    fn least_request_honours_unequal_endpoint_weights() {
+        let mut c = cluster(2, LoadBalancer::LeastRequest);
+        c.endpoints[0].weight = 3.0;
+        c.endpoints[1].weight = 1.0;
+        let s = ClusterState::default();
+        let first = c.endpoints[0].addr;
+        let share = share_of(&s, &c, first, Instant::now(), 4000);
+        assert!((0.70..0.80).contains(&share), "{share}");
+        // A busy endpoint's weight is divided by its requests in flight plus one.
+        let held: Vec<Picked> = (0..200)
+            .filter_map(|_| {
+                let p = s.pick(&c, &HashInput::default(), &[]).unwrap();
+                (p.addr == first).then_some(p)
+            })
+            .take(5)
+            .collect();
+        assert_eq!(held.len(), 5);
+        // 3 / 6 against 1 / 1: a third of the picks.
+        let busy = share_of(&s, &c, first, Instant::now(), 4000);
+        assert!((0.28..0.39).contains(&busy), "{busy}");
     }
 
     #[test]
