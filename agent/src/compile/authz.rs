@@ -981,7 +981,7 @@ fn source_splits(
 struct Workload<'a> {
     key: String,
     namespace: &'a str,
-    labels: &'a BTreeMap<String, String>,
+    labels: crate::model::Labels,
     ips: Vec<IpAddr>,
 }
 
@@ -993,7 +993,7 @@ fn workloads(config: &ConfigSet) -> Vec<Workload<'_>> {
         .map(|p| Workload {
             key: p.meta.key(),
             namespace: &p.meta.namespace,
-            labels: &p.meta.labels,
+            labels: p.meta.labels.clone(),
             ips: super::registry::pod_ips(&p.spec),
         })
         .collect();
@@ -1001,7 +1001,7 @@ fn workloads(config: &ConfigSet) -> Vec<Workload<'_>> {
         key: w.meta.key(),
         namespace: &w.meta.namespace,
         // A WorkloadEntry's own labels are what selectors see.
-        labels: &w.spec.labels,
+        labels: w.spec.labels.clone().into(),
         ips: w.spec.address.parse::<IpAddr>().into_iter().collect(),
     }));
     out.retain(|w| !w.ips.is_empty());

@@ -58,7 +58,7 @@ pub fn ordered(sidecars: &[crate::model::Shared<Sidecar>]) -> Vec<&Resource<Side
 pub fn sidecar_for<'s>(
     sidecars: &[&'s Resource<Sidecar>],
     namespace: &str,
-    labels: &BTreeMap<String, String>,
+    labels: &crate::model::Labels,
 ) -> Option<(&'s Resource<Sidecar>, Scope)> {
     let in_namespace = || sidecars.iter().filter(|s| s.meta.namespace == namespace);
     if let Some(s) = in_namespace().find(|s| {

@@ -522,7 +522,7 @@ impl<'a> Ctx<'a> {
                 "Gateway",
                 &gw.meta.namespace,
                 &gw.meta.name,
-                &gw.spec.selector,
+                &gw.spec.selector.clone().into(),
             ),
             labels: gw.spec.selector.clone(),
         };

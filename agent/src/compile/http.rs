@@ -474,9 +474,9 @@ pub const TOPOLOGY_LABELS: [&str; 3] = [
 
 /// The value of `label` for a workload with `labels` in `locality`: the locality's part for a
 /// topology label (when known), else the label's (Istio's augmented workload labels).
-pub fn augmented_label<'a>(
+pub fn augmented_label<'a, L: crate::model::labels::LabelLookup + ?Sized>(
     label: &str,
-    labels: Option<&'a BTreeMap<String, String>>,
+    labels: Option<&'a L>,
     locality: [&'a str; 3],
 ) -> &'a str {
     TOPOLOGY_LABELS
@@ -484,7 +484,7 @@ pub fn augmented_label<'a>(
         .position(|t| *t == label)
         .map(|i| locality[i])
         .filter(|v| !v.is_empty())
-        .or_else(|| labels.and_then(|l| l.get(label)).map(String::as_str))
+        .or_else(|| labels.and_then(|l| l.label(label)).map(String::as_str))
         .unwrap_or("")
 }
 
@@ -1618,7 +1618,10 @@ mod tests {
             augmented_label("team", Some(&client_labels), ["us", "", ""]),
             "a"
         );
-        assert_eq!(augmented_label("team", None, ["", "", ""]), "");
+        assert_eq!(
+            augmented_label::<BTreeMap<String, String>>("team", None, ["", "", ""]),
+            ""
+        );
     }
 
     #[test]

@@ -187,8 +187,11 @@ fn reindex<I: std::hash::Hash + Eq + Ord + Clone>(
     }
 }
 
-fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+fn labels_match<'s>(
+    selector: impl IntoIterator<Item = (&'s String, &'s String)>,
+    labels: &crate::model::Labels,
+) -> bool {
+    labels.matches(selector)
 }
 
 /// Every source's objects, indexed for finding what a host depends on and what an object
@@ -571,7 +574,7 @@ impl Store {
         let (mut se_keys, mut we_namespaces, mut dr_keys) =
             (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
         let select_pods =
-            |pod_keys: &mut BTreeSet<Key>, namespace: &str, selector: &BTreeMap<String, String>| {
+            |pod_keys: &mut BTreeSet<Key>, namespace: &str, selector: &crate::model::Labels| {
                 for p in in_namespace(&self.pods, namespace) {
                     if labels_match(selector, &p.meta.labels) {
                         pod_keys.insert(key_of(&p.meta));
@@ -611,7 +614,7 @@ impl Store {
             for key in self.se_by_host.get(host).into_iter().flatten() {
                 for se in copies(&self.service_entries, key) {
                     if let Some(selector) = &se.spec.workload_selector {
-                        select_pods(&mut pod_keys, &key.0, &selector.labels);
+                        select_pods(&mut pod_keys, &key.0, &selector.labels.clone().into());
                         we_namespaces.insert(key.0.clone());
                     }
                 }

@@ -428,7 +428,7 @@ pub fn sources<'p>(pods: impl Iterator<Item = &'p Resource<Pod>>) -> HashMap<IpA
 pub fn source_of(p: &Resource<Pod>) -> Source {
     Source {
         workload: registry::Workload::new("Pod", &p.meta.namespace, &p.meta.name, &p.meta.labels),
-        labels: p.meta.labels.clone(),
+        labels: p.meta.labels.to_map(),
     }
 }
 

@@ -4,7 +4,7 @@
 
 use super::{Diagnostic, Level};
 use crate::model::{
-    ConfigSet, Meta, Origin, Pod, Resource, Service,
+    ConfigSet, Labels, Meta, Origin, Pod, Resource, Service,
     istio::{self, Resolution},
     node::Node,
 };
@@ -46,7 +46,7 @@ pub struct ServicePort {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Endpoint {
     pub ip: IpAddr,
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     /// Service port → the port this endpoint serves it on. A port missing here is not served.
     pub ports: BTreeMap<u16, u16>,
     /// Load-balancing weight relative to the service's other endpoints.
@@ -61,7 +61,7 @@ pub struct Endpoint {
 
 /// A Pod's locality from Istio's `istio-locality` label (`region.zone.subzone`: label values
 /// cannot hold `/`).
-pub fn pod_locality_label(labels: &BTreeMap<String, String>) -> Option<String> {
+pub fn pod_locality_label(labels: &Labels) -> Option<String> {
     labels
         .get("istio-locality")
         .filter(|l| !l.is_empty())
@@ -112,8 +112,8 @@ impl Workload {
     /// Istio's derivation: the app and version labels (canonical-service labels first), and for
     /// a Pod the name of the Deployment that owns it, recovered from the ReplicaSet naming
     /// pattern `<deployment>-<replicaset hash>-<pod hash>` when no owner is known.
-    pub fn new(kind: &str, namespace: &str, name: &str, labels: &BTreeMap<String, String>) -> Self {
-        let label = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k)).cloned();
+    pub fn new(kind: &str, namespace: &str, name: &str, labels: &Labels) -> Self {
+        let label = |keys: &[&str]| keys.iter().find_map(|k| labels.get(k)).cloned();
         let workload = if kind == "Pod" {
             let parts: Vec<&str> = name.rsplitn(3, '-').collect();
             match parts.as_slice() {
@@ -210,8 +210,11 @@ fn k8s_port_protocol(name: &str, app_protocol: Option<&str>) -> Option<String> {
         .then(|| prefix.to_ascii_uppercase())
 }
 
-fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+fn labels_match<'s>(
+    selector: impl IntoIterator<Item = (&'s String, &'s String)>,
+    labels: &Labels,
+) -> bool {
+    labels.matches(selector)
 }
 
 /// The IPs of a pod that is a usable endpoint: it has an IP, is not being deleted, and is not
@@ -497,7 +500,7 @@ impl Builder<'_> {
     fn endpoints_from_pods(
         &self,
         namespace: &str,
-        selector: &BTreeMap<String, String>,
+        selector: &Labels,
         ports: &[ServicePort],
         targets: &[IntOrString],
     ) -> Vec<Endpoint> {
@@ -575,7 +578,7 @@ impl Builder<'_> {
                 match we.address.parse::<IpAddr>() {
                     Ok(ip) => endpoints.push(Endpoint {
                         ip,
-                        labels: we.labels.clone(),
+                        labels: we.labels.clone().into(),
                         ports: port_map_for(&we.ports),
                         weight: we.weight.unwrap_or(1).max(1),
                         source: format!("ServiceEntry {}", meta.key()),
@@ -583,7 +586,7 @@ impl Builder<'_> {
                             "ServiceEntry",
                             &meta.namespace,
                             &meta.name,
-                            &we.labels,
+                            &we.labels.clone().into(),
                         )
                         .into(),
                         locality: we.locality.clone().unwrap_or_default(),
@@ -612,8 +615,9 @@ impl Builder<'_> {
                         )
                 }) {
                     if let Ok(ip) = we.spec.address.parse::<IpAddr>() {
-                        let mut labels = we.meta.labels.clone();
+                        let mut labels = we.meta.labels.to_map();
                         labels.extend(we.spec.labels.clone());
+                        let labels = Labels::from(labels);
                         endpoints.push(Endpoint {
                             ip,
                             ports: port_map_for(&we.spec.ports),
@@ -656,7 +660,7 @@ impl Builder<'_> {
                 for (i, we) in spec.endpoints().iter().enumerate() {
                     let template = Endpoint {
                         ip: IpAddr::from([0, 0, 0, 0]),
-                        labels: we.labels.clone(),
+                        labels: we.labels.clone().into(),
                         ports: port_map_for(&we.ports),
                         weight: we.weight.unwrap_or(1).max(1),
                         source: source.clone(),
@@ -664,7 +668,7 @@ impl Builder<'_> {
                             "ServiceEntry",
                             &meta.namespace,
                             &meta.name,
-                            &we.labels,
+                            &we.labels.clone().into(),
                         )
                         .into(),
                         locality: we.locality.clone().unwrap_or_default(),
@@ -680,8 +684,9 @@ impl Builder<'_> {
                 }
             } else if let Some(sel) = &spec.workload_selector {
                 for we in selected_workload_entries(self.config, se) {
-                    let mut labels = we.meta.labels.clone();
+                    let mut labels = we.meta.labels.to_map();
                     labels.extend(we.spec.labels.clone());
+                    let labels = Labels::from(labels);
                     let template = Endpoint {
                         ip: IpAddr::from([0, 0, 0, 0]),
                         ports: port_map_for(&we.spec.ports),
@@ -725,7 +730,7 @@ impl Builder<'_> {
                 for (i, host) in spec.hosts.iter().enumerate() {
                     let template = Endpoint {
                         ip: IpAddr::from([0, 0, 0, 0]),
-                        labels: BTreeMap::new(),
+                        labels: Labels::new(),
                         ports: port_map_for(&BTreeMap::new()),
                         weight: 1,
                         source: source.clone(),
@@ -733,7 +738,7 @@ impl Builder<'_> {
                             "ServiceEntry",
                             &meta.namespace,
                             &meta.name,
-                            &BTreeMap::new(),
+                            &Labels::new(),
                         )
                         .into(),
                         locality: String::new(),
@@ -1033,22 +1038,23 @@ mod tests {
 
     #[test]
     fn workload_names_follow_istio() {
-        let labels: BTreeMap<String, String> = [
+        let labels: Labels = [
             ("app".to_string(), "reviews".to_string()),
             ("version".to_string(), "v2".to_string()),
         ]
-        .into();
+        .into_iter()
+        .collect();
         let w = Workload::new("Pod", "shop", "reviews-v2-7dd5c5dcfb-x2x9k", &labels);
         assert_eq!(
             (w.name.as_str(), w.app.as_str(), w.version.as_str()),
             ("reviews-v2", "reviews", "v2")
         );
         assert_eq!(
-            Workload::new("Pod", "shop", "standalone", &BTreeMap::new()).name,
+            Workload::new("Pod", "shop", "standalone", &Labels::new()).name,
             "standalone"
         );
         assert_eq!(
-            Workload::new("Pod", "shop", "standalone", &BTreeMap::new()).version,
+            Workload::new("Pod", "shop", "standalone", &Labels::new()).version,
             "unknown"
         );
         assert_eq!(

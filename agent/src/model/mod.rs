@@ -4,6 +4,8 @@
 
 pub mod duration;
 pub mod istio;
+pub mod k8s;
+pub mod labels;
 pub mod node;
 pub mod secret;
 pub mod security;
@@ -13,8 +15,8 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
 
-pub use k8s_openapi::api::core::v1::{Pod, Service};
-pub use k8s_openapi::api::discovery::v1::EndpointSlice;
+pub use k8s::{EndpointSlice, Pod, Service};
+pub use labels::Labels;
 
 /// Where an object came from, for error messages.
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -38,7 +40,7 @@ impl fmt::Display for Origin {
 pub struct Meta {
     pub name: String,
     pub namespace: String,
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     pub annotations: BTreeMap<String, String>,
 }
 
@@ -384,11 +386,10 @@ pub fn parse_value(
 
     let parsed = match (group, kind) {
         ("", "Service") if version == "v1" => {
-            typed(value, "").map(|s| Object::Service(resource(&meta, origin, slim::service(s))))
+            typed(value, "").map(|s| Object::Service(resource(&meta, origin, s)))
         }
-        ("", "Pod") if version == "v1" => {
-            typed(value, "").map(|p| Object::Pod(resource(&meta, origin, slim::pod(p))))
-        }
+        ("", "Pod") if version == "v1" => typed(value, "")
+            .map(|p: Pod| Object::Pod(resource(&meta, origin, p.keep_named_ports()))),
         ("", "Node") if version == "v1" => {
             // Cluster-scoped: no namespace (parse_meta defaults one), and only the topology.
             let node = node::Node::from_labels(&meta.labels);
@@ -405,8 +406,9 @@ pub fn parse_value(
         ("", "Secret") if version == "v1" => {
             secret::parse(map).map(|s| Object::Secret(resource(&meta, origin, s)))
         }
-        ("discovery.k8s.io", "EndpointSlice") if version == "v1" => typed(value, "")
-            .map(|s| Object::EndpointSlice(resource(&meta, origin, slim::endpoint_slice(s)))),
+        ("discovery.k8s.io", "EndpointSlice") if version == "v1" => {
+            typed(value, "").map(|s| Object::EndpointSlice(resource(&meta, origin, s)))
+        }
         (ISTIO_SECURITY_GROUP, _) => {
             if !ISTIO_SECURITY_VERSIONS.contains(&version) {
                 return Err(err(
@@ -473,120 +475,6 @@ pub fn parse_value(
     parsed
         .map(|o| Some(vec![o]))
         .map_err(|(field, message)| err(kind, &object, &field, message))
-}
-
-/// Kubernetes objects as steerd keeps them: only the fields it reads. The agent holds every
-/// Service, EndpointSlice and Pod of the cluster; a Pod's containers (images, env, probes,
-/// resources), managed fields and annotations are most of its size and none of steerd's
-/// business. The object's own `metadata` goes too: [`Meta`] holds the name, namespace and
-/// labels, and only a Pod's `deletionTimestamp` and `uid` are read from it.
-mod slim {
-    use k8s_openapi::api::core::v1::{
-        Container, ContainerPort, Pod, PodCondition, PodSpec, PodStatus, Service,
-    };
-    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-
-    /// The spec (ports, selector, cluster IPs, type, ...); no metadata or status.
-    pub(super) fn service(s: Service) -> Service {
-        Service {
-            metadata: ObjectMeta::default(),
-            spec: s.spec,
-            status: None,
-        }
-    }
-
-    /// Address type, ports, and of each endpoint its addresses, readiness, Pod reference and
-    /// where it runs (hostname, node, zone; not the deprecated topology map or hints).
-    pub(super) fn endpoint_slice(s: EndpointSlice) -> EndpointSlice {
-        EndpointSlice {
-            address_type: s.address_type,
-            endpoints: s
-                .endpoints
-                .into_iter()
-                .map(|e| Endpoint {
-                    addresses: e.addresses,
-                    conditions: e.conditions,
-                    hostname: e.hostname,
-                    node_name: e.node_name,
-                    zone: e.zone,
-                    target_ref: e
-                        .target_ref
-                        .map(|r| k8s_openapi::api::core::v1::ObjectReference {
-                            kind: r.kind,
-                            name: r.name,
-                            namespace: r.namespace,
-                            ..Default::default()
-                        }),
-                    ..Default::default()
-                })
-                .collect(),
-            metadata: ObjectMeta::default(),
-            ports: s.ports,
-        }
-    }
-
-    /// Deletion mark and uid; host network, Node and the containers' named ports; phase, Ready
-    /// condition, Pod and host IPs.
-    pub(super) fn pod(p: Pod) -> Pod {
-        Pod {
-            metadata: ObjectMeta {
-                deletion_timestamp: p.metadata.deletion_timestamp,
-                // Names the Pod's cgroup on the node (per-workload Sidecar policy).
-                uid: p.metadata.uid,
-                ..Default::default()
-            },
-            spec: p.spec.map(|s| {
-                // A Service's `targetPort` names a container port; unnamed ports are never
-                // looked up. The named ports of all containers, in order, go into one unnamed
-                // container (a `Container` is over 2 KB even when empty).
-                let named: Vec<ContainerPort> = s
-                    .containers
-                    .into_iter()
-                    .flat_map(|c| c.ports.unwrap_or_default())
-                    .filter(|p| p.name.is_some())
-                    .map(|p| ContainerPort {
-                        name: p.name,
-                        container_port: p.container_port,
-                        protocol: p.protocol,
-                        ..Default::default()
-                    })
-                    .collect();
-                PodSpec {
-                    host_network: s.host_network,
-                    // The Node whose topology labels are the Pod's locality.
-                    node_name: s.node_name,
-                    containers: if named.is_empty() {
-                        Vec::new()
-                    } else {
-                        vec![Container {
-                            ports: Some(named),
-                            ..Default::default()
-                        }]
-                    },
-                    ..Default::default()
-                }
-            }),
-            status: p.status.map(|s| PodStatus {
-                phase: s.phase,
-                conditions: s.conditions.map(|c| {
-                    c.into_iter()
-                        .filter(|c| c.type_ == "Ready")
-                        .map(|c| PodCondition {
-                            type_: c.type_,
-                            status: c.status,
-                            ..Default::default()
-                        })
-                        .collect()
-                }),
-                pod_ip: s.pod_ip,
-                pod_ips: s.pod_ips,
-                host_ip: s.host_ip,
-                host_ips: s.host_ips,
-                ..Default::default()
-            }),
-        }
-    }
 }
 
 /// The `spec` of an Istio object (`{}` when absent), with null fields pruned: the API server
@@ -663,7 +551,7 @@ fn parse_meta(map: &serde_json::Map<String, serde_json::Value>) -> Result<Meta, 
     Ok(Meta {
         name: name.to_string(),
         namespace: namespace.to_string(),
-        labels: strings("labels")?,
+        labels: strings("labels")?.into(),
         annotations: strings("annotations")?,
     })
 }
@@ -806,24 +694,19 @@ spec:
         );
         assert!(pod.spec.metadata.deletion_timestamp.is_some());
         assert_eq!(pod.spec.metadata.uid.as_deref(), Some("u-1"));
-        assert_eq!(pod.spec.metadata.labels, None);
-        assert_eq!(pod.spec.metadata.annotations, None);
         assert_eq!(spec.host_network, Some(true));
         assert_eq!(spec.node_name.as_deref(), Some("n-1"));
         assert_eq!(spec.containers.len(), 1);
+        // The named ports of all containers, in one (unnamed ports and the rest are dropped:
+        // the types do not even hold images, env or host ports).
         let container = &spec.containers[0];
-        assert_eq!(container.image, None);
-        assert_eq!(container.env, None);
         let ports: Vec<_> = container
             .ports
             .iter()
             .flatten()
-            .map(|p| (p.name.as_deref(), p.container_port, p.host_port))
+            .map(|p| (p.name.as_deref(), p.container_port))
             .collect();
-        assert_eq!(
-            ports,
-            [(Some("http"), 8080, None), (Some("grpc"), 9090, None)]
-        );
+        assert_eq!(ports, [(Some("http"), 8080), (Some("grpc"), 9090)]);
         assert_eq!(status.phase.as_deref(), Some("Running"));
         assert_eq!(status.pod_ip.as_deref(), Some("10.0.0.1"));
         assert_eq!(status.host_ip.as_deref(), Some("192.168.0.1"));
@@ -833,7 +716,6 @@ spec:
             (conditions[0].type_.as_str(), conditions[0].status.as_str()),
             ("Ready", "False")
         );
-        assert_eq!(status.container_statuses, None);
     }
 
     #[test]

@@ -3,7 +3,6 @@
 //! kubelets rewrite every few seconds) is never read nor kept.
 
 use serde::Serialize;
-use std::collections::BTreeMap;
 
 /// The Node label that holds its region.
 pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
@@ -28,7 +27,7 @@ pub struct Node {
 
 impl Node {
     /// The topology of a Node with these labels.
-    pub fn from_labels(labels: &BTreeMap<String, String>) -> Node {
+    pub fn from_labels(labels: &super::Labels) -> Node {
         let get = |k: &str, beta: &str| {
             labels
                 .get(k)
@@ -60,7 +59,7 @@ mod tests {
 
     #[test]
     fn locality_from_topology_labels() {
-        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        let labels = |pairs: &[(&str, &str)]| -> super::super::Labels {
             pairs
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))

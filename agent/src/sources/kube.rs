@@ -942,8 +942,6 @@ mod tests {
         let ep = &slice.spec.endpoints[0];
         assert_eq!(ep.addresses, ["10.244.1.2"]);
         assert_eq!(ep.zone.as_deref(), Some("z1"));
-        // The rest of the topology map is not kept (see `model::slim`).
-        assert_eq!(ep.deprecated_topology, None);
         assert_eq!(ep.target_ref.as_ref().unwrap().name.as_deref(), Some("p1"));
         assert_eq!(slice.spec.ports.as_ref().unwrap()[0].port, Some(9000));
     }
