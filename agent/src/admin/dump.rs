@@ -279,15 +279,15 @@ pub fn build(plan: &Plan, proxy: Option<&Proxy>) -> ConfigDump {
         let mut names: Vec<String> = svc
             .backends
             .iter()
-            .flat_map(|b| b.clusters.clone())
+            .flat_map(|b| b.clusters.iter().map(|c| c.to_string()))
             .collect();
         names.sort();
         names.dedup();
         for b in &svc.backends {
             for name in &b.clusters {
                 let (port, subset, host) = cluster_parts(name);
-                let view = clusters.entry(name.clone()).or_insert_with(|| ClusterView {
-                    name: name.clone(),
+                let view = clusters.entry(name.to_string()).or_insert_with(|| ClusterView {
+                    name: name.to_string(),
                     host,
                     port,
                     subset,

@@ -418,7 +418,7 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
             let names = if b.clusters.is_empty() {
                 vec![cluster_name(port.port, None, &host)]
             } else {
-                b.clusters.clone()
+                b.clusters.iter().map(|c| c.to_string()).collect()
             };
             for n in names {
                 let e = by_cluster.entry(n).or_default();

@@ -217,7 +217,10 @@ pub struct Store {
     /// EndpointSlices by their Service (namespace, `kubernetes.io/service-name`).
     slices_by_service: HashMap<Key, SmallSet<Key>>,
     /// EndpointSlices by the Pods their endpoints name (`targetRef`).
-    slices_by_pod: HashMap<Key, SmallSet<Key>>,
+    /// Keyed by [`pod_key_hash`]: a cluster's slices name every endpoint's Pod (50,000 keys of
+    /// two strings each, most for Pods this node never sees), and a hash is an eighth of that.
+    /// Two Pods with one hash only make a change to one recompile the other's hosts too.
+    slices_by_pod: HashMap<u64, SmallSet<Key>>,
     /// VirtualServices by each exact host they name (resolved, lower case: hosts match
     /// case-insensitively).
     vs_by_host: HashMap<String, SmallSet<Key>>,
@@ -250,7 +253,7 @@ fn slice_nodes(s: &Resource<EndpointSlice>) -> impl Iterator<Item = String> + '_
 }
 
 /// What an EndpointSlice refers to: Services, Pods, Nodes.
-type SliceRefs = (BTreeSet<Key>, BTreeSet<Key>, BTreeSet<String>);
+type SliceRefs = (BTreeSet<Key>, BTreeSet<u64>, BTreeSet<String>);
 
 fn slice_service(s: &Resource<EndpointSlice>) -> Option<Key> {
     s.meta
@@ -259,18 +262,32 @@ fn slice_service(s: &Resource<EndpointSlice>) -> Option<Key> {
         .map(|svc| (s.meta.namespace.clone(), svc.clone()))
 }
 
-fn slice_pods(s: &Resource<EndpointSlice>) -> impl Iterator<Item = Key> + '_ {
+/// The Pods a slice's endpoints name.
+fn slice_pod_refs(s: &Resource<EndpointSlice>) -> impl Iterator<Item = (&str, &str)> + '_ {
     s.spec.endpoints.iter().filter_map(|ep| {
         let r = ep
             .target_ref
             .as_ref()
             .filter(|r| r.kind.as_deref() == Some("Pod"))?;
-        let ns = r
-            .namespace
-            .clone()
-            .unwrap_or_else(|| s.meta.namespace.clone());
-        Some((ns, r.name.clone().unwrap_or_default()))
+        let ns = r.namespace.as_deref().unwrap_or(&s.meta.namespace);
+        Some((ns, r.name.as_deref().unwrap_or_default()))
     })
+}
+
+fn slice_pods(s: &Resource<EndpointSlice>) -> impl Iterator<Item = Key> + '_ {
+    slice_pod_refs(s).map(|(ns, name)| (ns.to_string(), name.to_string()))
+}
+
+/// The Pods a slice's endpoints name, by [`pod_key_hash`].
+fn slice_pod_hashes(s: &Resource<EndpointSlice>) -> impl Iterator<Item = u64> + '_ {
+    slice_pod_refs(s).map(|(ns, name)| pod_key_hash(ns, name))
+}
+
+/// A Pod's (namespace, name) as the slice index keys it: fixed seeds, so equal keys hash
+/// equally in every index update.
+fn pod_key_hash(namespace: &str, name: &str) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0x5eed_51ce_0000_0002).hash_one((namespace, name))
 }
 
 fn vs_patterns(vs: &Resource<istio::VirtualService>) -> impl Iterator<Item = String> + '_ {
@@ -390,7 +407,7 @@ impl Store {
             .filter_map(|s| slice_service(s))
             .collect();
         let pods = copies(&self.endpoint_slices, key)
-            .flat_map(|s| slice_pods(s))
+            .flat_map(|s| slice_pod_hashes(s))
             .collect();
         let nodes = copies(&self.endpoint_slices, key)
             .flat_map(|s| slice_nodes(s))
@@ -920,7 +937,7 @@ impl IncrementalCompiler {
                 .and_then(|key| {
                     copies(&self.store.pods, key).find(|p| pod_ips(&p.spec).contains(ip))
                 })
-                .map(|p| source_of(p));
+                .map(|p| std::sync::Arc::new(source_of(p)));
             let before = match source {
                 Some(s) => self
                     .plan
@@ -1103,8 +1120,8 @@ impl IncrementalCompiler {
     /// The hosts a Pod is an endpoint of: through EndpointSlices naming it, Service selectors
     /// and ServiceEntry workload selectors.
     fn pod_affects(&self, r: &Resource<Pod>, hosts: &mut BTreeSet<String>) {
-        let key = key_of(&r.meta);
-        for slice in self.store.slices_by_pod.get(&key).into_iter().flatten() {
+        let pod = pod_key_hash(&r.meta.namespace, &r.meta.name);
+        for slice in self.store.slices_by_pod.get(&pod).into_iter().flatten() {
             for s in copies(&self.store.endpoint_slices, slice) {
                 if let Some((ns, svc)) = slice_service(s) {
                     hosts.insert(kubernetes_service_host(&ns, &svc));

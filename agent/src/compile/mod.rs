@@ -100,7 +100,8 @@ pub struct WeightedBackend {
     /// Share of new connections, in (0, 1]; the backends of one VIP sum to 1.
     pub weight: f64,
     /// Istio cluster names this backend belongs to (`outbound|9000|v1|tcp-echo.ns.svc.cluster.local`).
-    pub clusters: Vec<String>,
+    /// Shared by the backends of one cluster (its name is the same for all of them).
+    pub clusters: Vec<Arc<str>>,
     /// Who serves this address, for telemetry (shared by the backend's entries under every VIP
     /// and subset, and by the metrics' label index).
     pub workload: Arc<registry::Workload>,
@@ -131,7 +132,8 @@ pub struct Plan {
     pub diagnostics: Vec<Diagnostic>,
     /// Pods by IP: who a client is, for `sourceLabels` matches and telemetry.
     #[serde(skip)]
-    pub sources: HashMap<IpAddr, Source>,
+    /// Shared per Pod: the published copies of the plan and the proxy's table copy pointers.
+    pub sources: HashMap<IpAddr, Arc<Source>>,
     /// What REGISTRY_ONLY lets through, and the mesh-wide policy the configuration sets.
     pub egress: EgressPlan,
     /// AuthorizationPolicies: per destination workload, for the proxy and the kernel.
@@ -405,7 +407,9 @@ pub fn mesh_registry_only(config: &ConfigSet) -> Option<bool> {
 
 /// Pods by IP. Two pods claiming one IP (a stale object next to its replacement) resolve to
 /// the first by namespace/name, whatever order they come in.
-pub fn sources<'p>(pods: impl Iterator<Item = &'p Resource<Pod>>) -> HashMap<IpAddr, Source> {
+pub fn sources<'p>(
+    pods: impl Iterator<Item = &'p Resource<Pod>>,
+) -> HashMap<IpAddr, Arc<Source>> {
     let mut by_ip: HashMap<IpAddr, (String, &Resource<Pod>)> = HashMap::new();
     for p in pods {
         let key = p.meta.key();
@@ -420,7 +424,7 @@ pub fn sources<'p>(pods: impl Iterator<Item = &'p Resource<Pod>>) -> HashMap<IpA
     }
     by_ip
         .into_iter()
-        .map(|(ip, (_, p))| (ip, source_of(p)))
+        .map(|(ip, (_, p))| (ip, Arc::new(source_of(p))))
         .collect()
 }
 
@@ -681,7 +685,7 @@ impl<'a> Ctx<'a> {
             };
             let share = w / total;
             let mut backends = self.endpoints_filtered(target, port, labels.as_ref(), share);
-            let cluster = cluster_name(port, dest.subset.as_deref(), &host);
+            let cluster: Arc<str> = cluster_name(port, dest.subset.as_deref(), &host).into();
             for b in &mut backends {
                 b.clusters = vec![cluster.clone()];
             }
@@ -706,7 +710,7 @@ impl<'a> Ctx<'a> {
         share: f64,
     ) -> Vec<WeightedBackend> {
         let mut backends = self.endpoints_filtered(svc, port, labels, share);
-        let cluster = cluster_name(port, None, &svc.hostname);
+        let cluster: Arc<str> = cluster_name(port, None, &svc.hostname).into();
         for b in &mut backends {
             b.clusters = vec![cluster.clone()];
         }

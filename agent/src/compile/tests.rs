@@ -102,7 +102,7 @@ fn service_without_virtual_service_uses_all_pods_equally() {
     assert_eq!(svc.host, "tcp-echo.default.svc.cluster.local");
     assert_eq!(
         svc.backends[0].clusters,
-        vec!["outbound|9000||tcp-echo.default.svc.cluster.local"]
+        vec!["outbound|9000||tcp-echo.default.svc.cluster.local".into()]
     );
 }
 
@@ -131,7 +131,7 @@ fn tcp_echo_80_20_with_subsets() {
         .unwrap();
     assert_eq!(
         v1.clusters,
-        vec!["outbound|9000|v1|tcp-echo.default.svc.cluster.local"]
+        vec![std::sync::Arc::<str>::from("outbound|9000|v1|tcp-echo.default.svc.cluster.local")]
     );
     // The route matches port 9000 only: 9001 keeps the default.
     assert_eq!(

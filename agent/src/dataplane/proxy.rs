@@ -72,7 +72,7 @@ pub struct ProxyService {
 #[derive(Debug, Default)]
 pub struct ProxyTable {
     pub services: HashMap<VipKey, Arc<ProxyService>>,
-    pub sources: HashMap<IpAddr, Source>,
+    pub sources: HashMap<IpAddr, Arc<Source>>,
     /// AuthorizationPolicies of the destination workloads.
     pub authz: Arc<AuthzPlan>,
 }
@@ -330,7 +330,7 @@ impl Proxy {
         req: Request<Incoming>,
     ) -> Response<ProxyBody> {
         let table = self.table.load_full();
-        let source = table.sources.get(&peer.ip().to_canonical());
+        let source = table.sources.get(&peer.ip().to_canonical()).map(|s| &**s);
         let Some(service) = table.services.get(&vip) else {
             return local_reply(StatusCode::NOT_FOUND, "");
         };
