@@ -286,17 +286,19 @@ pub fn build(plan: &Plan, proxy: Option<&Proxy>) -> ConfigDump {
         for b in &svc.backends {
             for name in &b.clusters {
                 let (port, subset, host) = cluster_parts(name);
-                let view = clusters.entry(name.to_string()).or_insert_with(|| ClusterView {
-                    name: name.to_string(),
-                    host,
-                    port,
-                    subset,
-                    direction: "outbound".into(),
-                    r#type: "EDS".into(),
-                    destination_rule: None,
-                    tls: None,
-                    endpoints: Vec::new(),
-                });
+                let view = clusters
+                    .entry(name.to_string())
+                    .or_insert_with(|| ClusterView {
+                        name: name.to_string(),
+                        host,
+                        port,
+                        subset,
+                        direction: "outbound".into(),
+                        r#type: "EDS".into(),
+                        destination_rule: None,
+                        tls: None,
+                        endpoints: Vec::new(),
+                    });
                 if !view
                     .endpoints
                     .iter()

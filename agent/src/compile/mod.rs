@@ -407,9 +407,7 @@ pub fn mesh_registry_only(config: &ConfigSet) -> Option<bool> {
 
 /// Pods by IP. Two pods claiming one IP (a stale object next to its replacement) resolve to
 /// the first by namespace/name, whatever order they come in.
-pub fn sources<'p>(
-    pods: impl Iterator<Item = &'p Resource<Pod>>,
-) -> HashMap<IpAddr, Arc<Source>> {
+pub fn sources<'p>(pods: impl Iterator<Item = &'p Resource<Pod>>) -> HashMap<IpAddr, Arc<Source>> {
     let mut by_ip: HashMap<IpAddr, (String, &Resource<Pod>)> = HashMap::new();
     for p in pods {
         let key = p.meta.key();

@@ -131,7 +131,9 @@ fn tcp_echo_80_20_with_subsets() {
         .unwrap();
     assert_eq!(
         v1.clusters,
-        vec![std::sync::Arc::<str>::from("outbound|9000|v1|tcp-echo.default.svc.cluster.local")]
+        vec![std::sync::Arc::<str>::from(
+            "outbound|9000|v1|tcp-echo.default.svc.cluster.local"
+        )]
     );
     // The route matches port 9000 only: 9001 keeps the default.
     assert_eq!(
