@@ -214,6 +214,11 @@ pub struct Store {
     /// DNS answers, per source (only the resolver sends them).
     resolved: BTreeMap<SourceId, BTreeMap<String, Resolved>>,
 
+    /// Services by [`selector_hash`] of their selector's first label: a Pod can only be selected
+    /// by a Service whose first selector label it carries, so a Pod change checks those few
+    /// Services rather than every Service of its namespace (5,000 Pods × 10,000 Services made
+    /// the first build take seconds).
+    services_by_selector: HashMap<u64, SmallSet<Key>>,
     /// EndpointSlices by their Service (namespace, `kubernetes.io/service-name`).
     slices_by_service: HashMap<Key, SmallSet<Key>>,
     /// EndpointSlices by the Pods their endpoints name (`targetRef`).
@@ -283,6 +288,12 @@ fn slice_pod_hashes(s: &Resource<EndpointSlice>) -> impl Iterator<Item = u64> + 
     slice_pod_refs(s).map(|(ns, name)| pod_key_hash(ns, name))
 }
 
+/// A selector label (namespace, key, value) as `services_by_selector` keys it.
+fn selector_hash(namespace: &str, key: &str, value: &str) -> u64 {
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0x5eed_51ce_0000_0003).hash_one((namespace, key, value))
+}
+
 /// A Pod's (namespace, name) as the slice index keys it: fixed seeds, so equal keys hash
 /// equally in every index update.
 fn pod_key_hash(namespace: &str, name: &str) -> u64 {
@@ -300,7 +311,13 @@ fn vs_patterns(vs: &Resource<istio::VirtualService>) -> impl Iterator<Item = Str
 impl Store {
     fn add(&mut self, source: SourceId, object: Object) {
         match object {
-            Object::Service(r) => add_copy(&mut self.services, source, r),
+            Object::Service(r) => {
+                let key = key_of(&r.meta);
+                let before = self.selector_hashes(&key);
+                add_copy(&mut self.services, source, r);
+                let now = self.selector_hashes(&key);
+                reindex(&mut self.services_by_selector, &key, before, now);
+            }
             Object::EndpointSlice(r) => {
                 let key = key_of(&r.meta);
                 let refs = self.slice_refs(&key);
@@ -348,7 +365,14 @@ impl Store {
 
     fn remove(&mut self, source: SourceId, object: &Object) -> bool {
         match object {
-            Object::Service(r) => remove_copy(&mut self.services, source, r),
+            Object::Service(r) => {
+                let key = key_of(&r.meta);
+                let before = self.selector_hashes(&key);
+                let removed = remove_copy(&mut self.services, source, r);
+                let now = self.selector_hashes(&key);
+                reindex(&mut self.services_by_selector, &key, before, now);
+                removed
+            }
             Object::EndpointSlice(r) => {
                 let key = key_of(&r.meta);
                 let refs = self.slice_refs(&key);
@@ -399,6 +423,16 @@ impl Store {
                 remove_copy(&mut self.authorization_policies, source, r)
             }
         }
+    }
+
+    /// Where the copies of a Service are in `services_by_selector`.
+    fn selector_hashes(&self, key: &Key) -> BTreeSet<u64> {
+        copies(&self.services, key)
+            .filter_map(|s| {
+                let (k, v) = s.spec.spec.as_ref()?.selector.as_ref()?.iter().next()?;
+                Some(selector_hash(&s.meta.namespace, k, v))
+            })
+            .collect()
     }
 
     /// The Services, Pods and Nodes the copies of a slice name.
@@ -1128,13 +1162,30 @@ impl IncrementalCompiler {
                 }
             }
         }
-        for svc in in_namespace(&self.store.services, &r.meta.namespace) {
-            let selects = svc
-                .spec
-                .spec
-                .as_ref()
-                .and_then(|s| s.selector.as_ref())
-                .is_some_and(|sel| !sel.is_empty() && labels_match(sel, &r.meta.labels));
+        let ns = &r.meta.namespace;
+        let candidates: BTreeSet<&Key> = r
+            .meta
+            .labels
+            .iter()
+            .filter_map(|(k, v)| {
+                self.store
+                    .services_by_selector
+                    .get(&selector_hash(ns, k, v))
+            })
+            .flatten()
+            .collect();
+        for svc in candidates
+            .into_iter()
+            .flat_map(|key| copies(&self.store.services, key))
+        {
+            // A hash collision can name another namespace's Service or one that does not match.
+            let selects = svc.meta.namespace == *ns
+                && svc
+                    .spec
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.selector.as_ref())
+                    .is_some_and(|sel| !sel.is_empty() && labels_match(sel, &r.meta.labels));
             if selects {
                 hosts.insert(kubernetes_service_host(&svc.meta.namespace, &svc.meta.name));
             }
