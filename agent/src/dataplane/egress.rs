@@ -114,17 +114,20 @@ impl EgressWriter {
             self.registry.insert(&key(net), 1, 0)?;
         }
         if self.installed.is_empty() {
-            // First apply of this agent: drop whatever a previous generation left.
+            // First apply of this agent: drop whatever a previous generation left (a set lookup
+            // per key: a cluster registers some 60,000 destinations).
+            let wanted: std::collections::HashSet<(u32, Addr)> = want
+                .iter()
+                .map(|n| {
+                    let k = key(n);
+                    (k.prefix_len(), k.data())
+                })
+                .collect();
             let stale: Vec<Key<Addr>> = self
                 .registry
                 .keys()
                 .filter_map(Result::ok)
-                .filter(|k| {
-                    !want.iter().any(|n| {
-                        let w = key(n);
-                        w.prefix_len() == k.prefix_len() && w.data() == k.data()
-                    })
-                })
+                .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
                 .collect();
             for k in stale {
                 let _ = self.registry.remove(&k);
