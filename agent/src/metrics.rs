@@ -58,8 +58,8 @@ impl IstioLabels {
         protocol: &str,
     ) -> Self {
         let unknown = || "unknown".to_string();
-        let w = |w: Option<&Workload>, f: fn(&Workload) -> &String| {
-            w.map_or_else(unknown, |w| f(w).clone())
+        let w = |w: Option<&Workload>, f: fn(&Workload) -> &str| {
+            w.map_or_else(unknown, |w| f(w).to_string())
         };
         Self {
             reporter: "source".into(),

@@ -236,7 +236,7 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
     let source_namespace = q.source_namespace.clone().or_else(|| {
         source_ip
             .and_then(|ip| plan.sources.get(&ip))
-            .map(|s| s.workload.namespace.clone())
+            .map(|s| s.workload.namespace.to_string())
     });
     let authz_namespace = q
         .source_namespace

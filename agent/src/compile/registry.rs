@@ -12,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// The Kubernetes cluster DNS domain.
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
@@ -103,9 +104,33 @@ pub fn node_locality(name: &str, nodes: &HashMap<&str, &Resource<Node>>) -> Stri
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct Workload {
     pub name: String,
-    pub namespace: String,
-    pub app: String,
-    pub version: String,
+    /// The namespace, app and version are shared by many workloads: interned (see [`intern`]).
+    pub namespace: Arc<str>,
+    pub app: Arc<str>,
+    pub version: Arc<str>,
+}
+
+/// One shared copy of a namespace, app or version name: a cluster's 50,000 endpoints name a few
+/// hundred of them. Names no workload uses any more are dropped when the table has doubled since
+/// the last sweep, so churn cannot grow it without bound.
+fn intern(s: &str) -> Arc<str> {
+    use std::sync::{Mutex, OnceLock};
+    static TABLE: OnceLock<Mutex<(std::collections::HashSet<Arc<str>>, usize)>> = OnceLock::new();
+    let mut guard = TABLE
+        .get_or_init(|| Mutex::new((Default::default(), 1024)))
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let (table, sweep_at) = &mut *guard;
+    if let Some(shared) = table.get(s) {
+        return shared.clone();
+    }
+    if table.len() >= *sweep_at {
+        table.retain(|name| Arc::strong_count(name) > 1);
+        *sweep_at = (table.len() * 2).max(1024);
+    }
+    let shared: Arc<str> = Arc::from(s);
+    table.insert(shared.clone());
+    shared
 }
 
 impl Workload {
@@ -113,7 +138,7 @@ impl Workload {
     /// a Pod the name of the Deployment that owns it, recovered from the ReplicaSet naming
     /// pattern `<deployment>-<replicaset hash>-<pod hash>` when no owner is known.
     pub fn new(kind: &str, namespace: &str, name: &str, labels: &Labels) -> Self {
-        let label = |keys: &[&str]| keys.iter().find_map(|k| labels.get(k)).cloned();
+        let label = |keys: &[&str]| keys.iter().find_map(|k| labels.get(k));
         let workload = if kind == "Pod" {
             let parts: Vec<&str> = name.rsplitn(3, '-').collect();
             match parts.as_slice() {
@@ -129,19 +154,23 @@ impl Workload {
         };
         Self {
             name: workload,
-            namespace: namespace.to_string(),
-            app: label(&[
-                "service.istio.io/canonical-name",
-                "app.kubernetes.io/name",
-                "app",
-            ])
-            .unwrap_or_else(|| "unknown".into()),
-            version: label(&[
-                "service.istio.io/canonical-revision",
-                "app.kubernetes.io/version",
-                "version",
-            ])
-            .unwrap_or_else(|| "unknown".into()),
+            namespace: intern(namespace),
+            app: intern(
+                label(&[
+                    "service.istio.io/canonical-name",
+                    "app.kubernetes.io/name",
+                    "app",
+                ])
+                .map_or("unknown", String::as_str),
+            ),
+            version: intern(
+                label(&[
+                    "service.istio.io/canonical-revision",
+                    "app.kubernetes.io/version",
+                    "version",
+                ])
+                .map_or("unknown", String::as_str),
+            ),
         }
     }
 }
@@ -1046,7 +1075,7 @@ mod tests {
         .collect();
         let w = Workload::new("Pod", "shop", "reviews-v2-7dd5c5dcfb-x2x9k", &labels);
         assert_eq!(
-            (w.name.as_str(), w.app.as_str(), w.version.as_str()),
+            (w.name.as_str(), &*w.app, &*w.version),
             ("reviews-v2", "reviews", "v2")
         );
         assert_eq!(
@@ -1054,9 +1083,15 @@ mod tests {
             "standalone"
         );
         assert_eq!(
-            Workload::new("Pod", "shop", "standalone", &Labels::new()).version,
+            &*Workload::new("Pod", "shop", "standalone", &Labels::new()).version,
             "unknown"
         );
+        // Shared copies of the names many workloads carry.
+        let (a, b) = (
+            Workload::new("Pod", "shop", "a", &labels),
+            Workload::new("Pod", "shop", "b", &labels),
+        );
+        assert!(Arc::ptr_eq(&a.namespace, &b.namespace) && Arc::ptr_eq(&a.app, &b.app));
         assert_eq!(
             Workload::new("WorkloadEntry", "shop", "vm-1", &labels).name,
             "vm-1"

@@ -408,7 +408,7 @@ impl Proxy {
             headers: Cow::Borrowed(&parts.headers),
             port: service.port,
             source_labels: source.map(|s| &s.labels),
-            source_namespace: source.map(|s| s.workload.namespace.as_str()),
+            source_namespace: source.map(|s| &*s.workload.namespace),
             gateway,
         };
         let Some(rule) = service.routes.select(&view) else {
