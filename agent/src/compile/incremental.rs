@@ -290,15 +290,22 @@ fn slice_pod_hashes(s: &Resource<EndpointSlice>) -> impl Iterator<Item = u64> + 
 
 /// A selector label (namespace, key, value) as `services_by_selector` keys it.
 fn selector_hash(namespace: &str, key: &str, value: &str) -> u64 {
-    use std::hash::BuildHasher;
-    foldhash::fast::FixedState::with_seed(0x5eed_51ce_0000_0003).hash_one((namespace, key, value))
+    index_hash(&(namespace, key, value))
+}
+
+/// A hash that is the same for equal values within the process (`DefaultHasher::new` uses
+/// fixed keys), for the indexes keyed by hash; the compiler has no hashing crate of its own.
+fn index_hash(value: &impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut hasher = std::hash::DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// A Pod's (namespace, name) as the slice index keys it: fixed seeds, so equal keys hash
 /// equally in every index update.
 fn pod_key_hash(namespace: &str, name: &str) -> u64 {
-    use std::hash::BuildHasher;
-    foldhash::fast::FixedState::with_seed(0x5eed_51ce_0000_0002).hash_one((namespace, name))
+    index_hash(&("pod", namespace, name))
 }
 
 fn vs_patterns(vs: &Resource<istio::VirtualService>) -> impl Iterator<Item = String> + '_ {
