@@ -382,8 +382,8 @@ impl Default for PlanWriter {
     }
 }
 
-/// Recompiling at least this many hosts (the first plan, a relist) frees enough transient
-/// memory to be worth handing back at once.
+/// Recompiling at least this many hosts (a relist, a large change) frees enough transient memory
+/// to be worth handing back at once.
 const LARGE_RECOMPILE_HOSTS: usize = 1000;
 
 /// Hands the pages freed by a large recompile back to the OS now. mimalloc purges freed memory
@@ -479,6 +479,7 @@ impl PlanWriter {
             self.unpublished = true;
             return;
         }
+        let first_plan = self.first;
         let result = if self.first {
             dataplane
                 .writer
@@ -535,7 +536,9 @@ impl PlanWriter {
                     elapsed_us = started.elapsed().as_micros() as u64,
                     "plan applied"
                 );
-                if dirty.hosts >= LARGE_RECOMPILE_HOSTS {
+                // The first plan also follows start-up (loading the programs, reading kernel
+                // BTF), whose transient memory is freed by then.
+                if first_plan || dirty.hosts >= LARGE_RECOMPILE_HOSTS {
                     release_freed_memory();
                 }
             }
