@@ -215,6 +215,8 @@ struct TcpCollector {
     denied: Mutex<Option<aya::maps::HashMap<MapData, steerd_common::Addr, u64>>>,
     /// AuthorizationPolicy refusals per destination (per CPU).
     authz_denied: Mutex<Option<BpfHashMap<MapData, steerd_common::AuthzDestKey, u64>>>,
+    /// The socket redirect's counters (per CPU).
+    redirect: Mutex<Option<aya::maps::PerCpuArray<MapData, steerd_common::RedirectStats>>>,
     labels: Arc<RwLock<Arc<LabelIndex>>>,
 }
 
@@ -306,6 +308,9 @@ impl prometheus_client::collector::Collector for TcpCollector {
                 ConstCounter::new(d.connections).encode(family.encode_family(&labels)?)?;
             }
         }
+        if let Some(map) = self.redirect.lock().expect("redirect map lock").as_ref() {
+            encode_redirect(&mut encoder, &redirect_totals(map))?;
+        }
         for (name, help, value) in families {
             let mut family = encoder.encode_descriptor(
                 name,
@@ -319,6 +324,58 @@ impl prometheus_client::collector::Collector for TcpCollector {
         }
         Ok(())
     }
+}
+
+/// The socket redirect's counters summed over CPUs.
+pub fn redirect_totals(
+    map: &aya::maps::PerCpuArray<MapData, steerd_common::RedirectStats>,
+) -> steerd_common::RedirectStats {
+    let mut total = steerd_common::RedirectStats::default();
+    if let Ok(per_cpu) = map.get(&0, 0) {
+        for s in per_cpu.iter() {
+            total.sockets += s.sockets;
+            total.redirected_messages += s.redirected_messages;
+            total.redirected_bytes += s.redirected_bytes;
+            total.tcp_messages += s.tcp_messages;
+            total.tcp_bytes += s.tcp_bytes;
+        }
+    }
+    total
+}
+
+fn encode_redirect(
+    encoder: &mut DescriptorEncoder,
+    totals: &steerd_common::RedirectStats,
+) -> Result<(), std::fmt::Error> {
+    use prometheus_client::metrics::MetricType;
+    let family = encoder.encode_descriptor(
+        "steerd_socket_redirect_sockets",
+        "Node-local sockets of the L7 path tracked for the in-kernel socket redirect",
+        None,
+        MetricType::Counter,
+    )?;
+    ConstCounter::new(totals.sockets).encode(family)?;
+    for (name, help, redirected, tcp) in [
+        (
+            "steerd_socket_redirect_messages",
+            "Sends of tracked sockets, by path: handed to the peer socket, or over TCP",
+            totals.redirected_messages,
+            totals.tcp_messages,
+        ),
+        (
+            "steerd_socket_redirect_bytes",
+            "Bytes sent by tracked sockets, by path: handed to the peer socket, or over TCP",
+            totals.redirected_bytes,
+            totals.tcp_bytes,
+        ),
+    ] {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (path, n) in [("redirect", redirected), ("tcp", tcp)] {
+            let labels = [("path".to_string(), path.to_string())];
+            ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// Every metric the agent exports.
@@ -356,6 +413,7 @@ impl Metrics {
             stats: Mutex::new(None),
             denied: Mutex::new(None),
             authz_denied: Mutex::new(None),
+            redirect: Mutex::new(None),
             labels: labels.clone(),
         });
         let plan_generation = Gauge::default();
@@ -479,6 +537,14 @@ impl Metrics {
     /// Hands the kernel's AuthorizationPolicy refusal counters to the scraper.
     pub fn attach_authz_denied(&self, map: BpfHashMap<MapData, steerd_common::AuthzDestKey, u64>) {
         *self.tcp.authz_denied.lock().expect("authz map lock") = Some(map);
+    }
+
+    /// Hands the socket redirect's counters to the scraper.
+    pub fn attach_redirect_stats(
+        &self,
+        map: aya::maps::PerCpuArray<MapData, steerd_common::RedirectStats>,
+    ) {
+        *self.tcp.redirect.lock().expect("redirect map lock") = Some(map);
     }
 
     /// Labels for the plan now in the maps.

@@ -46,6 +46,17 @@ pub mod map_names {
     /// [`crate::AuthzDestKey`] → `u64` (LRU hash shared by all CPUs, atomic adds): connections
     /// refused, per destination (`sd_authz_dny_v1` was per CPU).
     pub const AUTHZ_DENIED: &str = "sd_authz_dny_v2";
+    /// [`crate::SockTuple`] → socket (sockhash): the L7 path's node-local TCP sockets, whose
+    /// sends the `sk_msg` program hands straight to the peer socket. Not pinned: each agent
+    /// generation has its own, as its proxy's sockets live and die with the process.
+    pub const SOCKETS: &str = "sd_sockets";
+    /// [`crate::SockTuple`] → `u32`, one of [`crate::SOCKET_UNDECIDED`],
+    /// [`crate::SOCKET_REDIRECT`], [`crate::SOCKET_TCP`] (hash, `BPF_F_NO_PREALLOC`): every socket
+    /// in [`SOCKETS`] and how its sends travel. Added with the socket, removed at its close; not
+    /// pinned.
+    pub const SOCKET_PATHS: &str = "sd_sock_paths";
+    /// index 0 → [`crate::RedirectStats`] (per-CPU array): what the socket redirect did.
+    pub const REDIRECT_STATS: &str = "sd_redir_stats";
 }
 
 /// Maximum number of service VIP:port:protocol entries.
@@ -87,6 +98,10 @@ pub const MAX_STATS: u32 = 65_536;
 pub const DEFAULT_TRAFFIC_COUNTERS: u32 = 32_768;
 /// Connections redirected to the L7 proxy whose original destination has not been claimed yet.
 pub const MAX_L7_PENDING: u32 = 65_536;
+
+/// Node-local sockets of the L7 path the socket redirect tracks (sockets in `sd_sockets`; four
+/// per proxied connection whose backend is on the node). Beyond it, new sockets take the TCP path.
+pub const MAX_REDIRECT_SOCKETS: u32 = 32_768;
 
 /// `SO_MARK` the agent's own proxy sockets carry. The programs never steer a marked socket, so
 /// the proxy's upstream connections cannot loop back into the proxy (Istio's proxy uses 1337
@@ -362,8 +377,60 @@ pub const AUTHZ_DENY: u32 = 1;
 /// Prefix bits of [`AuthzSourceKey::table_id`] in every `sd_authz_src_v1` key.
 pub const AUTHZ_TABLE_BITS: u32 = 32;
 
+/// A TCP socket's connection as the socket sees it: the key of `sd_sockets` and
+/// `sd_sock_paths`. The peer socket of the same connection (both ends on this node) has the
+/// [`SockTuple::peer`] key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockTuple {
+    pub local: Addr,
+    pub remote: Addr,
+    /// Ports in network byte order.
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+impl SockTuple {
+    /// The key of the socket at the other end of the connection.
+    #[inline(always)]
+    pub const fn peer(&self) -> SockTuple {
+        SockTuple {
+            local: self.remote,
+            remote: self.local,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+        }
+    }
+}
+
+/// The socket has sent nothing yet: its first send decides its path, for good. Within one
+/// direction of a connection the two paths must never mix, since the receiver reads redirected
+/// data before unread TCP data.
+pub const SOCKET_UNDECIDED: u32 = 0;
+/// The peer socket was tracked at the first send: every send goes straight to its receive queue.
+pub const SOCKET_REDIRECT: u32 = 1;
+/// The peer socket was not tracked at the first send (not on this node, not yet established, or
+/// not part of the L7 path): every send takes TCP.
+pub const SOCKET_TCP: u32 = 2;
+
+/// Counters of the socket redirect (map `sd_redir_stats`, per CPU; the agent sums them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedirectStats {
+    /// Sockets added to `sd_sockets`.
+    pub sockets: u64,
+    /// Sends handed to the peer socket, and their bytes.
+    pub redirected_messages: u64,
+    pub redirected_bytes: u64,
+    /// Sends of tracked sockets that took TCP, and their bytes.
+    pub tcp_messages: u64,
+    pub tcp_bytes: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod {
+    unsafe impl aya::Pod for super::SockTuple {}
+    unsafe impl aya::Pod for super::RedirectStats {}
     unsafe impl aya::Pod for super::AuthzDestKey {}
     unsafe impl aya::Pod for super::AuthzDestValue {}
     unsafe impl aya::Pod for super::AuthzSourceKey {}
@@ -404,6 +471,22 @@ mod tests {
         assert_eq!(size_of::<AuthzDestKey>(), 20);
         assert_eq!(size_of::<AuthzDestValue>(), 8);
         assert_eq!(size_of::<AuthzSourceKey>(), 20);
+        assert_eq!(size_of::<SockTuple>(), 36);
+        assert_eq!(size_of::<RedirectStats>(), 40);
+    }
+
+    #[test]
+    fn a_sockets_peer_key_swaps_the_ends() {
+        let t = SockTuple {
+            local: Addr::from_ipv4_be(1),
+            remote: Addr::from_ipv4_be(2),
+            local_port: 3,
+            remote_port: 4,
+        };
+        let p = t.peer();
+        assert_eq!((p.local, p.remote), (t.remote, t.local));
+        assert_eq!((p.local_port, p.remote_port), (4, 3));
+        assert_eq!(p.peer(), t);
     }
 
     #[test]

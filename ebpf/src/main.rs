@@ -22,16 +22,17 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_INGRESS, BPF_F_NO_PREALLOC, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, TC_ACT_OK,
-        TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_sock_addr, bpf_sock_ops,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, bpf_sock_addr, bpf_sock_ops,
+        sk_msg_md,
     },
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_prandom_u32, bpf_get_socket_cookie,
         bpf_redirect,
     },
-    macros::{cgroup_sock_addr, classifier, map, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, lpm_trie::Key as LpmKey},
-    programs::{SockAddrContext, SockOpsContext, TcContext},
+    macros::{cgroup_sock_addr, classifier, map, sk_msg, sock_ops},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, lpm_trie::Key as LpmKey},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext, TcContext},
 };
 use aya_log_ebpf::debug;
 use core::intrinsics::AtomicOrdering;
@@ -40,9 +41,10 @@ use steerd_common::{
     AUTHZ_DENY, AUTHZ_TABLE_BITS, Addr, AuthzDestKey, AuthzDestValue, AuthzSourceKey, Backend,
     BackendStats, ClientKey, EGRESS_REGISTRY_ONLY, EgressPolicy, MAX_AUTHZ_DENIED,
     MAX_AUTHZ_DESTINATIONS, MAX_AUTHZ_PREFIXES, MAX_CGROUP_LEVELS, MAX_DENIED,
-    MAX_EGRESS_WORKLOADS, MAX_L7_PENDING, MAX_REGISTRY, MAX_REVNAT, MAX_SERVICES, MAX_SLOTS,
-    MAX_STATS, PROTO_TCP, PROTO_UDP, PROXY_SOCKET_MARK, ProxyConfig, RevNatKey, RevNatValue,
-    SVC_F_L7, SVC_F_NO_BACKENDS, ServiceKey, ServiceValue, Slot, SlotKey, StatsKey,
+    MAX_EGRESS_WORKLOADS, MAX_L7_PENDING, MAX_REDIRECT_SOCKETS, MAX_REGISTRY, MAX_REVNAT,
+    MAX_SERVICES, MAX_SLOTS, MAX_STATS, PROTO_TCP, PROTO_UDP, PROXY_SOCKET_MARK, ProxyConfig,
+    RedirectStats, RevNatKey, RevNatValue, SOCKET_REDIRECT, SOCKET_TCP, SOCKET_UNDECIDED, SVC_F_L7,
+    SVC_F_NO_BACKENDS, ServiceKey, ServiceValue, Slot, SlotKey, SockTuple, StatsKey,
 };
 
 // Map names must match `steerd_common::map_names` (the attribute takes a literal).
@@ -87,6 +89,23 @@ static AUTHZ_SOURCE: LpmTrie<AuthzSourceKey, u32> = LpmTrie::pinned(MAX_AUTHZ_PR
 
 #[map(name = "sd_authz_dny_v2")]
 static AUTHZ_DENIED: LruHashMap<AuthzDestKey, u64> = LruHashMap::pinned(MAX_AUTHZ_DENIED, 0);
+
+// The socket redirect's maps are not pinned: they belong to one agent generation (see
+// `map_names::SOCKETS`).
+#[map(name = "sd_sockets")]
+static SOCKETS: SockHash<SockTuple> = SockHash::with_max_entries(MAX_REDIRECT_SOCKETS, 0);
+
+#[map(name = "sd_sock_paths")]
+static SOCKET_PATHS: HashMap<SockTuple, u32> =
+    HashMap::with_max_entries(MAX_REDIRECT_SOCKETS, BPF_F_NO_PREALLOC);
+
+#[map(name = "sd_redir_stats")]
+static REDIRECT_STATS: PerCpuArray<RedirectStats> = PerCpuArray::with_max_entries(1, 0);
+
+/// Set by the agent at load (`--socket-redirect`): non-zero tracks the L7 path's node-local
+/// sockets for the `sk_msg` redirect.
+#[unsafe(no_mangle)]
+static SOCKET_REDIRECT_ENABLED: u32 = 0;
 
 /// Return value that lets the syscall proceed.
 const ALLOW: i32 = 1;
@@ -482,19 +501,35 @@ pub fn sd_sockops(ctx: SockOpsContext) -> u32 {
         let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
         // One lookup tells whether connect() steered this socket, and to which VIP.
         let Some(key) = stats_key(ops, cookie) else {
+            // The proxy's own upstream connections (never steered, so never in REVNAT).
+            if is_marked(ops) {
+                track_for_redirect(&ctx);
+            }
             return 1;
         };
         if is_proxy(&key.backend) {
             claim_for_proxy(ops, key.service);
+            track_for_redirect(&ctx);
         } else {
             count(&key, 1, 0, 0, 0);
             // Ask for state changes of this socket only, to count its close and bytes.
             let flags = rd(unsafe { addr_of!((*ops).bpf_sock_ops_cb_flags) });
             let _ = ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
         }
+    } else if op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        // An accepted socket joins when the connecting socket did: the proxy's side of a
+        // client's connection, a node-local backend's side of the proxy's. The connecting side
+        // completed its handshake first, so it is already tracked if it ever will be.
+        if redirect_enabled() && SOCKET_PATHS.get_ptr(&sock_tuple(ops).peer()).is_some() {
+            track_for_redirect(&ctx);
+        }
     } else if op == BPF_SOCK_OPS_STATE_CB
         && unsafe { (*ops).__bindgen_anon_1.args[1] } == BPF_TCP_CLOSE
     {
+        if redirect_enabled() {
+            // The sockhash drops the socket by itself; its path entry goes here.
+            let _ = SOCKET_PATHS.remove(&sock_tuple(ops));
+        }
         let cookie = unsafe { bpf_get_socket_cookie(ops.cast()) };
         if let Some(key) = stats_key(ops, cookie) {
             let mut sent = unsafe { read_volatile(addr_of!((*ops).bytes_acked)) };
@@ -513,6 +548,150 @@ pub fn sd_sockops(ctx: SockOpsContext) -> u32 {
         }
     }
     1
+}
+
+#[inline(always)]
+fn redirect_enabled() -> bool {
+    // SAFETY: a plain read of a global the loader may have rewritten.
+    unsafe { read_volatile(&SOCKET_REDIRECT_ENABLED) != 0 }
+}
+
+/// Whether the socket carries the agent's proxy mark (its upstream connections).
+#[inline(always)]
+fn is_marked(ops: *mut bpf_sock_ops) -> bool {
+    let sk = unsafe { (*ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return false;
+    }
+    rd(unsafe { addr_of!((*sk).mark) }) == PROXY_SOCKET_MARK
+}
+
+/// A port field of `bpf_sock_ops` or `sk_msg_md` as a network-order `u16`. The kernel hands
+/// `remote_port` over in network order in the upper 16 bits and `local_port` in host order;
+/// a connected socket's ports are never 0, so whichever half is set is the port.
+#[inline(always)]
+fn remote_port(raw: u32) -> u16 {
+    if raw & 0xffff == 0 {
+        (raw >> 16) as u16
+    } else {
+        raw as u16
+    }
+}
+
+/// The socket's connection as its own key (see [`SockTuple`]).
+#[inline(always)]
+fn sock_tuple(ops: *mut bpf_sock_ops) -> SockTuple {
+    SockTuple {
+        local: sock_ops_addr(ops, unsafe { addr_of!((*ops).local_ip4) }, unsafe {
+            addr_of!((*ops).local_ip6)
+        }
+            as *const u32),
+        remote: sock_ops_addr(ops, unsafe { addr_of!((*ops).remote_ip4) }, unsafe {
+            addr_of!((*ops).remote_ip6)
+        }
+            as *const u32),
+        local_port: (rd(unsafe { addr_of!((*ops).local_port) }) as u16).to_be(),
+        remote_port: remote_port(rd(unsafe { addr_of!((*ops).remote_port) })),
+    }
+}
+
+/// Adds an L7-path socket to the sockhash (which gives it the `sk_msg` program) and to the
+/// path table, undecided. A socket the path table cannot take stays out of it, so no peer
+/// ever redirects to it and its own sends find no entry and take TCP.
+#[inline(always)]
+fn track_for_redirect(ctx: &SockOpsContext) {
+    if !redirect_enabled() {
+        return;
+    }
+    let ops = ctx.ops;
+    let mut tuple = sock_tuple(ops);
+    // SAFETY: `ops` is the program's context.
+    if SOCKETS.update(&mut tuple, unsafe { &mut *ops }, 0).is_err() {
+        return;
+    }
+    if SOCKET_PATHS.insert(&tuple, &SOCKET_UNDECIDED, 0).is_err() {
+        return;
+    }
+    // The path entry goes at close.
+    let flags = rd(unsafe { addr_of!((*ops).bpf_sock_ops_cb_flags) });
+    let _ = ctx.set_cb_flags((flags | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    if let Some(stats) = REDIRECT_STATS.get_ptr_mut(0) {
+        // SAFETY: per-CPU value, this CPU's copy; programs do not migrate while running.
+        unsafe { (*stats).sockets += 1 };
+    }
+}
+
+/// Sends of tracked sockets: hands the data straight to the peer socket's receive queue when
+/// the peer was tracked at the socket's first send, which skips TCP, IP and the veth on both
+/// sides (the L7 path's two hops are node-local: client to proxy always, proxy to backend when
+/// the backend is on the node). Each socket decides once, at its first send, and never switches
+/// path: the receiver reads redirected data before unread TCP data, so a direction that mixed
+/// the two could reorder the stream.
+#[sk_msg]
+pub fn sd_redirect(ctx: SkMsgContext) -> u32 {
+    let md = ctx.msg;
+    let tuple = msg_tuple(md);
+    let size = rd(unsafe { addr_of!((*md).size) }) as u64;
+    let mut redirected = false;
+    if let Some(path) = SOCKET_PATHS.get_ptr_mut(&tuple) {
+        // SAFETY: the value outlives this call; a socket's sends are serialized by its lock,
+        // so no other program run decides for it concurrently.
+        let mut decided = unsafe { *path };
+        if decided == SOCKET_UNDECIDED {
+            decided = if SOCKET_PATHS.get_ptr(&tuple.peer()).is_some() {
+                SOCKET_REDIRECT
+            } else {
+                SOCKET_TCP
+            };
+            unsafe { *path = decided };
+        }
+        if decided == SOCKET_REDIRECT {
+            // Fails only if the peer left the sockhash (it is closing): then the data takes
+            // TCP towards a socket that will reset it, as it would have anyway.
+            redirected =
+                SOCKETS.redirect_msg(&ctx, tuple.peer(), BPF_F_INGRESS as u64) == SK_PASS as i64;
+        }
+    }
+    if let Some(stats) = REDIRECT_STATS.get_ptr_mut(0) {
+        // SAFETY: per-CPU value, this CPU's copy.
+        unsafe {
+            if redirected {
+                (*stats).redirected_messages += 1;
+                (*stats).redirected_bytes += size;
+            } else {
+                (*stats).tcp_messages += 1;
+                (*stats).tcp_bytes += size;
+            }
+        }
+    }
+    SK_PASS
+}
+
+/// `sk_msg` verdict: deliver (to the redirect target if one was set, else over TCP).
+const SK_PASS: u32 = 1;
+
+/// The sending socket's key, read from the `sk_msg` context as [`sock_tuple`] reads it from
+/// `sock_ops`.
+#[inline(always)]
+fn msg_tuple(md: *mut sk_msg_md) -> SockTuple {
+    let family = rd(unsafe { addr_of!((*md).family) });
+    let l4 = rd(unsafe { addr_of!((*md).local_ip4) });
+    let r4 = rd(unsafe { addr_of!((*md).remote_ip4) });
+    let l6 = unsafe { addr_of!((*md).local_ip6) } as *const u32;
+    let r6 = unsafe { addr_of!((*md).remote_ip6) } as *const u32;
+    let l6 = unsafe { [rd(l6), rd(l6.add(1)), rd(l6.add(2)), rd(l6.add(3))] };
+    let r6 = unsafe { [rd(r6), rd(r6.add(1)), rd(r6.add(2)), rd(r6.add(3))] };
+    let (local, remote) = if family == AF_INET {
+        (Addr::from_ipv4_be(l4), Addr::from_ipv4_be(r4))
+    } else {
+        (Addr { words: l6 }, Addr { words: r6 })
+    };
+    SockTuple {
+        local,
+        remote,
+        local_port: (rd(unsafe { addr_of!((*md).local_port) }) as u16).to_be(),
+        remote_port: remote_port(rd(unsafe { addr_of!((*md).remote_port) })),
+    }
 }
 
 /// Whether a steered socket's destination is the L7 proxy.

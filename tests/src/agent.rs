@@ -121,7 +121,8 @@ fn build_steerd() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-/// A running steerd process in a node netns (not in any test cgroup), logging to a file.
+/// A running steerd process in a node netns (in no test cgroup unless spawned with
+/// [`Agent::spawn_in_cgroup`]), logging to a file.
 /// Dropping it SIGKILLs and reaps it; if the test is panicking, the log is printed.
 #[derive(Debug)]
 pub struct Agent {
@@ -141,6 +142,26 @@ impl Agent {
 
     /// [`Agent::spawn`] with an explicit binary.
     pub fn spawn_bin(bin: &Path, node: &impl AsRef<Netns>, args: &[&str]) -> Agent {
+        Agent::spawn_bin_in(bin, node, None, args)
+    }
+
+    /// [`Agent::spawn`] inside `cgroup` from its start, as on a node where the agent runs
+    /// below the cgroup its programs steer (e.g. a child of the steered test cgroup).
+    pub fn spawn_in_cgroup(
+        node: &impl AsRef<Netns>,
+        cgroup: &crate::TestCgroup,
+        args: &[&str],
+    ) -> Agent {
+        Agent::spawn_bin_in(&steerd_bin(), node, Some(cgroup), args)
+    }
+
+    /// [`Agent::spawn_bin`] inside `cgroup` (if any) from its start.
+    pub fn spawn_bin_in(
+        bin: &Path,
+        node: &impl AsRef<Netns>,
+        cgroup: Option<&crate::TestCgroup>,
+        args: &[&str],
+    ) -> Agent {
         let netns = node.as_ref();
         let log_path =
             std::env::temp_dir().join(format!("steerd-e2e-agent-{}.log", unique_suffix()));
@@ -157,7 +178,7 @@ impl Agent {
         if let Some(dir) = &state_dir {
             cmd.args(["--state-dir", dir.as_str()]);
         }
-        let child = spawn_in(&mut cmd, Some(netns), None);
+        let child = spawn_in(&mut cmd, Some(netns), cgroup);
         Agent {
             child: Some(child),
             netns_path: netns.path(),
@@ -401,4 +422,41 @@ pub fn ensure_bpffs_mounted() {
         )
         .unwrap_or_else(|e| panic!("mounting bpffs at {BPFFS_MOUNT}: {e}"));
     }
+}
+
+/// GET `path` from the agent's admin listener ([`crate::admin_addr`], inside `node`'s netns);
+/// the response body.
+pub fn admin_get(node: &impl AsRef<Netns>, path: &str) -> String {
+    node.as_ref().run_in(|| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(crate::admin_addr()).expect("admin listener");
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .expect("writing to the admin listener");
+        let mut out = String::new();
+        s.read_to_string(&mut out)
+            .expect("reading from the admin listener");
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default()
+    })
+}
+
+/// Sum of the samples of metric `name` (exactly that name, with or without labels) in a
+/// `/metrics` text whose labels include every `(label, value)` of `labels`.
+pub fn metric_sum(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

@@ -83,7 +83,8 @@ pub struct RecordedRequest {
 ///
 /// HTTP/1.1 (with keep-alive) and HTTP/2 with prior knowledge share the port. Query parameters
 /// change one answer: `status=NNN` (that status, same body), `delay_ms=N` (wait first, on top of
-/// [`Self::set_delay`]), `body=N` (N bytes of `x` instead of the JSON). An invalid parameter gets
+/// [`Self::set_delay`]), `body=N` (N bytes of `x` instead of the JSON), `echo` (the request's
+/// body back, as `application/octet-stream`). An invalid parameter gets
 /// a 400. The server-wide controls ([`Self::reset_next`], [`Self::fail_next`],
 /// [`Self::set_delay`]) apply in that order: a request consumed by `reset_next` is not counted
 /// against `fail_next`.
@@ -122,6 +123,16 @@ impl HttpIdentityServer {
                 netns.name()
             )
         });
+        HttpIdentityServer::serve(listener, id)
+    }
+
+    /// [`Self::start`] in the calling thread's network namespace (`steerd-http-probe --serve`,
+    /// a server in a process of its own, e.g. inside a test cgroup).
+    pub fn start_here(addr: SocketAddr, id: &str) -> anyhow::Result<HttpIdentityServer> {
+        Ok(HttpIdentityServer::serve(listen_tcp(addr)?, id))
+    }
+
+    fn serve(listener: StdTcpListener, id: &str) -> HttpIdentityServer {
         let addr = listener.local_addr().expect("local_addr of listener");
         listener.set_nonblocking(true).expect("set_nonblocking");
 
@@ -339,6 +350,8 @@ struct Controls {
     status: Option<StatusCode>,
     delay: Duration,
     body: Option<usize>,
+    /// The response body is the request body.
+    echo: bool,
 }
 
 impl Controls {
@@ -359,6 +372,7 @@ impl Controls {
                     );
                 }
                 "delay_ms" => controls.delay = Duration::from_millis(number()?),
+                "echo" => controls.echo = true,
                 "body" => {
                     let n = usize::try_from(number()?).map_err(|e| e.to_string())?;
                     if n > MAX_RESPONSE_BODY {
@@ -383,8 +397,8 @@ async fn handle(
     state.requests.fetch_add(1, Ordering::Relaxed);
     let _in_flight = InFlight::enter(&state);
     let (parts, body) = request.into_parts();
-    let body_len = match Limited::new(body, MAX_REQUEST_BODY).collect().await {
-        Ok(collected) => collected.to_bytes().len() as u64,
+    let body = match Limited::new(body, MAX_REQUEST_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
         Err(e) => {
             let status = if e.is::<http_body_util::LengthLimitError>() {
                 StatusCode::PAYLOAD_TOO_LARGE
@@ -416,7 +430,7 @@ async fn handle(
         host: host.unwrap_or_default(),
         version: format!("{:?}", parts.version),
         headers: header_map(&parts.headers),
-        body_len,
+        body_len: body.len() as u64,
         peer,
     };
     state.record(recorded.clone());
@@ -452,6 +466,7 @@ async fn handle(
         .or(controls.status)
         .unwrap_or(StatusCode::OK);
     let (content_type, body) = match controls.body {
+        _ if controls.echo => ("application/octet-stream", body),
         Some(n) => ("text/plain", Bytes::from(vec![b'x'; n])),
         None => {
             let json = serde_json::json!({

@@ -41,7 +41,9 @@ pub mod util;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 
-pub use agent::{Agent, BpffsDir, ensure_bpffs_mounted, http_get_status, steerd_bin};
+pub use agent::{
+    Agent, BpffsDir, admin_get, ensure_bpffs_mounted, http_get_status, metric_sum, steerd_bin,
+};
 pub use cgroup::{TestCgroup, cgroup2_mount};
 pub use http::{
     HttpIdentityServer, HttpLatency, HttpProbeHandle, HttpProbeResult, HttpSample, RecordedRequest,

@@ -186,6 +186,13 @@ pub struct RunArgs {
     /// Takes effect when the map is first created (after `steerd cleanup`).
     #[arg(long, env = "STEERD_MAX_TRAFFIC_COUNTERS", default_value_t = steerd_common::DEFAULT_TRAFFIC_COUNTERS)]
     pub max_traffic_counters: u32,
+    /// Hand the L7 path's data between node-local sockets in the kernel (sockhash + `sk_msg`,
+    /// as Cilium's and Merbridge's socket acceleration): a client's connection to the proxy,
+    /// and the proxy's connection to a backend on this node, skip TCP/IP and the veth. Only
+    /// sockets the agent's programs see are tracked: with `--cgroup` below the root, the
+    /// agent and the backends must run under it too for their ends to take part.
+    #[arg(long, env = "STEERD_SOCKET_REDIRECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub socket_redirect: bool,
     /// Nameserver (`IP[:PORT]`) for ServiceEntries with `resolution: DNS`/`DNS_ROUND_ROBIN`.
     /// Default: the system's (/etc/resolv.conf).
     #[arg(long, value_parser = crate::sources::dns::parse_server)]

@@ -8,7 +8,7 @@ use crate::compile::{
     incremental::{Dirty, IncrementalCompiler},
 };
 use crate::dataplane::{
-    Dataplane, MapSizes, Pins, authz, kernel,
+    Dataplane, LoadOptions, Pins, authz, kernel,
     proxy::{Proxy, ProxyTable},
     workers::ProxyWorkers,
 };
@@ -47,9 +47,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         &pins,
         &cgroup,
         policy_interfaces,
-        MapSizes {
+        LoadOptions {
             tracked_sockets: args.max_tracked_sockets,
             traffic_counters: args.max_traffic_counters,
+            socket_redirect: args.socket_redirect,
         },
     )
     .with_context(|| format!("starting the dataplane (bpffs {})", args.bpffs.display()))?;
@@ -71,6 +72,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     if let Some(denied) = dataplane.denied.take() {
         state.metrics.attach_denied(denied);
+    }
+    if let Some(redirect) = dataplane.redirect_stats.take() {
+        state.metrics.attach_redirect_stats(redirect);
     }
     if let Some(denied) = dataplane.authz_denied.take() {
         state.metrics.attach_authz_denied(denied);

@@ -13,14 +13,15 @@
 use super::maps::MapWriter;
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData},
+    maps::{Array, HashMap, MapData, PerCpuArray, SockHash},
     programs::{CgroupAttachMode, Program, SchedClassifier, links::FdLink},
 };
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use steerd_common::{
-    AuthzDestKey, BackendStats, ClientKey, ProxyConfig, RevNatValue, StatsKey, map_names,
+    AuthzDestKey, BackendStats, ClientKey, ProxyConfig, RedirectStats, RevNatValue, SockTuple,
+    StatsKey, map_names,
 };
 use tracing::{debug, info, warn};
 
@@ -150,19 +151,29 @@ pub struct Dataplane {
     /// Which pod veths the authorization program is attached to.
     pub policy_interfaces: super::authz::PolicyAttachments,
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// What the socket redirect did (taken by the metrics scraper).
+    pub redirect_stats: Option<PerCpuArray<MapData, RedirectStats>>,
+    // This generation's sockhash: the `sk_msg` program is attached to it.
+    _redirect_sockets: SockHash<MapData, SockTuple>,
     pins: Pins,
     // Keeps program fds alive for the process lifetime (links are pinned independently), and
     // holds the authorization program for interfaces that appear later.
     ebpf: Ebpf,
 }
 
-/// Sizes of the LRU maps, chosen at load (`--max-tracked-sockets`, `--max-traffic-counters`):
-/// they are preallocated, so their size is kernel memory whatever the traffic.
+/// What the agent chooses at load.
 #[derive(Debug, Clone, Copy)]
-pub struct MapSizes {
+pub struct LoadOptions {
+    /// Sizes of the LRU maps (`--max-tracked-sockets`, `--max-traffic-counters`): they are
+    /// preallocated, so their size is kernel memory whatever the traffic.
     pub tracked_sockets: u32,
     pub traffic_counters: u32,
+    /// Track the L7 path's node-local sockets for the `sk_msg` redirect (`--socket-redirect`).
+    pub socket_redirect: bool,
 }
+
+/// The `sk_msg` program of the socket redirect, attached to the `sd_sockets` sockhash.
+const REDIRECT_PROGRAM: &str = "sd_redirect";
 
 /// Pinned maps earlier versions created and this one no longer uses (`sd_stats_v1` and
 /// `sd_authz_dny_v1`: per-CPU counters, now `sd_stats_v2` and `sd_authz_dny_v2`).
@@ -176,13 +187,15 @@ impl Dataplane {
         pins: &Pins,
         cgroup: &Path,
         policy_interfaces: Vec<String>,
-        sizes: MapSizes,
+        options: LoadOptions,
     ) -> Result<Self, DataplaneError> {
         prepare_bpffs(pins)?;
+        let redirect_enabled = u32::from(options.socket_redirect);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins.maps())
-            .map_max_entries(map_names::REVNAT, sizes.tracked_sockets.max(1024))
-            .map_max_entries(map_names::STATS, sizes.traffic_counters.max(1024))
+            .map_max_entries(map_names::REVNAT, options.tracked_sockets.max(1024))
+            .map_max_entries(map_names::STATS, options.traffic_counters.max(1024))
+            .override_global("SOCKET_REDIRECT_ENABLED", &redirect_enabled, true)
             .load(EBPF_OBJECT)?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(l),
@@ -192,6 +205,14 @@ impl Dataplane {
             }
         };
         let cgroup_dir = fs::File::open(cgroup).map_err(io_err(cgroup))?;
+        let redirect_sockets: SockHash<MapData, SockTuple> = SockHash::try_from(
+            ebpf.take_map(map_names::SOCKETS)
+                .ok_or(DataplaneError::MissingMap(map_names::SOCKETS))?,
+        )
+        .map_err(|source| DataplaneError::Map {
+            name: map_names::SOCKETS,
+            source,
+        })?;
         let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_string()).collect();
         for name in names {
             let perr = |source| DataplaneError::Program {
@@ -219,6 +240,13 @@ impl Dataplane {
                         .attach(&cgroup_dir, CgroupAttachMode::Single)
                         .map_err(perr)?;
                     p.take_link(id).map_err(perr)?.try_into()
+                }
+                Program::SkMsg(p) if name == REDIRECT_PROGRAM => {
+                    // Attached to this generation's sockhash, not to a cgroup: it lives as long
+                    // as the map, which the sock_ops program (and this process) hold.
+                    p.load().map_err(perr)?;
+                    p.attach(redirect_sockets.fd()).map_err(perr)?;
+                    continue;
                 }
                 _ => return Err(DataplaneError::UnexpectedProgram(name)),
             }
@@ -264,6 +292,8 @@ impl Dataplane {
         );
         let authz_denied = HashMap::try_from(take(&mut ebpf, map_names::AUTHZ_DENIED)?)
             .map_err(map_err(map_names::AUTHZ_DENIED))?;
+        let redirect_stats = PerCpuArray::try_from(take(&mut ebpf, map_names::REDIRECT_STATS)?)
+            .map_err(map_err(map_names::REDIRECT_STATS))?;
         if writer.service_count() > 0 {
             info!(
                 services = writer.service_count(),
@@ -281,6 +311,8 @@ impl Dataplane {
             authz_denied: Some(authz_denied),
             policy_interfaces: super::authz::PolicyAttachments::new(policy_interfaces),
             logger,
+            redirect_stats: Some(redirect_stats),
+            _redirect_sockets: redirect_sockets,
             pins: pins.clone(),
             ebpf,
         };

@@ -13,4 +13,4 @@ pub mod upstream;
 pub mod upstream_tls;
 pub mod workers;
 
-pub use bpf::{Dataplane, DataplaneError, MapSizes, Pins, cleanup};
+pub use bpf::{Dataplane, DataplaneError, LoadOptions, Pins, cleanup};

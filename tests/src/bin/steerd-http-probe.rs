@@ -13,7 +13,13 @@
 //!   after a transport error);
 //! - `--concurrency C`: C workers share the N requests (or run until D ms have passed);
 //! - `--header Host:h` sets the Host header (HTTP/1.1) or `:authority` (HTTP/2);
-//! - `--data-len N` sends a body of N bytes of `x`.
+//! - `--data-len N` sends a body of N bytes of `x`;
+//! - `--echo` (for a server's `?echo` query): the bodies are N bytes of a pattern, a different
+//!   window per request, and each 200 response must carry its request's body back unchanged
+//!   (else the attempt fails with "echo mismatch").
+//!
+//! `steerd-http-probe --serve ADDR --id ID` is instead a `steerd_e2e::HttpIdentityServer` in a
+//! process of its own (in the caller's network namespace), serving until killed.
 //!
 //! Prints one JSON object on stdout (see `steerd_e2e::HttpProbeResult`):
 //! `{"counts":{"<x-backend-id or ->":n},"statuses":{"200":n},"failures":n,"errors":[...],
@@ -67,6 +73,10 @@ struct Args {
     keepalive: bool,
     timeout: Duration,
     concurrency: u64,
+    /// `--echo`: each request's body is a different slice of [`Args::body`] (whose length is
+    /// `--data-len` + 256), and the response body must be that slice, byte for byte.
+    echo: bool,
+    data_len: usize,
 }
 
 /// What one attempt got back.
@@ -90,6 +100,8 @@ struct Collector {
 struct Shared {
     args: Args,
     claimed: AtomicU64,
+    /// Requests built so far (numbers `--echo` bodies).
+    sent: AtomicU64,
     deadline: Option<Instant>,
     connections: AtomicU64,
     /// (generation, sender) of the shared HTTP/2 connection.
@@ -99,7 +111,11 @@ struct Shared {
 }
 
 fn main() {
-    let args = match parse_args(std::env::args().skip(1)) {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().map(String::as_str) == Some("--serve") {
+        serve(&argv[1..]);
+    }
+    let args = match parse_args(argv.into_iter()) {
         Ok(args) => args,
         Err(e) => {
             eprintln!("steerd-http-probe: {e}");
@@ -125,10 +141,33 @@ fn main() {
     runtime.shutdown_background();
 }
 
+/// `--serve ADDR --id ID`: serves until killed.
+fn serve(argv: &[String]) -> ! {
+    let (addr, id) = match argv {
+        [addr, flag, id] if flag == "--id" => (addr, id),
+        _ => {
+            eprintln!("usage: steerd-http-probe --serve ADDR --id ID");
+            std::process::exit(2);
+        }
+    };
+    let addr: SocketAddr = addr.parse().unwrap_or_else(|e| {
+        eprintln!("steerd-http-probe --serve {addr:?}: {e}");
+        std::process::exit(2);
+    });
+    let _server = steerd_e2e::HttpIdentityServer::start_here(addr, id).unwrap_or_else(|e| {
+        eprintln!("steerd-http-probe --serve {addr}: {e:#}");
+        std::process::exit(1);
+    });
+    loop {
+        std::thread::park();
+    }
+}
+
 async fn run(args: Args) -> HttpProbeResult {
     let shared = Arc::new(Shared {
         deadline: args.duration.map(|d| Instant::now() + d),
         claimed: AtomicU64::new(0),
+        sent: AtomicU64::new(0),
         connections: AtomicU64::new(0),
         h2: tokio::sync::Mutex::new(None),
         h2_generation: AtomicU64::new(0),
@@ -178,8 +217,17 @@ impl Shared {
         }
     }
 
-    fn request(&self) -> Request<Body> {
+    /// The request to send, and the body the response must carry back (`--echo`).
+    fn request(&self, number: u64) -> (Request<Body>, Option<Bytes>) {
         let args = &self.args;
+        let body = if args.echo {
+            // A window that starts at a different offset per request: a response carrying
+            // another request's body, or its own bytes out of order, does not match.
+            let start = (number % 256) as usize;
+            args.body.slice(start..start + args.data_len)
+        } else {
+            args.body.clone()
+        };
         let mut builder = Request::builder().method(args.method.clone());
         builder = if args.h2 {
             builder
@@ -194,9 +242,10 @@ impl Shared {
         for (name, value) in &args.headers {
             builder = builder.header(name, value);
         }
-        builder
-            .body(Full::new(args.body.clone()))
-            .expect("request from validated arguments")
+        let request = builder
+            .body(Full::new(body.clone()))
+            .expect("request from validated arguments");
+        (request, args.echo.then_some(body))
     }
 
     async fn connect(&self) -> Result<TokioIo<tokio::net::TcpStream>, String> {
@@ -322,7 +371,8 @@ async fn attempt(
     h1: &mut Option<http1::SendRequest<Body>>,
     h2_used: &mut u64,
 ) -> Result<Reply, String> {
-    let request = shared.request();
+    let number = shared.sent.fetch_add(1, Ordering::Relaxed);
+    let (request, echo) = shared.request(number);
     *h2_used = 0;
     // The HTTP/1.1 connection stays open until the whole response has been read.
     let mut used_h1 = None;
@@ -369,6 +419,17 @@ async fn attempt(
         .await
         .map_err(|e| format!("reading the body ({} response): {e}", parts.status))?
         .to_bytes();
+    if let Some(sent) = echo
+        && parts.status == hyper::StatusCode::OK
+        && body != sent
+    {
+        let at = body.iter().zip(sent.iter()).position(|(a, b)| a != b);
+        return Err(format!(
+            "echo mismatch: sent {} bytes, got {} back, first difference at {at:?}",
+            sent.len(),
+            body.len()
+        ));
+    }
     if shared.args.keepalive {
         *h1 = used_h1;
     }
@@ -377,6 +438,21 @@ async fn attempt(
         headers: parts.headers,
         body,
     })
+}
+
+/// `len` bytes with no short period (an xorshift stream), so that a shifted or reordered copy
+/// differs.
+fn echo_pattern(len: usize) -> Bytes {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect::<Vec<u8>>()
+        .into()
 }
 
 /// An error with its sources (hyper's own messages are terse).
@@ -403,6 +479,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut keepalive = false;
     let mut timeout_ms = HTTP_PROBE_DEFAULT_TIMEOUT_MS;
     let mut concurrency = 1;
+    let mut echo = false;
     while let Some(flag) = argv.next() {
         let mut value = || argv.next().ok_or_else(|| format!("{flag} needs a value"));
         let number = |v: String| v.parse::<u64>().map_err(|e| format!("{flag} {v:?}: {e}"));
@@ -439,6 +516,7 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             }
             "--h2" => h2 = true,
             "--keepalive" => keepalive = true,
+            "--echo" => echo = true,
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -505,7 +583,13 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         duration: duration_ms.map(Duration::from_millis),
         headers,
         method,
-        body: Bytes::from(vec![b'x'; data_len as usize]),
+        body: if echo {
+            echo_pattern(data_len as usize + 256)
+        } else {
+            Bytes::from(vec![b'x'; data_len as usize])
+        },
+        echo,
+        data_len: data_len as usize,
         h2,
         keepalive,
         timeout: Duration::from_millis(timeout_ms),

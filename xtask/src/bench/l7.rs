@@ -1014,10 +1014,12 @@ impl AgentRecording {
     }
 }
 
-/// `taskset -c CPUS program args...` in `netns`, in a fresh cgroup, output to `log`.
+/// `taskset -c CPUS program args...` in `netns`, in a fresh cgroup (below `parent` if given),
+/// output to `log`.
 fn start_daemon(
     name: &'static str,
     netns: &Netns,
+    parent: Option<&TestCgroup>,
     cpus: &[usize],
     program: &Path,
     args: &[&str],
@@ -1033,7 +1035,12 @@ fn start_daemon(
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out);
-    let cgroup = TestCgroup::new();
+    let cgroup = match parent {
+        Some(parent) => {
+            parent.child(&format!("{name}-{}", steerd_e2e::unique_suffix()).replace(' ', "-"))
+        }
+        None => TestCgroup::new(),
+    };
     let child = ChildGuard::new(spawn_in(&mut cmd, Some(netns), Some(&cgroup)));
     Ok(Daemon {
         name,
@@ -1136,7 +1143,16 @@ struct Backend {
 }
 
 impl Backend {
-    fn start(tools: &Tools, pod: &Pod, id: &str, dir: &Path, cpus: &[usize]) -> Result<Backend> {
+    /// Starts the backend in a cgroup below `steered`, as a pod on a node whose cgroups steerd
+    /// steers: its accepted sockets are then seen by steerd's programs (the socket redirect).
+    fn start(
+        tools: &Tools,
+        pod: &Pod,
+        id: &str,
+        dir: &Path,
+        cpus: &[usize],
+        steered: &TestCgroup,
+    ) -> Result<Backend> {
         let conf = dir.join(format!("backend-{id}.conf"));
         std::fs::write(&conf, backend_config(id, pod.ipv4, dir))
             .with_context(|| format!("writing {}", conf.display()))?;
@@ -1146,6 +1162,7 @@ impl Backend {
         let mut daemon = start_daemon(
             "nginx backend",
             &pod.netns,
+            Some(steered),
             cpus,
             &tools.nginx,
             &["-p", prefix, "-c", conf, "-e", &error_log],
@@ -1294,15 +1311,33 @@ fn measure(options: &Options, bins: &Binaries, tools: &Tools, cpus: &Cpus) -> Re
     ];
     let files = TempDir::new("steerd-bench-l7");
     let backend_dir = TempDir::new("steerd-bench-l7-backends");
+    // The cgroup steerd's programs steer: wrk's steerd runs, and below it the backends and the
+    // agent, as pods and the agent on a node where steerd steers the root cgroup.
+    let steered = TestCgroup::new();
     let mut servers = Servers([
-        Backend::start(tools, &pods[0], "v1", backend_dir.path(), &cpus.backends)?,
-        Backend::start(tools, &pods[1], "v2", backend_dir.path(), &cpus.backends)?,
+        Backend::start(
+            tools,
+            &pods[0],
+            "v1",
+            backend_dir.path(),
+            &cpus.backends,
+            &steered,
+        )?,
+        Backend::start(
+            tools,
+            &pods[1],
+            "v2",
+            backend_dir.path(),
+            &cpus.backends,
+            &steered,
+        )?,
         Backend::start(
             tools,
             &pods[2],
             "shadow",
             backend_dir.path(),
             &cpus.backends,
+            &steered,
         )?,
     ]);
     let backends = Backends {
@@ -1313,12 +1348,13 @@ fn measure(options: &Options, bins: &Binaries, tools: &Tools, cpus: &Cpus) -> Re
     let manifests = TempDir::new("steerd-bench-l7-manifests");
     manifests.write("bench.yaml", steerd_manifests(&backends, client.ipv4));
     let script = files.write("report.lua", WRK_SCRIPT);
-    let steered = TestCgroup::new();
     let unsteered = TestCgroup::new();
     let bpffs = BpffsDir::new();
 
-    // steerd: the agent, pinned to the proxy CPU (its runtime then starts one worker thread).
-    let steerd_cgroup = TestCgroup::new();
+    // steerd: the agent, pinned to the proxy CPU (its runtime then starts one worker thread),
+    // in a cgroup below the steered one from its start (its proxy's listener, and so every
+    // socket it accepts, belongs to the cgroup it was created in).
+    let steerd_cgroup = steered.child("steerd");
     let admin = admin_addr().to_string();
     let source = format!("files:{}", manifests.as_str());
     let steered_path = steered
@@ -1328,9 +1364,10 @@ fn measure(options: &Options, bins: &Binaries, tools: &Tools, cpus: &Cpus) -> Re
     let steerd_path = bins.steerd.to_str().context("steerd path is not UTF-8")?;
     let proxy_cpu = cpus.proxy.to_string();
     let node_ip = NODE_IP.to_string();
-    let mut agent = Agent::spawn_bin(
+    let mut agent = Agent::spawn_bin_in(
         Path::new("taskset"),
         &node,
+        Some(&steerd_cgroup),
         &[
             "-c",
             &proxy_cpu,
@@ -1349,12 +1386,6 @@ fn measure(options: &Options, bins: &Binaries, tools: &Tools, cpus: &Cpus) -> Re
         ],
     );
     let agent_pid = agent.pid().context("agent pid")?;
-    // In a cgroup of its own, for clean-up (not the steered one: its own sockets are marked).
-    std::fs::write(
-        steerd_cgroup.path().join("cgroup.procs"),
-        agent_pid.to_string(),
-    )
-    .context("moving the agent into its cgroup")?;
     agent.wait_ready(admin_addr(), READY_TIMEOUT);
     ensure!(
         wait_listening(
@@ -1396,6 +1427,7 @@ fn measure(options: &Options, bins: &Binaries, tools: &Tools, cpus: &Cpus) -> Re
     let mut nginx = start_daemon(
         "nginx",
         &node.netns,
+        None,
         &[cpus.proxy],
         &tools.nginx,
         &nginx_args,
@@ -1419,6 +1451,7 @@ fn measure(options: &Options, bins: &Binaries, tools: &Tools, cpus: &Cpus) -> Re
     let mut envoy = start_daemon(
         "envoy",
         &node.netns,
+        None,
         &[cpus.proxy],
         &tools.envoy,
         &[
