@@ -47,16 +47,17 @@ pub mod map_names {
     /// refused, per destination (`sd_authz_dny_v1` was per CPU).
     pub const AUTHZ_DENIED: &str = "sd_authz_dny_v2";
     /// [`crate::SockTuple`] → socket (sockhash): the L7 path's node-local TCP sockets, whose
-    /// sends the `sk_msg` program hands straight to the peer socket. Not pinned: each agent
-    /// generation has its own, as its proxy's sockets live and die with the process.
-    pub const SOCKETS: &str = "sd_sockets";
+    /// sends the `sk_msg` program hands straight to the peer socket. Pinned like the others: a
+    /// socket dropped from the map loses the redirected data it has not read yet, so the map
+    /// (and its sockets) outlive an agent restart, and each generation attaches its `sk_msg`
+    /// program to it, replacing the previous one for sockets added from then on.
+    pub const SOCKETS: &str = "sd_sockets_v1";
     /// [`crate::SockTuple`] → `u32`, one of [`crate::SOCKET_UNDECIDED`],
     /// [`crate::SOCKET_REDIRECT`], [`crate::SOCKET_TCP`] (hash, `BPF_F_NO_PREALLOC`): every socket
-    /// in [`SOCKETS`] and how its sends travel. Added with the socket, removed at its close; not
-    /// pinned.
-    pub const SOCKET_PATHS: &str = "sd_sock_paths";
+    /// in [`SOCKETS`] and how its sends travel. Added with the socket, removed at its close.
+    pub const SOCKET_PATHS: &str = "sd_sock_path_v1";
     /// index 0 → [`crate::RedirectStats`] (per-CPU array): what the socket redirect did.
-    pub const REDIRECT_STATS: &str = "sd_redir_stats";
+    pub const REDIRECT_STATS: &str = "sd_redir_st_v1";
 }
 
 /// Maximum number of service VIP:port:protocol entries.

@@ -90,17 +90,15 @@ static AUTHZ_SOURCE: LpmTrie<AuthzSourceKey, u32> = LpmTrie::pinned(MAX_AUTHZ_PR
 #[map(name = "sd_authz_dny_v2")]
 static AUTHZ_DENIED: LruHashMap<AuthzDestKey, u64> = LruHashMap::pinned(MAX_AUTHZ_DENIED, 0);
 
-// The socket redirect's maps are not pinned: they belong to one agent generation (see
-// `map_names::SOCKETS`).
-#[map(name = "sd_sockets")]
-static SOCKETS: SockHash<SockTuple> = SockHash::with_max_entries(MAX_REDIRECT_SOCKETS, 0);
+#[map(name = "sd_sockets_v1")]
+static SOCKETS: SockHash<SockTuple> = SockHash::pinned(MAX_REDIRECT_SOCKETS, 0);
 
-#[map(name = "sd_sock_paths")]
+#[map(name = "sd_sock_path_v1")]
 static SOCKET_PATHS: HashMap<SockTuple, u32> =
-    HashMap::with_max_entries(MAX_REDIRECT_SOCKETS, BPF_F_NO_PREALLOC);
+    HashMap::pinned(MAX_REDIRECT_SOCKETS, BPF_F_NO_PREALLOC);
 
-#[map(name = "sd_redir_stats")]
-static REDIRECT_STATS: PerCpuArray<RedirectStats> = PerCpuArray::with_max_entries(1, 0);
+#[map(name = "sd_redir_st_v1")]
+static REDIRECT_STATS: PerCpuArray<RedirectStats> = PerCpuArray::pinned(1, 0);
 
 /// Set by the agent at load (`--socket-redirect`): non-zero tracks the L7 path's node-local
 /// sockets for the `sk_msg` redirect.

@@ -4,7 +4,8 @@
 //!
 //! Topology (per the safety rules): a node netns with no default route, where the agent runs
 //! and the node address lives on its loopback; pod netns behind veth pairs whose default
-//! route is the node. Clients run in a client pod, inside the steered test cgroup.
+//! route is the node. Clients run in a client pod, inside the steered test cgroup, and the agent
+//! below it (so the client-to-proxy hop takes the socket redirect, see `socket_redirect.rs`).
 
 use std::time::Duration;
 use steerd_e2e::{
@@ -20,6 +21,10 @@ const VIP6: &str = "fd00:96::50";
 struct Mesh {
     agent: Agent,
     manifests: TempDir,
+    /// The agent's, below the steered one: the client's connections to the proxy take the
+    /// socket redirect (the backends are threads of the test, outside it: proxy to backend is
+    /// TCP).
+    _agent_cgroup: TestCgroup,
     client_cgroup: TestCgroup,
     _bpffs: BpffsDir,
     servers: Vec<HttpIdentityServer>,
@@ -122,11 +127,13 @@ impl Mesh {
             NODE_IP6,
         ];
         args.extend_from_slice(agent_args);
-        let mut agent = Agent::spawn(&node, &args);
+        let agent_cgroup = client_cgroup.child("agent");
+        let mut agent = Agent::spawn_in_cgroup(&node, &agent_cgroup, &args);
         agent.wait_ready(admin_addr(), Duration::from_secs(20));
         Mesh {
             agent,
             manifests,
+            _agent_cgroup: agent_cgroup,
             client_cgroup,
             _bpffs: bpffs,
             servers,

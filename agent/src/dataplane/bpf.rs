@@ -153,7 +153,7 @@ pub struct Dataplane {
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// What the socket redirect did (taken by the metrics scraper).
     pub redirect_stats: Option<PerCpuArray<MapData, RedirectStats>>,
-    // This generation's sockhash: the `sk_msg` program is attached to it.
+    // The sockhash the `sk_msg` program is attached to.
     _redirect_sockets: SockHash<MapData, SockTuple>,
     pins: Pins,
     // Keeps program fds alive for the process lifetime (links are pinned independently), and
@@ -242,8 +242,9 @@ impl Dataplane {
                     p.take_link(id).map_err(perr)?.try_into()
                 }
                 Program::SkMsg(p) if name == REDIRECT_PROGRAM => {
-                    // Attached to this generation's sockhash, not to a cgroup: it lives as long
-                    // as the map, which the sock_ops program (and this process) hold.
+                    // Attached to the pinned sockhash, not to a cgroup: it replaces the previous
+                    // generation's program for sockets added from now on (sockets keep the
+                    // program they joined with) and stays attached as long as the map.
                     p.load().map_err(perr)?;
                     p.attach(redirect_sockets.fd()).map_err(perr)?;
                     continue;
