@@ -222,7 +222,10 @@ impl EndpointPool {
                 },
             }
         }
-        let mut sender = self.connect_http1(addr, &settings).await?;
+        // Boxed, as every path that opens a connection: connecting and the TLS handshake are
+        // kilobytes of future state that the common case (a pooled connection) would otherwise
+        // carry, and move, on every request.
+        let mut sender = Box::pin(self.connect_http1(addr, &settings)).await?;
         match sender.send_request(req).await {
             Ok(response) => Ok(self.pooled(response, sender, 1, &settings)),
             Err(source) => Err(UpstreamError::Request { addr, source }),
@@ -317,13 +320,17 @@ impl EndpointPool {
         let mut sender = match shared {
             Some(sender) => sender,
             None => {
-                let stream = connect(addr, settings.connect_timeout).await?;
-                let sender = match &settings.tls {
-                    None => handshake_http2(addr, stream).await?,
-                    Some(tls) => {
-                        handshake_http2(addr, tls_connect(addr, tls, stream).await?).await?
+                // Boxed: see `send`.
+                let sender = Box::pin(async {
+                    let stream = connect(addr, settings.connect_timeout).await?;
+                    match &settings.tls {
+                        None => handshake_http2(addr, stream).await,
+                        Some(tls) => {
+                            handshake_http2(addr, tls_connect(addr, tls, stream).await?).await
+                        }
                     }
-                };
+                })
+                .await?;
                 let mut inner = self.slot();
                 if settings.max_requests_per_connection != Some(1) {
                     inner.shared = Some(Shared {

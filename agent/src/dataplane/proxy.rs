@@ -754,10 +754,7 @@ impl Proxy {
                         .in_flight
                         .pool()
                         .send(endpoint, settings.clone(), path_and_query, up);
-                let result = match retries.per_try_timeout {
-                    Some(t) => tokio::time::timeout(t, sent).await.map_err(|_| ()),
-                    None => Ok(sent.await),
-                };
+                let result = within(retries.per_try_timeout, sent).await;
                 let outlier = cluster.policy.outlier.as_ref();
                 let n = cluster.endpoints.len();
                 match result {
@@ -817,17 +814,13 @@ impl Proxy {
                 Served::local(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream", "UH")
             })
         };
-        let mut served = match timeout {
-            Some(t) => match tokio::time::timeout(t, attempts).await {
-                Ok(s) => s,
-                Err(_) => Served::local(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream request timeout",
-                    "UT",
-                ),
-            },
-            None => attempts.await,
-        };
+        let mut served = within(timeout, attempts).await.unwrap_or_else(|()| {
+            Served::local(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream request timeout",
+                "UT",
+            )
+        });
         if delayed && served.flags == "-" {
             served.flags = "DI";
         }
@@ -931,6 +924,22 @@ fn set_cookie_header(
 
 /// Envoy's 503 for an attempt that failed before a response: connection failure (`UF`) or
 /// termination (`UC`).
+/// `fut`, bounded by `limit` if there is one (`Err(())` once it passes). One future type for
+/// both cases: awaiting `timeout(t, fut)` in one branch and `fut` in the other would keep two
+/// copies of `fut`'s state in the caller's future, which the request path moves around.
+fn within<F: std::future::Future>(
+    limit: Option<Duration>,
+    fut: F,
+) -> impl std::future::Future<Output = Result<F::Output, ()>> {
+    use futures::FutureExt;
+    match limit {
+        Some(t) => {
+            futures::future::Either::Left(tokio::time::timeout(t, fut).map(|r| r.map_err(|_| ())))
+        }
+        None => futures::future::Either::Right(fut.map(Ok)),
+    }
+}
+
 fn upstream_failure<'a>(e: &UpstreamError, destination: Option<&'a Workload>) -> Served<'a> {
     let (reason, flags) = if e.is_connect() {
         ("connection failure", "UF")
