@@ -147,15 +147,6 @@ impl Node2 {
         ];
         all.extend_from_slice(args);
         let r = self.http(&all);
-        eprintln!(
-            "{}",
-            self.agent
-                .log()
-                .lines()
-                .filter(|l| l.contains("FUTSIZE"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
         assert_eq!(r.status(200), count, "{what}: {r:?}\n{}", self.agent.log());
         assert_eq!(r.failures, 0, "{what}: {r:?}");
         r
