@@ -196,7 +196,8 @@ impl EndpointPool {
     ) -> Result<Response<PooledBody>, UpstreamError> {
         if settings.http2 {
             *req.uri_mut() = absolute_uri(addr, path_and_query);
-            return self.send_http2(addr, &settings, req).await;
+            // Boxed: its state would double the HTTP/1.1 path's, which every request carries.
+            return Box::pin(self.send_http2(addr, &settings, req)).await;
         }
         *req.uri_mut() = Uri::from(path_and_query);
         loop {
