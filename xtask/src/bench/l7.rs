@@ -2344,6 +2344,7 @@ mod tests {
             (96_000, 5.5, 1810, 6440),
         ];
         Results {
+            redirect_bytes: (0.0, 0.0),
             cases: CASES
                 .iter()
                 .zip(numbers)
