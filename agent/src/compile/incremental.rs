@@ -30,7 +30,10 @@ use std::net::IpAddr;
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// `(namespace, name)`.
-type Key = (String, String);
+/// An object's (namespace, name). Shared: every index entry naming an object points at the
+/// key its kind's map stores (a cluster's 50,000 endpoints put each slice's key in ten index
+/// sets; as two owned strings each, those copies were most of the store).
+type Key = std::sync::Arc<(String, String)>;
 
 /// Which source (the agent's `--source` index) an object came from.
 pub type SourceId = usize;
@@ -48,15 +51,26 @@ pub enum Change {
 type ByKey<T> = BTreeMap<Key, Vec<(SourceId, Shared<T>)>>;
 
 fn key_of(meta: &crate::model::Meta) -> Key {
-    (meta.namespace.clone(), meta.name.clone())
+    new_key(&meta.namespace, &meta.name)
+}
+
+fn new_key(namespace: &str, name: &str) -> Key {
+    std::sync::Arc::new((namespace.to_string(), name.to_string()))
 }
 
 /// Copies of one key are kept in source order, the order the agent merges sources in (and so
 /// the order in which "first definition wins" rules see them).
-fn add_copy<T>(map: &mut ByKey<T>, source: SourceId, r: Shared<T>) {
-    let copies = map.entry(key_of(&r.meta)).or_default();
+fn add_copy<T>(map: &mut ByKey<T>, source: SourceId, r: Shared<T>) -> Key {
+    let key = key_of(&r.meta);
+    // The key the map already stores, if any: what the indexes are to share.
+    let key = match map.get_key_value(&key) {
+        Some((stored, _)) => stored.clone(),
+        None => key,
+    };
+    let copies = map.entry(key.clone()).or_default();
     let at = copies.partition_point(|(s, _)| *s <= source);
     copies.insert(at, (source, r));
+    key
 }
 
 /// Removes the copy `source` holds of `r` (the equal one if it holds several). Returns whether
@@ -85,11 +99,14 @@ fn in_namespace<'m, T>(
     let start = (namespace.to_string(), String::new());
     let namespace = namespace.to_string();
     map.range(start..)
-        .take_while(move |((ns, _), _)| *ns == namespace)
+        .take_while(move |(key, _)| key.0 == namespace)
         .flat_map(|(_, copies)| copies.iter().map(|(_, r)| r))
 }
 
-fn copies<'m, T>(map: &'m ByKey<T>, key: &Key) -> impl Iterator<Item = &'m Shared<T>> + 'm {
+fn copies<'m, T>(
+    map: &'m ByKey<T>,
+    key: &(String, String),
+) -> impl Iterator<Item = &'m Shared<T>> + 'm {
     map.get(key)
         .into_iter()
         .flat_map(|c| c.iter().map(|(_, r)| r))
@@ -264,7 +281,7 @@ fn slice_service(s: &Resource<EndpointSlice>) -> Option<Key> {
     s.meta
         .labels
         .get(SERVICE_NAME_LABEL)
-        .map(|svc| (s.meta.namespace.clone(), svc.clone()))
+        .map(|svc| new_key(&s.meta.namespace, svc))
 }
 
 /// The Pods a slice's endpoints name.
@@ -280,7 +297,7 @@ fn slice_pod_refs(s: &Resource<EndpointSlice>) -> impl Iterator<Item = (&str, &s
 }
 
 fn slice_pods(s: &Resource<EndpointSlice>) -> impl Iterator<Item = Key> + '_ {
-    slice_pod_refs(s).map(|(ns, name)| (ns.to_string(), name.to_string()))
+    slice_pod_refs(s).map(|(ns, name)| new_key(ns, name))
 }
 
 /// The Pods a slice's endpoints name, by [`pod_key_hash`].
@@ -321,52 +338,64 @@ impl Store {
             Object::Service(r) => {
                 let key = key_of(&r.meta);
                 let before = self.selector_hashes(&key);
-                add_copy(&mut self.services, source, r);
+                let key = add_copy(&mut self.services, source, r);
                 let now = self.selector_hashes(&key);
                 reindex(&mut self.services_by_selector, &key, before, now);
             }
             Object::EndpointSlice(r) => {
                 let key = key_of(&r.meta);
                 let refs = self.slice_refs(&key);
-                add_copy(&mut self.endpoint_slices, source, r);
+                let key = add_copy(&mut self.endpoint_slices, source, r);
                 self.reindex_slice(&key, refs);
             }
             Object::Pod(r) => {
                 let key = key_of(&r.meta);
                 let (before, nodes) = (self.pod_ips(&key), self.pod_nodes(&key));
-                add_copy(&mut self.pods, source, r);
+                let key = add_copy(&mut self.pods, source, r);
                 let now = self.pod_ips(&key);
                 reindex(&mut self.pods_by_ip, &key, before, now);
                 let nodes_now = self.pod_nodes(&key);
                 reindex(&mut self.pods_by_node, &key, nodes, nodes_now);
             }
-            Object::Node(r) => add_copy(&mut self.nodes, source, r),
+            Object::Node(r) => {
+                add_copy(&mut self.nodes, source, r);
+            }
             Object::VirtualService(r) => {
                 let key = key_of(&r.meta);
                 let before = self.vs_hosts(&key);
                 let delegates = self.vs_delegates(&key);
-                add_copy(&mut self.virtual_services, source, r);
+                let key = add_copy(&mut self.virtual_services, source, r);
                 self.reindex_vs(&key, before, delegates);
             }
             Object::DestinationRule(r) => {
                 let key = key_of(&r.meta);
                 let before = self.dr_hosts(&key);
-                add_copy(&mut self.destination_rules, source, r);
+                let key = add_copy(&mut self.destination_rules, source, r);
                 let now = self.dr_hosts(&key);
                 reindex(&mut self.dr_by_host, &key, before, now);
             }
             Object::ServiceEntry(r) => {
                 let key = key_of(&r.meta);
                 let before = self.se_hosts(&key);
-                add_copy(&mut self.service_entries, source, r);
+                let key = add_copy(&mut self.service_entries, source, r);
                 let now = self.se_hosts(&key);
                 reindex(&mut self.se_by_host, &key, before, now);
             }
-            Object::WorkloadEntry(r) => add_copy(&mut self.workload_entries, source, r),
-            Object::Gateway(r) => add_copy(&mut self.gateways, source, r),
-            Object::Sidecar(r) => add_copy(&mut self.sidecars, source, r),
-            Object::Secret(r) => add_copy(&mut self.secrets, source, r),
-            Object::AuthorizationPolicy(r) => add_copy(&mut self.authorization_policies, source, r),
+            Object::WorkloadEntry(r) => {
+                add_copy(&mut self.workload_entries, source, r);
+            }
+            Object::Gateway(r) => {
+                add_copy(&mut self.gateways, source, r);
+            }
+            Object::Sidecar(r) => {
+                add_copy(&mut self.sidecars, source, r);
+            }
+            Object::Secret(r) => {
+                add_copy(&mut self.secrets, source, r);
+            }
+            Object::AuthorizationPolicy(r) => {
+                add_copy(&mut self.authorization_policies, source, r);
+            }
         }
     }
 
@@ -502,6 +531,7 @@ impl Store {
     fn vs_delegates(&self, key: &Key) -> BTreeSet<Key> {
         copies(&self.virtual_services, key)
             .flat_map(|vs| delegate_keys(vs))
+            .map(std::sync::Arc::new)
             .collect()
     }
 
@@ -617,6 +647,7 @@ impl Store {
             .iter()
             .flat_map(|k| copies(&self.virtual_services, k).flat_map(|vs| delegate_keys(vs)))
             .filter(|k| self.virtual_services.contains_key(k))
+            .map(std::sync::Arc::new)
             .collect();
         vs_keys.extend(delegates);
         // Hosts whose definitions, endpoints and DestinationRules are read: the compiled ones
@@ -641,8 +672,8 @@ impl Store {
             };
         for host in &defined {
             if let Some((ns, name)) = kubernetes_service_of(host) {
-                let key = (ns.to_string(), name.to_string());
-                if self.services.contains_key(&key) {
+                let key = new_key(ns, name);
+                if self.services.contains_key(&*key) {
                     match self.slices_by_service.get(&key) {
                         Some(slices) => {
                             for s in slices {
@@ -690,7 +721,7 @@ impl Store {
             .iter()
             .filter_map(|p| pod_node(p).map(str::to_string))
             .chain(endpoint_slices.iter().flat_map(|s| slice_nodes(s)))
-            .map(|n| (String::new(), n))
+            .map(|n| std::sync::Arc::new((String::new(), n)))
             .collect();
         ConfigSet {
             services: pick(&self.services, &svc_keys),
@@ -1164,7 +1195,8 @@ impl IncrementalCompiler {
         let pod = pod_key_hash(&r.meta.namespace, &r.meta.name);
         for slice in self.store.slices_by_pod.get(&pod).into_iter().flatten() {
             for s in copies(&self.store.endpoint_slices, slice) {
-                if let Some((ns, svc)) = slice_service(s) {
+                if let Some(key) = slice_service(s) {
+                    let (ns, svc) = &*key;
                     hosts.insert(kubernetes_service_host(&ns, &svc));
                 }
             }
@@ -1217,7 +1249,8 @@ impl IncrementalCompiler {
                 hosts.insert(kubernetes_service_host(&r.meta.namespace, &r.meta.name));
             }
             Object::EndpointSlice(r) => {
-                if let Some((ns, svc)) = slice_service(r) {
+                if let Some(key) = slice_service(r) {
+                    let (ns, svc) = &*key;
                     hosts.insert(kubernetes_service_host(&ns, &svc));
                 }
             }
@@ -1238,7 +1271,8 @@ impl IncrementalCompiler {
                 }
                 for slice in self.store.slices_by_node.get(name).into_iter().flatten() {
                     for s in copies(&self.store.endpoint_slices, slice) {
-                        if let Some((ns, svc)) = slice_service(s) {
+                        if let Some(key) = slice_service(s) {
+                            let (ns, svc) = &*key;
                             hosts.insert(kubernetes_service_host(&ns, &svc));
                         }
                     }
