@@ -1197,7 +1197,7 @@ impl IncrementalCompiler {
             for s in copies(&self.store.endpoint_slices, slice) {
                 if let Some(key) = slice_service(s) {
                     let (ns, svc) = &*key;
-                    hosts.insert(kubernetes_service_host(&ns, &svc));
+                    hosts.insert(kubernetes_service_host(ns, svc));
                 }
             }
         }
@@ -1251,7 +1251,7 @@ impl IncrementalCompiler {
             Object::EndpointSlice(r) => {
                 if let Some(key) = slice_service(r) {
                     let (ns, svc) = &*key;
-                    hosts.insert(kubernetes_service_host(&ns, &svc));
+                    hosts.insert(kubernetes_service_host(ns, svc));
                 }
             }
             Object::Pod(r) => {
@@ -1273,7 +1273,7 @@ impl IncrementalCompiler {
                     for s in copies(&self.store.endpoint_slices, slice) {
                         if let Some(key) = slice_service(s) {
                             let (ns, svc) = &*key;
-                            hosts.insert(kubernetes_service_host(&ns, &svc));
+                            hosts.insert(kubernetes_service_host(ns, svc));
                         }
                     }
                 }
