@@ -271,7 +271,7 @@ fn slice_nodes(s: &Resource<EndpointSlice>) -> impl Iterator<Item = String> + '_
     s.spec
         .endpoints
         .iter()
-        .filter_map(|ep| ep.node_name.clone())
+        .filter_map(|ep| ep.node_name.as_deref().map(str::to_string))
 }
 
 /// What an EndpointSlice refers to: Services, Pods, Nodes.

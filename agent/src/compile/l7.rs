@@ -187,7 +187,7 @@ fn cluster_policy(
         }
         if let Some(tp) = subset
             .and_then(|s| dr.subsets.iter().find(|x| x.name == s))
-            .and_then(|s| s.traffic_policy.as_ref())
+            .and_then(|s| s.traffic_policy.as_deref())
         {
             layer(tp);
         }
@@ -734,7 +734,10 @@ impl Ctx<'_> {
             }
             out
         };
-        let mut layers = consider("spec.trafficPolicy".into(), dr.spec.traffic_policy.as_ref());
+        let mut layers = consider(
+            "spec.trafficPolicy".into(),
+            dr.spec.traffic_policy.as_deref(),
+        );
         if let Some((i, s)) = subset.and_then(|s| {
             dr.spec
                 .subsets
@@ -744,7 +747,7 @@ impl Ctx<'_> {
         }) {
             layers.extend(consider(
                 format!("spec.subsets[{i}].trafficPolicy"),
-                s.traffic_policy.as_ref(),
+                s.traffic_policy.as_deref(),
             ));
         }
         let (path, tls) = layers.pop()?;
@@ -888,13 +891,13 @@ impl Ctx<'_> {
         collect(
             &mut policies,
             "spec.trafficPolicy".into(),
-            dr.spec.traffic_policy.as_ref(),
+            dr.spec.traffic_policy.as_deref(),
         );
         for (i, subset) in dr.spec.subsets.iter().enumerate() {
             collect(
                 &mut policies,
                 format!("spec.subsets[{i}].trafficPolicy"),
-                subset.traffic_policy.as_ref(),
+                subset.traffic_policy.as_deref(),
             );
         }
         let mut found = Vec::new();

@@ -104,34 +104,14 @@ pub fn node_locality(name: &str, nodes: &HashMap<&str, &Resource<Node>>) -> Stri
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct Workload {
     pub name: String,
-    /// The namespace, app and version are shared by many workloads: interned (see [`intern`]).
+    /// The namespace, app and version are shared by many workloads: interned (see
+    /// [`crate::model::interned::intern`]).
     pub namespace: Arc<str>,
     pub app: Arc<str>,
     pub version: Arc<str>,
 }
 
-/// One shared copy of a namespace, app or version name: a cluster's 50,000 endpoints name a few
-/// hundred of them. Names no workload uses any more are dropped when the table has doubled since
-/// the last sweep, so churn cannot grow it without bound.
-fn intern(s: &str) -> Arc<str> {
-    use std::sync::{Mutex, OnceLock};
-    static TABLE: OnceLock<Mutex<(std::collections::HashSet<Arc<str>>, usize)>> = OnceLock::new();
-    let mut guard = TABLE
-        .get_or_init(|| Mutex::new((Default::default(), 1024)))
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    let (table, sweep_at) = &mut *guard;
-    if let Some(shared) = table.get(s) {
-        return shared.clone();
-    }
-    if table.len() >= *sweep_at {
-        table.retain(|name| Arc::strong_count(name) > 1);
-        *sweep_at = (table.len() * 2).max(1024);
-    }
-    let shared: Arc<str> = Arc::from(s);
-    table.insert(shared.clone());
-    shared
-}
+use crate::model::interned::intern;
 
 impl Workload {
     /// Istio's derivation: the app and version labels (canonical-service labels first), and for

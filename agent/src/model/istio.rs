@@ -723,7 +723,8 @@ pub struct RouteDestination {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DestinationRule {
     pub host: String,
-    pub traffic_policy: Option<TrafficPolicy>,
+    /// Boxed: most rules and subsets have none, and the policy is nearly a kilobyte inline.
+    pub traffic_policy: Option<Box<TrafficPolicy>>,
     #[serde(default)]
     pub subsets: Vec<Subset>,
     #[serde(default)]
@@ -737,7 +738,8 @@ pub struct Subset {
     pub name: String,
     #[serde(default)]
     pub labels: StringMap,
-    pub traffic_policy: Option<TrafficPolicy>,
+    /// Boxed: most rules and subsets have none, and the policy is nearly a kilobyte inline.
+    pub traffic_policy: Option<Box<TrafficPolicy>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -7,6 +7,7 @@
 //! Unknown fields are ignored; required fields stay required, with serde's `missing field`
 //! errors.
 
+use super::interned::Interned;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::{Deserialize, Deserializer, Serialize};
 
@@ -94,9 +95,9 @@ pub struct Endpoint {
     #[serde(default)]
     pub hostname: Option<String>,
     #[serde(default)]
-    pub node_name: Option<String>,
+    pub node_name: Option<Interned>,
     #[serde(default)]
-    pub zone: Option<String>,
+    pub zone: Option<Interned>,
     #[serde(default, deserialize_with = "mapping")]
     pub target_ref: Option<ObjectReference>,
 }
@@ -116,11 +117,11 @@ pub struct EndpointConditions {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ObjectReference {
     #[serde(default)]
-    pub kind: Option<String>,
+    pub kind: Option<Interned>,
     #[serde(default)]
     pub name: Option<String>,
     #[serde(default)]
-    pub namespace: Option<String>,
+    pub namespace: Option<Interned>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

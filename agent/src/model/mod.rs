@@ -3,6 +3,7 @@
 //! [`ConfigSet`]; the compiler consumes nothing else.
 
 pub mod duration;
+pub mod interned;
 pub mod istio;
 pub mod k8s;
 pub mod labels;
