@@ -307,9 +307,13 @@ struct Builder<'a> {
     /// EndpointSlices by (namespace, `kubernetes.io/service-name`), built once: looking them up
     /// per Service by scanning made the registry quadratic in cluster size.
     slices_by_service: HashMap<(&'a str, &'a str), Vec<&'a Resource<crate::model::EndpointSlice>>>,
+    /// The workload of each Pod EndpointSlices name, by (slice namespace, reference namespace,
+    /// Pod name): shared by the Pod's endpoints in every slice (a Pod behind ten Services is
+    /// one workload, not ten).
+    slice_workloads: HashMap<(&'a str, &'a str, &'a str), std::sync::Arc<Workload>>,
 }
 
-impl Builder<'_> {
+impl<'a> Builder<'a> {
     fn diag(
         &mut self,
         level: Level,
@@ -425,7 +429,7 @@ impl Builder<'_> {
 
     fn endpoints_from_slices(
         &mut self,
-        slices: &[&Resource<crate::model::EndpointSlice>],
+        slices: &[&'a Resource<crate::model::EndpointSlice>],
         ports: &[ServicePort],
     ) -> Vec<Endpoint> {
         let mut out = Vec::new();
@@ -471,12 +475,28 @@ impl Builder<'_> {
                         .or_else(|| ep.zone.as_ref().map(|z| format!("/{z}")))
                         .unwrap_or_default(),
                 };
-                let workload = std::sync::Arc::new(match pod_ref.and_then(|r| r.name.as_deref()) {
-                    Some(pod) => Workload::new("Pod", &slice.meta.namespace, pod, &labels),
-                    None => {
-                        Workload::new("EndpointSlice", &slice.meta.namespace, "unknown", &labels)
+                let workload = match pod_ref.and_then(|r| Some((r, r.name.as_deref()?))) {
+                    Some((r, name)) => {
+                        let ref_namespace = r.namespace.as_deref().unwrap_or("");
+                        self.slice_workloads
+                            .entry((slice.meta.namespace.as_str(), ref_namespace, name))
+                            .or_insert_with(|| {
+                                std::sync::Arc::new(Workload::new(
+                                    "Pod",
+                                    &slice.meta.namespace,
+                                    name,
+                                    &labels,
+                                ))
+                            })
+                            .clone()
                     }
-                });
+                    None => std::sync::Arc::new(Workload::new(
+                        "EndpointSlice",
+                        &slice.meta.namespace,
+                        "unknown",
+                        &labels,
+                    )),
+                };
                 for (i, addr) in ep.addresses.iter().enumerate() {
                     match addr.parse::<IpAddr>() {
                         Ok(ip) => out.push(Endpoint {
@@ -993,6 +1013,7 @@ pub fn build_tagged(config: &ConfigSet, diags: &mut Vec<(String, Diagnostic)>) -
         pod_by_name,
         nodes: nodes_by_name(config),
         slices_by_service,
+        slice_workloads: HashMap::new(),
     };
     let mut registry = Registry::default();
     let mut services: Vec<_> = config.services.iter().collect();
