@@ -782,7 +782,9 @@ impl Dirty {
 pub struct IncrementalCompiler {
     store: Store,
     hosts: BTreeMap<String, HostOutput>,
-    /// Hosts by lower-cased name (VirtualService hosts match case-insensitively).
+    /// Hosts with upper-case letters, by lower-cased name (VirtualService hosts match
+    /// case-insensitively; an all-lower-case host is its own lower-cased name, so it needs no
+    /// entry).
     hosts_lower: HashMap<String, SmallSet<String>>,
     /// For each host, the hosts whose routes send to it.
     dependents: HashMap<String, SmallSet<String>>,
@@ -1095,7 +1097,9 @@ impl IncrementalCompiler {
                 }
                 self.dirty.l7 |= old.services.iter().any(|(_, s)| s.http.is_some());
                 let lower = host.to_ascii_lowercase();
-                if let Some(set) = self.hosts_lower.get_mut(&lower) {
+                if lower != host
+                    && let Some(set) = self.hosts_lower.get_mut(&lower)
+                {
                     set.remove(&host);
                     if set.is_empty() {
                         self.hosts_lower.remove(&lower);
@@ -1128,10 +1132,13 @@ impl IncrementalCompiler {
                     }
                 }
                 self.dirty.l7 |= new.services.iter().any(|(_, s)| s.http.is_some());
-                self.hosts_lower
-                    .entry(host.to_ascii_lowercase())
-                    .or_default()
-                    .insert(host.clone());
+                let lower = host.to_ascii_lowercase();
+                if lower != host {
+                    self.hosts_lower
+                        .entry(lower)
+                        .or_default()
+                        .insert(host.clone());
+                }
                 self.hosts.insert(host, new);
             }
         }
@@ -1598,6 +1605,36 @@ mod tests {
             "only the host with an endpoint on n1: {dirty:?}"
         );
         assert_eq!(locality(&inc).as_deref(), Some("r/z2"));
+    }
+
+    #[test]
+    fn a_virtual_service_reaches_a_mixed_case_host_in_any_case() {
+        let parse = |t: &str| parse_documents("x.yaml", t).0;
+        let entry = |name: &str, host: &str, vip: &str, endpoint: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}, namespace: a}}\nspec:\n  hosts: [{host}]\n  addresses: [{vip}]\n  ports: [{{number: 80, name: tcp, protocol: TCP}}]\n  resolution: STATIC\n  endpoints: [{{address: {endpoint}}}]\n---\n"
+            )
+        };
+        let world = entry("ext", "Ext.Example.com", "240.0.0.1", "10.2.0.1")
+            + &entry("other", "other.example.com", "240.0.0.2", "10.2.0.9");
+        let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: to-other, namespace: a}\nspec:\n  hosts: [ext.example.com]\n  tcp:\n  - route:\n    - destination: {host: other.example.com}\n";
+        let mut inc = IncrementalCompiler::default();
+        inc.apply(0, parse(&world).into_iter().map(Change::Added).collect());
+        inc.apply(0, parse(vs).into_iter().map(Change::Added).collect());
+        let mut full = ConfigSet::default();
+        full.extend(parse(&world));
+        full.extend(parse(vs));
+        assert_eq!(
+            format!("{:#?}", inc.plan().services),
+            format!("{:#?}", compile(&full).services)
+        );
+        let ext = inc
+            .plan()
+            .services
+            .values()
+            .find(|s| s.host == "Ext.Example.com")
+            .expect("the mixed-case host is in the plan");
+        assert_eq!(ext.backends[0].addr.ip().to_string(), "10.2.0.9", "{ext:?}");
     }
 
     #[test]
