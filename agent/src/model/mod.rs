@@ -22,8 +22,9 @@ pub use labels::Labels;
 /// Where an object came from, for error messages.
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct Origin {
-    /// A file path, or `kube` for objects read from the API server.
-    pub source: String,
+    /// A file path, or `kube` for objects read from the API server (interned: every object
+    /// of a file names it).
+    pub source: interned::Interned,
     /// 1-based line of the object's document, when known.
     pub line: Option<usize>,
 }
@@ -294,7 +295,7 @@ pub fn parse_documents(source: &str, text: &str) -> (Vec<Object>, Vec<ParseError
     let mut errors = Vec::new();
     for (line, doc) in split_documents(text) {
         let origin = Origin {
-            source: source.to_string(),
+            source: source.into(),
             line: Some(line),
         };
         match parse_document(&origin, &doc) {

@@ -170,7 +170,7 @@ impl FileSource {
     fn reload_file(&mut self, path: &Path) -> Vec<Change> {
         let origin = |message: String| ParseError {
             origin: crate::model::Origin {
-                source: path.display().to_string(),
+                source: path.display().to_string().as_str().into(),
                 line: None,
             },
             kind: "file".into(),

@@ -435,7 +435,7 @@ impl KindState {
             return prev.clone();
         }
         let origin = Origin {
-            source: SOURCE.to_string(),
+            source: SOURCE.into(),
             line: None,
         };
         // What Istio's webhook would refuse is treated like a parse error: the API server on its
