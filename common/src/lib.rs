@@ -56,6 +56,10 @@ pub mod map_names {
     /// [`crate::SOCKET_REDIRECT`], [`crate::SOCKET_TCP`] (hash, `BPF_F_NO_PREALLOC`): every socket
     /// in [`SOCKETS`] and how its sends travel. Added with the socket, removed at its close.
     pub const SOCKET_PATHS: &str = "sd_sock_path_v1";
+    /// socket cookie (`u64`) → `u32` (unused) (LRU hash): the proxy's upstream sockets between
+    /// `connect()` and their handshake, when `sock_ops` adds them to [`SOCKETS`] (it cannot
+    /// read a socket's mark: `bpf_sock_ops` has no socket pointer before Linux 5.10).
+    pub const PROXY_UPSTREAM: &str = "sd_proxy_up_v1";
     /// index 0 → [`crate::RedirectStats`] (per-CPU array): what the socket redirect did.
     pub const REDIRECT_STATS: &str = "sd_redir_st_v1";
 }
@@ -103,6 +107,10 @@ pub const MAX_L7_PENDING: u32 = 65_536;
 /// Node-local sockets of the L7 path the socket redirect tracks (sockets in `sd_sockets`; four
 /// per proxied connection whose backend is on the node). Beyond it, new sockets take the TCP path.
 pub const MAX_REDIRECT_SOCKETS: u32 = 32_768;
+
+/// The proxy's upstream connections whose handshake is under way (`sd_proxy_up_v1`); LRU, so
+/// connects that never complete are forgotten.
+pub const MAX_PROXY_UPSTREAM_PENDING: u32 = 4_096;
 
 /// `SO_MARK` the agent's own proxy sockets carry. The programs never steer a marked socket, so
 /// the proxy's upstream connections cannot loop back into the proxy (Istio's proxy uses 1337

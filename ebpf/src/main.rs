@@ -41,10 +41,11 @@ use steerd_common::{
     AUTHZ_DENY, AUTHZ_TABLE_BITS, Addr, AuthzDestKey, AuthzDestValue, AuthzSourceKey, Backend,
     BackendStats, ClientKey, EGRESS_REGISTRY_ONLY, EgressPolicy, MAX_AUTHZ_DENIED,
     MAX_AUTHZ_DESTINATIONS, MAX_AUTHZ_PREFIXES, MAX_CGROUP_LEVELS, MAX_DENIED,
-    MAX_EGRESS_WORKLOADS, MAX_L7_PENDING, MAX_REDIRECT_SOCKETS, MAX_REGISTRY, MAX_REVNAT,
-    MAX_SERVICES, MAX_SLOTS, MAX_STATS, PROTO_TCP, PROTO_UDP, PROXY_SOCKET_MARK, ProxyConfig,
-    RedirectStats, RevNatKey, RevNatValue, SOCKET_REDIRECT, SOCKET_TCP, SOCKET_UNDECIDED, SVC_F_L7,
-    SVC_F_NO_BACKENDS, ServiceKey, ServiceValue, Slot, SlotKey, SockTuple, StatsKey,
+    MAX_EGRESS_WORKLOADS, MAX_L7_PENDING, MAX_PROXY_UPSTREAM_PENDING, MAX_REDIRECT_SOCKETS,
+    MAX_REGISTRY, MAX_REVNAT, MAX_SERVICES, MAX_SLOTS, MAX_STATS, PROTO_TCP, PROTO_UDP,
+    PROXY_SOCKET_MARK, ProxyConfig, RedirectStats, RevNatKey, RevNatValue, SOCKET_REDIRECT,
+    SOCKET_TCP, SOCKET_UNDECIDED, SVC_F_L7, SVC_F_NO_BACKENDS, ServiceKey, ServiceValue, Slot,
+    SlotKey, SockTuple, StatsKey,
 };
 
 // Map names must match `steerd_common::map_names` (the attribute takes a literal).
@@ -96,6 +97,9 @@ static SOCKETS: SockHash<SockTuple> = SockHash::pinned(MAX_REDIRECT_SOCKETS, 0);
 #[map(name = "sd_sock_path_v1")]
 static SOCKET_PATHS: HashMap<SockTuple, u32> =
     HashMap::pinned(MAX_REDIRECT_SOCKETS, BPF_F_NO_PREALLOC);
+
+#[map(name = "sd_proxy_up_v1")]
+static PROXY_UPSTREAM: LruHashMap<u64, u32> = LruHashMap::pinned(MAX_PROXY_UPSTREAM_PENDING, 0);
 
 #[map(name = "sd_redir_st_v1")]
 static REDIRECT_STATS: PerCpuArray<RedirectStats> = PerCpuArray::pinned(1, 0);
@@ -357,6 +361,11 @@ fn forward(ctx: &SockAddrContext, v6: bool, sticky: bool) -> i32 {
         return ALLOW;
     };
     if is_proxy_socket(sa) {
+        // The proxy's upstream connections join the socket redirect once established; the
+        // sock_ops program knows them by cookie.
+        if !sticky && protocol == PROTO_TCP && redirect_enabled() {
+            let _ = PROXY_UPSTREAM.insert(&cookie(ctx), &0, 0);
+        }
         return ALLOW;
     }
     let (addr, port) = if v6 { dest6(sa) } else { dest4(sa) };
@@ -500,7 +509,8 @@ pub fn sd_sockops(ctx: SockOpsContext) -> u32 {
         // One lookup tells whether connect() steered this socket, and to which VIP.
         let Some(key) = stats_key(ops, cookie) else {
             // The proxy's own upstream connections (never steered, so never in REVNAT).
-            if is_marked(ops) {
+            if redirect_enabled() && PROXY_UPSTREAM.get_ptr(&cookie).is_some() {
+                let _ = PROXY_UPSTREAM.remove(&cookie);
                 track_for_redirect(&ctx);
             }
             return 1;
@@ -552,16 +562,6 @@ pub fn sd_sockops(ctx: SockOpsContext) -> u32 {
 fn redirect_enabled() -> bool {
     // SAFETY: a plain read of a global the loader may have rewritten.
     unsafe { read_volatile(&SOCKET_REDIRECT_ENABLED) != 0 }
-}
-
-/// Whether the socket carries the agent's proxy mark (its upstream connections).
-#[inline(always)]
-fn is_marked(ops: *mut bpf_sock_ops) -> bool {
-    let sk = unsafe { (*ops).__bindgen_anon_2.sk };
-    if sk.is_null() {
-        return false;
-    }
-    rd(unsafe { addr_of!((*sk).mark) }) == PROXY_SOCKET_MARK
 }
 
 /// A port field of `bpf_sock_ops` or `sk_msg_md` as a network-order `u16`. The kernel hands
