@@ -248,7 +248,7 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
             .map(|s| s.labels.clone())
             .unwrap_or_default()
     } else {
-        q.source_labels.clone()
+        q.source_labels.clone().into()
     };
     if wants_http && !(has_tcp_rules && !is_http_port && vs.is_some_and(|v| v.spec.http.is_empty()))
     {

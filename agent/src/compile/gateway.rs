@@ -524,7 +524,7 @@ impl<'a> Ctx<'a> {
                 &gw.meta.name,
                 &gw.spec.selector.clone().into(),
             ),
-            labels: gw.spec.selector.clone(),
+            labels: gw.spec.selector.clone().into(),
         };
         let https_redirect = kind == ListenerKind::Http
             && server

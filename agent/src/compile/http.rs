@@ -105,7 +105,7 @@ pub struct RequestView<'a> {
     pub headers: Cow<'a, HeaderMap>,
     /// The service port the client dialled.
     pub port: u16,
-    pub source_labels: Option<&'a BTreeMap<String, String>>,
+    pub source_labels: Option<&'a crate::model::Labels>,
     pub source_namespace: Option<&'a str>,
     /// `mesh` for sidecar-style traffic, or a gateway name.
     pub gateway: &'a str,
@@ -509,7 +509,7 @@ pub struct Client<'a> {
     /// This node's locality.
     pub locality: Option<&'a Locality>,
     /// The labels of the workload that sent the request (the Pod owning the source address).
-    pub labels: Option<&'a BTreeMap<String, String>>,
+    pub labels: Option<&'a crate::model::Labels>,
 }
 
 impl LocalityPolicy {
@@ -1259,8 +1259,9 @@ mod tests {
             source_labels: [("app".to_string(), "productpage".to_string())].into(),
             ..Default::default()
         };
-        let labels: BTreeMap<String, String> =
-            [("app".to_string(), "productpage".to_string())].into();
+        let labels: crate::model::Labels = [("app".to_string(), "productpage".to_string())]
+            .into_iter()
+            .collect();
         let mut r = req("/", &[]);
         r.query = "a=1&user=jason";
         r.source_labels = Some(&labels);
@@ -1551,7 +1552,8 @@ mod tests {
             failover_enabled: true,
             ..Default::default()
         };
-        let client_labels = labels(&[("team", "a"), ("track", "stable")]);
+        let client_labels: crate::model::Labels =
+            labels(&[("team", "a"), ("track", "stable")]).into();
         let here = Locality::parse("us/z1");
         let client = Client {
             locality: Some(&here),

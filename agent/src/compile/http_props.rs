@@ -109,7 +109,7 @@ struct Req {
     /// Lower-case names, each at most once.
     headers: BTreeMap<String, String>,
     port: u16,
-    source_labels: Option<BTreeMap<String, String>>,
+    source_labels: Option<crate::model::Labels>,
     gateway: String,
 }
 
@@ -431,7 +431,7 @@ fn request() -> impl Strategy<Value = Req> {
                 query,
                 headers,
                 port,
-                source_labels,
+                source_labels: source_labels.map(Into::into),
                 gateway,
             },
         )

@@ -32,7 +32,7 @@ pub struct HashInput<'a> {
     pub client_locality: Option<&'a Locality>,
     /// The labels of the workload that sent the request, for `failoverPriority` (None: not a
     /// known Pod).
-    pub client_labels: Option<&'a std::collections::BTreeMap<String, String>>,
+    pub client_labels: Option<&'a crate::model::Labels>,
     pub header: Option<&'a str>,
     pub cookie: Option<&'a str>,
     pub source_ip: Option<std::net::IpAddr>,
@@ -1108,8 +1108,9 @@ mod tests {
             },
         );
         c.priority_labels = vec![vec!["a".into()], vec!["b".into()], vec!["a".into()]];
-        let labels: std::collections::BTreeMap<String, String> =
-            [("team".to_string(), "a".to_string())].into();
+        let labels: crate::model::Labels = [("team".to_string(), "a".to_string())]
+            .into_iter()
+            .collect();
         let input = HashInput {
             client_labels: Some(&labels),
             ..Default::default()
