@@ -147,8 +147,9 @@ pub struct EgressPlan {
     /// default); None leaves the mesh config (`--outbound-traffic-policy`) in charge.
     pub registry_only: Option<bool>,
     /// Every destination a Service or ServiceEntry registers: VIPs, endpoint addresses and
-    /// ServiceEntry address ranges.
-    pub registered: Vec<ipnet::IpNet>,
+    /// ServiceEntry address ranges. Shared by the published copies of the plan (tens of
+    /// thousands of addresses in a large cluster).
+    pub registered: Arc<[ipnet::IpNet]>,
     /// By Pod `metadata.uid`: the Pods a workload or namespace Sidecar governs, with its policy.
     pub workloads: BTreeMap<String, egress::WorkloadEgress>,
 }
