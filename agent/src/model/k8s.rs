@@ -89,11 +89,13 @@ pub struct EndpointSlice {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Endpoint {
-    pub addresses: Vec<String>,
+    /// Boxed slices and strings, not `Vec`s and `String`s: a cluster has tens of thousands of
+    /// endpoints, and they never change once read.
+    pub addresses: Box<[Box<str>]>,
     #[serde(default, deserialize_with = "mapping")]
     pub conditions: Option<EndpointConditions>,
     #[serde(default)]
-    pub hostname: Option<String>,
+    pub hostname: Option<Box<str>>,
     #[serde(default)]
     pub node_name: Option<Interned>,
     #[serde(default)]
@@ -119,7 +121,7 @@ pub struct ObjectReference {
     #[serde(default)]
     pub kind: Option<Interned>,
     #[serde(default)]
-    pub name: Option<String>,
+    pub name: Option<Box<str>>,
     #[serde(default)]
     pub namespace: Option<Interned>,
 }

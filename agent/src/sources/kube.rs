@@ -940,7 +940,7 @@ mod tests {
             panic!("not one EndpointSlice");
         };
         let ep = &slice.spec.endpoints[0];
-        assert_eq!(ep.addresses, ["10.244.1.2"]);
+        assert_eq!(&*ep.addresses, [Box::from("10.244.1.2")]);
         assert_eq!(ep.zone.as_deref(), Some("z1"));
         assert_eq!(ep.target_ref.as_ref().unwrap().name.as_deref(), Some("p1"));
         assert_eq!(slice.spec.ports.as_ref().unwrap()[0].port, Some(9000));
@@ -981,12 +981,7 @@ mod tests {
             .spec
             .endpoints
             .iter()
-            .map(|e| {
-                (
-                    e.addresses[0].as_str(),
-                    e.conditions.as_ref().unwrap().ready,
-                )
-            })
+            .map(|e| (&*e.addresses[0], e.conditions.as_ref().unwrap().ready))
             .collect();
         assert_eq!(
             ready,
