@@ -125,6 +125,8 @@ impl Mesh {
             NODE_IP4,
             "--node-ip",
             NODE_IP6,
+            "--socket-redirect",
+            "true",
         ];
         args.extend_from_slice(agent_args);
         let agent_cgroup = client_cgroup.child("agent");

@@ -17,6 +17,7 @@ use std::time::Duration;
 use steerd_e2e::{
     Agent, BpffsDir, ChildGuard, HttpProbeResult, Node, Pod, TempDir, TestCgroup, admin_addr,
     admin_get, assert_split, http_probe_bin, metric_sum, run_http_probe, spawn_in, wait_until,
+    wait_with_timeout,
 };
 
 const NODE_IP4: &str = "10.250.0.1";
@@ -57,7 +58,8 @@ fn manifests(backends: &[Pod]) -> String {
 }
 
 impl Node2 {
-    fn start(extra_agent_args: &[&str]) -> Node2 {
+    /// The node with the agent's `--socket-redirect` set to `redirect`.
+    fn start(redirect: bool) -> Node2 {
         let node = Node::new();
         node.netns
             .ip(&["addr", "add", &format!("{NODE_IP4}/32"), "dev", "lo"]);
@@ -110,7 +112,7 @@ impl Node2 {
             "--node-ip",
             NODE_IP4,
         ];
-        args.extend_from_slice(extra_agent_args);
+        args.extend_from_slice(&["--socket-redirect", if redirect { "true" } else { "false" }]);
         let mut agent = Agent::spawn_in_cgroup(&node, &agent_cgroup, &args);
         agent.wait_ready(admin_addr(), Duration::from_secs(20));
         Node2 {
@@ -169,7 +171,7 @@ impl Node2 {
 
 #[test]
 fn l7_data_between_node_local_sockets_skips_tcp_and_arrives_intact() {
-    let n = Node2::start(&[]);
+    let n = Node2::start(true);
     let (sockets0, redirected0, _) = n.redirect();
     assert_eq!(sockets0, 0.0, "nothing is tracked before any L7 traffic");
 
@@ -215,7 +217,6 @@ fn l7_data_between_node_local_sockets_skips_tcp_and_arrives_intact() {
     n.echo("a connection per request", &["--data-len", "1"], 100);
 
     let (sockets, redirected, tcp) = n.redirect();
-    eprintln!("redirect: {sockets} sockets, {redirected} bytes redirected, {tcp} over TCP");
     // Each body crosses each hop twice (request and echo): client→proxy, proxy→backend and
     // back. Both hops redirected carry four times the body bytes; client→proxy alone, two.
     let bodies = (400 * small + 200 * 100_000 + 6 * large + 100) as f64;
@@ -262,7 +263,7 @@ fn l7_data_between_node_local_sockets_skips_tcp_and_arrives_intact() {
 
 #[test]
 fn with_the_redirect_off_nothing_is_tracked_and_traffic_flows_over_tcp() {
-    let n = Node2::start(&["--socket-redirect", "false"]);
+    let n = Node2::start(false);
     n.echo(
         "HTTP/1.1 keep-alive",
         &["--data-len", "65536", "--keepalive", "--concurrency", "2"],
@@ -270,4 +271,51 @@ fn with_the_redirect_off_nothing_is_tracked_and_traffic_flows_over_tcp() {
     );
     let (sockets, redirected, tcp) = n.redirect();
     assert_eq!((sockets, redirected, tcp), (0.0, 0.0, 0.0));
+}
+
+/// The redirect's trade-off, pinned so that a change in it is noticed (and why it is opt-in):
+/// redirected data has no TCP flow control, so while a client does not read (for 4 s), the proxy pushes
+/// the whole response into the client's socket at once (with TCP it would stop at the socket
+/// buffers). The client then reads every byte, in order.
+#[test]
+fn a_client_that_stops_reading_does_not_hold_back_a_redirected_response() {
+    let n = Node2::start(true);
+    let len: u64 = 40_000_000;
+    let script = format!(
+        "import socket, time\n\
+         s = socket.create_connection(('{HTTP_VIP}', {PORT}))\n\
+         s.sendall(b'GET /big?body={len} HTTP/1.1\\r\\nHost: reviews\\r\\nConnection: close\\r\\n\\r\\n')\n\
+         time.sleep(4)\n\
+         data = bytearray()\n\
+         while True:\n\
+         \x20   chunk = s.recv(1 << 20)\n\
+         \x20   if not chunk: break\n\
+         \x20   data += chunk\n\
+         head, _, body = bytes(data).partition(b'\\r\\n\\r\\n')\n\
+         print(head.split(b' ')[1].decode(), len(body), body.count(b'x'))\n"
+    );
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let client = spawn_in(&mut cmd, Some(&n.client.netns), Some(&n.client_cgroup));
+    // Both hops carry the whole body while the client sleeps.
+    let pushed = wait_until(Duration::from_secs(3), || {
+        n.redirect().1 >= 2.0 * len as f64
+    });
+    let (_, redirected, tcp) = n.redirect();
+    let out = wait_with_timeout(client, Duration::from_secs(30)).expect("the client finishes");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        report.trim(),
+        format!("200 {len} {len}"),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        n.agent.log()
+    );
+    assert!(
+        pushed,
+        "{redirected} bytes redirected ({tcp} over TCP) before the client read: flow control \
+         now holds the response back; update the README's --socket-redirect trade-off"
+    );
 }

@@ -190,8 +190,10 @@ pub struct RunArgs {
     /// as Cilium's and Merbridge's socket acceleration): a client's connection to the proxy,
     /// and the proxy's connection to a backend on this node, skip TCP/IP and the veth. Only
     /// sockets the agent's programs see are tracked: with `--cgroup` below the root, the
-    /// agent and the backends must run under it too for their ends to take part.
-    #[arg(long, env = "STEERD_SOCKET_REDIRECT", default_value_t = true, action = clap::ArgAction::Set)]
+    /// agent and the backends must run under it too for their ends to take part. Off by
+    /// default: redirected data has no TCP flow control, so a receiver that stops reading
+    /// lets its peer queue without bound (charged to the receiver's memory cgroup).
+    #[arg(long, env = "STEERD_SOCKET_REDIRECT", default_value_t = false, action = clap::ArgAction::Set)]
     pub socket_redirect: bool,
     /// Nameserver (`IP[:PORT]`) for ServiceEntries with `resolution: DNS`/`DNS_ROUND_ROBIN`.
     /// Default: the system's (/etc/resolv.conf).

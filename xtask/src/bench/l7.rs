@@ -1391,6 +1391,8 @@ fn measure(options: &Options, bins: &Binaries, tools: &Tools, cpus: &Cpus) -> Re
             &admin,
             "--node-ip",
             &node_ip,
+            "--socket-redirect",
+            "true",
         ],
     );
     let agent_pid = agent.pid().context("agent pid")?;
@@ -1947,7 +1949,8 @@ fn section(results: &Results, options: &Options, ctx: &ReportContext) -> String 
          The agent and the three backends run in cgroups below the steered one, as pods and \
          the agent do on a node where steerd steers the root cgroup, so both hops (wrk to the \
          proxy, the proxy to a backend) take steerd's in-kernel socket redirect (sockhash + \
-         `sk_msg`, `--socket-redirect`, on by default): the proxy's sends go straight to the \
+         `sk_msg`, `--socket-redirect true`: opt-in, it gives up TCP flow control between \
+         those sockets, see the README): the proxy's sends go straight to the \
          peer socket's receive queue instead of through TCP/IP and the veth. Over the whole \
          bench it carried {:.1} % of the bytes its tracked sockets sent ({:.0} MB; {:.0} MB \
          took TCP, the sockets whose first send came before their peer was tracked). nginx and \
