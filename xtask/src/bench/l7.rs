@@ -98,6 +98,10 @@ pub struct Options {
     /// `perf report -i FILE`.
     #[arg(long, value_name = "DIR")]
     perf: Option<PathBuf>,
+    /// steerd's `--socket-redirect` (the in-kernel redirect between node-local sockets; the
+    /// agent's default is off, the bench measures it on unless told otherwise).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    socket_redirect: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1392,7 +1396,11 @@ fn measure(options: &Options, bins: &Binaries, tools: &Tools, cpus: &Cpus) -> Re
             "--node-ip",
             &node_ip,
             "--socket-redirect",
-            "true",
+            if options.socket_redirect {
+                "true"
+            } else {
+                "false"
+            },
         ],
     );
     let agent_pid = agent.pid().context("agent pid")?;
@@ -1745,6 +1753,30 @@ fn met(ok: bool) -> &'static str {
     if ok { "**met**" } else { "**missed**" }
 }
 
+/// How the report describes steerd's socket redirect, on or off.
+fn redirect_method(on: bool, (redirected, tcp): (f64, f64)) -> String {
+    if !on {
+        return "The agent runs with `--socket-redirect false` (its default): both hops (wrk to \
+                the proxy, the proxy to a backend) are TCP through the veths, as for nginx and \
+                Envoy."
+            .into();
+    }
+    format!(
+        "The agent and the three backends run in cgroups below the steered one, as pods and \
+         the agent do on a node where steerd steers the root cgroup, so both hops (wrk to the \
+         proxy, the proxy to a backend) take steerd's in-kernel socket redirect (sockhash + \
+         `sk_msg`, `--socket-redirect true`: opt-in, it gives up TCP flow control between \
+         those sockets, see the README): the proxy's sends go straight to the peer socket's \
+         receive queue instead of through TCP/IP and the veth. Over the whole bench it carried \
+         {:.1} % of the bytes its tracked sockets sent ({:.0} MB; {:.0} MB took TCP, the \
+         sockets whose first send came before their peer was tracked). nginx and Envoy are \
+         ordinary TCP proxies on the same node, with no such path.",
+        100.0 * redirected / (redirected + tcp).max(1.0),
+        redirected / 1e6,
+        tcp / 1e6,
+    )
+}
+
 /// One paragraph: each target, its number and whether it was met.
 fn verdict(results: &Results) -> String {
     let vs_nginx = results.per_core_ratio(STEERD, Proxy::Nginx);
@@ -1946,20 +1978,9 @@ fn section(results: &Results, options: &Options, ctx: &ReportContext) -> String 
          one adds `mirror: {{host: bench-mirror, subset: shadow}}` and `mirrorPercentage: \
          100` to both rules. wrk runs inside the steered test cgroup and dials the VIP; the \
          kernel's connect hook sends the connection to the proxy on {NODE_IP}:{STEERD_PROXY_PORT}. \
-         The agent and the three backends run in cgroups below the steered one, as pods and \
-         the agent do on a node where steerd steers the root cgroup, so both hops (wrk to the \
-         proxy, the proxy to a backend) take steerd's in-kernel socket redirect (sockhash + \
-         `sk_msg`, `--socket-redirect true`: opt-in, it gives up TCP flow control between \
-         those sockets, see the README): the proxy's sends go straight to the \
-         peer socket's receive queue instead of through TCP/IP and the veth. Over the whole \
-         bench it carried {:.1} % of the bytes its tracked sockets sent ({:.0} MB; {:.0} MB \
-         took TCP, the sockets whose first send came before their peer was tracked). nginx and \
-         Envoy are ordinary TCP proxies on the same node, with no such path.",
+         {}",
         100 - V1_PERCENT,
-        100.0 * results.redirect_bytes.0
-            / (results.redirect_bytes.0 + results.redirect_bytes.1).max(1.0),
-        results.redirect_bytes.0 / 1e6,
-        results.redirect_bytes.1 / 1e6,
+        redirect_method(options.socket_redirect, results.redirect_bytes),
     );
     let _ = writeln!(
         w,
