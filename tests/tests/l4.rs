@@ -177,35 +177,9 @@ fn spawn_agent(node: &Node, manifests: &TempDir, bpffs: &BpffsDir, client: &Test
     agent
 }
 
-/// GET `path` from the agent's admin listener (inside the node netns); returns the body.
-fn admin_get(t: &TcpEcho, path: &str) -> String {
-    t.node.netns.run_in(|| {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(admin_addr()).expect("admin listener");
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default()
-    })
-}
-
 /// Sum of the samples of one metric whose labels include all of `labels`.
 fn metric(t: &TcpEcho, name: &str, labels: &[(&str, &str)]) -> f64 {
-    admin_get(t, "/metrics")
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    steerd_e2e::metric_sum(&steerd_e2e::admin_get(&t.node, "/metrics"), name, labels)
 }
 
 fn assert_clean(r: &ProbeResult, what: &str) {
