@@ -327,7 +327,7 @@ impl prometheus_client::collector::Collector for TcpCollector {
 }
 
 /// The socket redirect's counters summed over CPUs.
-pub fn redirect_totals(
+fn redirect_totals(
     map: &aya::maps::PerCpuArray<MapData, steerd_common::RedirectStats>,
 ) -> steerd_common::RedirectStats {
     let mut total = steerd_common::RedirectStats::default();

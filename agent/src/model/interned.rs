@@ -34,10 +34,6 @@ impl Interned {
     pub fn new(s: &str) -> Self {
         Interned(intern(s))
     }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
 }
 
 impl std::ops::Deref for Interned {
