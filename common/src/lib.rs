@@ -220,7 +220,7 @@ pub struct Backend {
 /// Two random numbers and one map lookup give an exact weighted pick in O(1), with one slot per
 /// backend (a slot ring exact to 1 % would need 100+ slots per service).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Slot {
     pub primary: Backend,
     pub alias: Backend,

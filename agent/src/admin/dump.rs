@@ -284,7 +284,7 @@ pub fn build(plan: &Plan, proxy: Option<&Proxy>) -> ConfigDump {
         names.sort();
         names.dedup();
         for b in &svc.backends {
-            for name in &b.clusters {
+            for name in b.clusters.iter() {
                 let (port, subset, host) = cluster_parts(name);
                 let view = clusters
                     .entry(name.to_string())

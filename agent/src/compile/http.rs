@@ -1539,7 +1539,7 @@ mod tests {
         let endpoint = |locality: &str| WeightedBackend {
             addr: "10.0.0.1:80".parse().unwrap(),
             weight: 1.0,
-            clusters: vec![],
+            clusters: std::sync::Arc::from([]),
             workload: Default::default(),
             locality: locality.into(),
         };

@@ -636,9 +636,9 @@ impl<'a> Ctx<'a> {
             (Some(svc), Some(_), Some(l)) => self.endpoints_filtered(svc, port, Some(l), 1.0),
             _ => Vec::new(),
         };
-        let shared: Arc<str> = name.as_str().into();
+        let shared = super::cluster_names(name.as_str().into());
         for e in &mut endpoints {
-            e.clusters = vec![shared.clone()];
+            e.clusters = shared.clone();
         }
         // Input order (files, watch events) must not change the plan.
         endpoints.sort_by(super::backend_order);

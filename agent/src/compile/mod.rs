@@ -94,14 +94,23 @@ impl fmt::Display for VipKey {
     }
 }
 
+/// The Istio cluster names of a backend, see [`WeightedBackend::clusters`].
+pub type ClusterNames = Arc<[Arc<str>]>;
+
+/// The names list of one cluster, to share between its backends.
+pub fn cluster_names(cluster: Arc<str>) -> ClusterNames {
+    Arc::from([cluster])
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct WeightedBackend {
     pub addr: SocketAddr,
     /// Share of new connections, in (0, 1]; the backends of one VIP sum to 1.
     pub weight: f64,
     /// Istio cluster names this backend belongs to (`outbound|9000|v1|tcp-echo.ns.svc.cluster.local`).
-    /// Shared by the backends of one cluster (its name is the same for all of them).
-    pub clusters: Vec<Arc<str>>,
+    /// One list shared by every backend of a cluster (a cluster's endpoints all carry the same
+    /// names; only a backend in two destinations of one route gets a list of its own).
+    pub clusters: ClusterNames,
     /// Who serves this address, for telemetry (shared by the backend's entries under every VIP
     /// and subset, and by the metrics' label index).
     pub workload: Arc<registry::Workload>,
@@ -363,6 +372,10 @@ pub fn compile_hosts(
         out.diagnostics.dedup();
         out.registered.sort();
         out.registered.dedup();
+        // The incremental compiler keeps every host's output: no spare capacity.
+        out.services.shrink_to_fit();
+        out.diagnostics.shrink_to_fit();
+        out.registered.shrink_to_fit();
     }
     outputs
 }
@@ -453,6 +466,8 @@ fn normalise(mut backends: Vec<WeightedBackend>) -> Vec<WeightedBackend> {
     for b in &mut backends {
         b.weight /= total;
     }
+    // Collected through filters, the list has room for more: a plan keeps one per VIP:port.
+    backends.shrink_to_fit();
     backends
 }
 
@@ -685,15 +700,20 @@ impl<'a> Ctx<'a> {
             };
             let share = w / total;
             let mut backends = self.endpoints_filtered(target, port, labels.as_ref(), share);
-            let cluster: Arc<str> = cluster_name(port, dest.subset.as_deref(), &host).into();
+            let clusters = cluster_names(cluster_name(port, dest.subset.as_deref(), &host).into());
             for b in &mut backends {
-                b.clusters = vec![cluster.clone()];
+                b.clusters = clusters.clone();
             }
             for b in backends {
                 match merged.iter_mut().find(|m| m.addr == b.addr) {
                     Some(m) => {
                         m.weight += b.weight;
-                        m.clusters.extend(b.clusters);
+                        m.clusters = m
+                            .clusters
+                            .iter()
+                            .chain(b.clusters.iter())
+                            .cloned()
+                            .collect();
                     }
                     None => merged.push(b),
                 }
@@ -710,9 +730,9 @@ impl<'a> Ctx<'a> {
         share: f64,
     ) -> Vec<WeightedBackend> {
         let mut backends = self.endpoints_filtered(svc, port, labels, share);
-        let cluster: Arc<str> = cluster_name(port, None, &svc.hostname).into();
+        let clusters = cluster_names(cluster_name(port, None, &svc.hostname).into());
         for b in &mut backends {
-            b.clusters = vec![cluster.clone()];
+            b.clusters = clusters.clone();
         }
         backends
     }
@@ -736,7 +756,7 @@ impl<'a> Ctx<'a> {
             .map(|(e, p)| WeightedBackend {
                 addr: SocketAddr::new(e.ip, p),
                 weight: share * e.weight as f64 / total,
-                clusters: Vec::new(),
+                clusters: Arc::from([]),
                 workload: e.workload.clone(),
                 locality: e.locality.clone(),
             })

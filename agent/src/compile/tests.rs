@@ -101,8 +101,10 @@ fn service_without_virtual_service_uses_all_pods_equally() {
     assert_eq!(svc.route, "default");
     assert_eq!(svc.host, "tcp-echo.default.svc.cluster.local");
     assert_eq!(
-        svc.backends[0].clusters,
-        vec!["outbound|9000||tcp-echo.default.svc.cluster.local".into()]
+        *svc.backends[0].clusters,
+        [std::sync::Arc::<str>::from(
+            "outbound|9000||tcp-echo.default.svc.cluster.local"
+        )]
     );
 }
 
@@ -130,8 +132,8 @@ fn tcp_echo_80_20_with_subsets() {
         .find(|b| b.addr.ip().to_string() == "10.244.1.2")
         .unwrap();
     assert_eq!(
-        v1.clusters,
-        vec![std::sync::Arc::<str>::from(
+        *v1.clusters,
+        [std::sync::Arc::<str>::from(
             "outbound|9000|v1|tcp-echo.default.svc.cluster.local"
         )]
     );

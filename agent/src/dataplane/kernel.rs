@@ -172,7 +172,7 @@ mod tests {
         let b = |a: &str, w: f64| WeightedBackend {
             addr: a.parse().unwrap(),
             weight: w,
-            clusters: vec![],
+            clusters: std::sync::Arc::from([]),
             workload: Default::default(),
             locality: String::new(),
         };

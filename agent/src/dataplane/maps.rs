@@ -42,9 +42,36 @@ pub struct ApplyStats {
     pub unchanged: usize,
 }
 
+/// What the kernel holds for one service. The table itself is not kept (the agent would hold a
+/// second copy of every alias table, 3 MiB at 10,000 services): only its digest, to tell
+/// whether a wanted table differs.
 struct Installed {
     value: ServiceValue,
-    slots: Vec<Slot>,
+    digest: TableDigest,
+}
+
+/// 128 bits of two independently seeded SipHashes over a table's slots: two different tables
+/// agree on both with odds far below those of a memory error.
+type TableDigest = (u64, u64);
+
+impl Installed {
+    /// Whether the kernel already holds `want` (a torn table found at adoption holds nothing:
+    /// its digest is that of an empty table, its slot count the kernel's).
+    fn holds(&self, want: &KernelService) -> bool {
+        self.value.flags == want.flags
+            && self.value.slot_count as usize == want.slots.len()
+            && self.digest == table_digest(&want.slots)
+    }
+}
+
+fn table_digest(slots: &[Slot]) -> TableDigest {
+    use std::hash::{Hash, Hasher};
+    let mut a = std::hash::DefaultHasher::new();
+    let mut b = std::hash::DefaultHasher::new();
+    b.write_u64(0x9e37_79b9_7f4a_7c15);
+    slots.hash(&mut a);
+    slots.hash(&mut b);
+    (a.finish(), b.finish())
 }
 
 pub struct MapWriter {
@@ -89,7 +116,7 @@ impl MapWriter {
                 key,
                 Installed {
                     value,
-                    slots: table,
+                    digest: table_digest(&table),
                 },
             );
         }
@@ -123,7 +150,7 @@ impl MapWriter {
     pub fn slot_count(&self) -> usize {
         self.installed
             .values()
-            .map(|i| i.slots.len())
+            .map(|i| i.value.slot_count as usize)
             .sum::<usize>()
             + self.retired.iter().map(|r| r.2 as usize).sum::<usize>()
     }
@@ -140,10 +167,7 @@ impl MapWriter {
         let now = Instant::now();
         for (key, want) in desired {
             let current = self.installed.get(key);
-            if let Some(cur) = current
-                && cur.value.flags == want.flags
-                && cur.slots == want.slots
-            {
+            if current.is_some_and(|cur| cur.holds(want)) {
                 stats.unchanged += 1;
                 continue;
             }
@@ -200,10 +224,7 @@ impl MapWriter {
             let current = self.installed.get(key);
             match want {
                 Some(want) => {
-                    if let Some(cur) = current
-                        && cur.value.flags == want.flags
-                        && cur.slots == want.slots
-                    {
+                    if current.is_some_and(|cur| cur.holds(want)) {
                         stats.unchanged += 1;
                         continue;
                     }
@@ -263,7 +284,7 @@ impl MapWriter {
             *key,
             Installed {
                 value,
-                slots: want.slots.clone(),
+                digest: table_digest(&want.slots),
             },
         ) {
             self.retired

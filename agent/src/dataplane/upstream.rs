@@ -786,7 +786,7 @@ mod tests {
                 .map(|i| WeightedBackend {
                     addr: format!("10.0.0.{}:80", i + 1).parse().unwrap(),
                     weight: 1.0 / n as f64,
-                    clusters: vec![],
+                    clusters: std::sync::Arc::from([]),
                     workload: Default::default(),
                     locality: String::new(),
                 })
