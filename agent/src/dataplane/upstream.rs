@@ -1008,10 +1008,14 @@ mod tests {
             let c = cluster(n, LoadBalancer::LeastRequest);
             let s = Arc::new(ClusterState::default());
             let busy: SocketAddr = "10.0.0.1:80".parse().unwrap();
-            // Requests in flight everywhere, then all but the first endpoint's finish.
-            let all: Vec<Picked> = (0..4 * n)
-                .map(|_| s.pick(&c, &HashInput::default(), &[]).unwrap())
-                .collect();
+            // Requests in flight everywhere, then all but the first endpoint's finish. Picks
+            // are random (two choices above the full-scan size): keep picking until the first
+            // endpoint holds some, within a bound.
+            let mut all: Vec<Picked> = Vec::new();
+            while all.len() < 4 * n || !all.iter().any(|p| p.addr == busy) {
+                assert!(all.len() < 10_000, "the first endpoint is never picked");
+                all.push(s.pick(&c, &HashInput::default(), &[]).unwrap());
+            }
             let held: Vec<Picked> = all.into_iter().filter(|p| p.addr == busy).collect();
             assert!(!held.is_empty());
             let picks: Vec<SocketAddr> = (0..100)

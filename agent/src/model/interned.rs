@@ -2,56 +2,109 @@
 //! labels), kept once: a cluster's 50,000 endpoints name a few hundred of them.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::borrow::Borrow;
+use std::collections::HashSet;
+use std::hash::Hash;
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// The shared copy of `s`. Names nothing uses any more are dropped when the table has doubled
-/// since the last sweep, so churn cannot grow it without bound.
-pub fn intern(s: &str) -> Arc<str> {
-    static TABLE: OnceLock<Mutex<(std::collections::HashSet<Arc<str>>, usize)>> = OnceLock::new();
-    let mut guard = TABLE
-        .get_or_init(|| Mutex::new((Default::default(), 1024)))
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    let (table, sweep_at) = &mut *guard;
-    if let Some(shared) = table.get(s) {
-        return shared.clone();
-    }
-    if table.len() >= *sweep_at {
-        table.retain(|name| Arc::strong_count(name) > 1);
-        *sweep_at = (table.len() * 2).max(1024);
-    }
-    let shared: Arc<str> = Arc::from(s);
-    table.insert(shared.clone());
-    shared
+/// A table of shared strings. Names nothing uses any more are dropped when the table has
+/// doubled since the last sweep, so churn cannot grow it without bound.
+struct Table<E> {
+    names: HashSet<E>,
+    sweep_at: usize,
 }
 
-/// A string read from a manifest and shared with every equal one ([`intern`]). Reads as a
-/// `&str`; (de)serializes as a plain string.
+impl<E: Borrow<str> + Hash + Eq + Clone> Table<E> {
+    fn new() -> Self {
+        Table {
+            names: HashSet::new(),
+            sweep_at: 1024,
+        }
+    }
+
+    fn get(&mut self, s: &str, make: impl FnOnce(&str) -> E, users: impl Fn(&E) -> usize) -> E {
+        if let Some(shared) = self.names.get(s) {
+            return shared.clone();
+        }
+        if self.names.len() >= self.sweep_at {
+            self.names.retain(|name| users(name) > 1);
+            self.sweep_at = (self.names.len() * 2).max(1024);
+        }
+        let shared = make(s);
+        self.names.insert(shared.clone());
+        shared
+    }
+}
+
+fn lock<E>(table: &'static OnceLock<Mutex<Table<E>>>) -> std::sync::MutexGuard<'static, Table<E>>
+where
+    E: Borrow<str> + Hash + Eq + Clone,
+{
+    table
+        .get_or_init(|| Mutex::new(Table::new()))
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// The shared copy of `s`.
+pub fn intern(s: &str) -> Arc<str> {
+    static TABLE: OnceLock<Mutex<Table<Arc<str>>>> = OnceLock::new();
+    lock(&TABLE).get(s, |s| Arc::from(s), Arc::strong_count)
+}
+
+/// [`Interned`]'s shared string: a thin pointer (8 bytes, where `Arc<str>` takes 16), as the
+/// model holds four of them in each of a cluster's endpoints and two in every label. A `String`
+/// inside, so that labels read as `&String` as a map's do.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct Interned(Arc<str>);
+struct Thin(Arc<String>);
+
+impl Borrow<str> for Thin {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+fn intern_thin(s: &str) -> Thin {
+    static TABLE: OnceLock<Mutex<Table<Thin>>> = OnceLock::new();
+    lock(&TABLE).get(
+        s,
+        |s| Thin(Arc::new(s.to_string())),
+        |t| Arc::strong_count(&t.0),
+    )
+}
+
+/// A string read from a manifest and shared with every equal one. Reads as a `&str`;
+/// (de)serializes as a plain string.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Interned(Thin);
 
 impl Interned {
     pub fn new(s: &str) -> Self {
-        Interned(intern(s))
+        Interned(intern_thin(s))
+    }
+
+    /// The shared string itself.
+    pub fn as_string(&self) -> &String {
+        &self.0.0
     }
 }
 
 impl std::ops::Deref for Interned {
     type Target = str;
     fn deref(&self) -> &str {
-        &self.0
+        &self.0.0
     }
 }
 
 impl std::fmt::Debug for Interned {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        std::fmt::Debug::fmt(&*self.0, f)
+        std::fmt::Debug::fmt(&**self.0.0, f)
     }
 }
 
 impl std::fmt::Display for Interned {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.0.0)
     }
 }
 
@@ -63,19 +116,19 @@ impl From<&str> for Interned {
 
 impl PartialEq<str> for Interned {
     fn eq(&self, other: &str) -> bool {
-        &*self.0 == other
+        **self.0.0 == *other
     }
 }
 
 impl PartialEq<&str> for Interned {
     fn eq(&self, other: &&str) -> bool {
-        &*self.0 == *other
+        **self.0.0 == **other
     }
 }
 
 impl Serialize for Interned {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.0)
+        serializer.serialize_str(&self.0.0)
     }
 }
 
@@ -95,7 +148,8 @@ mod tests {
         let a = Interned::new("us-east1-b");
         let b: Interned = serde_json::from_str("\"us-east1-b\"").unwrap();
         assert_eq!(a, b);
-        assert!(Arc::ptr_eq(&a.0, &b.0));
+        assert!(Arc::ptr_eq(&a.0.0, &b.0.0));
+        assert_eq!(std::mem::size_of::<Option<Interned>>(), 8);
         assert_eq!(serde_json::to_string(&b).unwrap(), "\"us-east1-b\"");
         assert_eq!(&*b, "us-east1-b");
     }
@@ -105,8 +159,14 @@ mod tests {
         let kept = Interned::new("kept-name-for-the-sweep-test");
         for i in 0..3000 {
             let _ = intern(&format!("churn-{i}"));
+            let _ = Interned::new(&format!("churn-{i}"));
         }
         let again = Interned::new("kept-name-for-the-sweep-test");
-        assert!(Arc::ptr_eq(&kept.0, &again.0));
+        assert!(Arc::ptr_eq(&kept.0.0, &again.0.0));
+        let kept = intern("kept-arc-for-the-sweep-test");
+        for i in 0..3000 {
+            let _ = intern(&format!("churn-{i}"));
+        }
+        assert!(Arc::ptr_eq(&kept, &intern("kept-arc-for-the-sweep-test")));
     }
 }

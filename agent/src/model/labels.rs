@@ -1,7 +1,10 @@
 //! Object labels, kept as one sorted boxed slice: the agent holds the labels of every Service,
 //! EndpointSlice and Pod of the cluster, and a `BTreeMap` spends a 0.5 KB node on even one
-//! label, where this spends the pairs themselves.
+//! label, where this spends the pairs themselves. Keys and values are interned: a cluster's
+//! objects repeat a few keys, and a workload's values (`app: reviews`) are on its Service, its
+//! selector, its Pods and its EndpointSlices alike.
 
+use super::interned::Interned;
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::BTreeMap;
@@ -9,7 +12,7 @@ use std::fmt;
 
 /// `key → value` labels, sorted by key, each key once. Read like a map (`get`, `iter`, `[key]`).
 #[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Labels(Box<[(String, String)]>);
+pub struct Labels(Box<[(Interned, Interned)]>);
 
 impl Labels {
     pub fn new() -> Self {
@@ -17,11 +20,11 @@ impl Labels {
     }
 
     fn position(&self, key: &str) -> Result<usize, usize> {
-        self.0.binary_search_by(|(k, _)| k.as_str().cmp(key))
+        self.0.binary_search_by(|(k, _)| (**k).cmp(key))
     }
 
     pub fn get(&self, key: &str) -> Option<&String> {
-        self.position(key).ok().map(|i| &self.0[i].1)
+        self.position(key).ok().map(|i| self.0[i].1.as_string())
     }
 
     pub fn contains_key(&self, key: &str) -> bool {
@@ -38,24 +41,27 @@ impl Labels {
 
     /// The pairs in key order.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (&String, &String)> + Clone {
-        self.0.iter().map(|(k, v)| (k, v))
+        self.0.iter().map(pair)
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &String> {
-        self.0.iter().map(|(k, _)| k)
+        self.0.iter().map(|(k, _)| k.as_string())
     }
 
     pub fn values(&self) -> impl Iterator<Item = &String> {
-        self.0.iter().map(|(_, v)| v)
+        self.0.iter().map(|(_, v)| v.as_string())
     }
 
     /// Sets `key` (rare: labels are built whole; this copies the pairs).
     pub fn insert(&mut self, key: String, value: String) -> Option<String> {
         match self.position(&key) {
-            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, value)),
+            Ok(i) => {
+                let old = std::mem::replace(&mut self.0[i].1, Interned::new(&value));
+                Some(old.as_string().clone())
+            }
             Err(i) => {
                 let mut pairs = std::mem::take(&mut self.0).into_vec();
-                pairs.insert(i, (key, value));
+                pairs.insert(i, (Interned::new(&key), Interned::new(&value)));
                 self.0 = pairs.into_boxed_slice();
                 None
             }
@@ -72,8 +78,18 @@ impl Labels {
 
     /// As a `BTreeMap` (for code that builds or merges maps).
     pub fn to_map(&self) -> BTreeMap<String, String> {
-        self.0.iter().cloned().collect()
+        self.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
+}
+
+fn pair((k, v): &(Interned, Interned)) -> (&String, &String) {
+    (k.as_string(), v.as_string())
+}
+
+fn interned_pairs(map: BTreeMap<String, String>) -> Box<[(Interned, Interned)]> {
+    map.into_iter()
+        .map(|(k, v)| (Interned::new(&k), Interned::new(&v)))
+        .collect()
 }
 
 /// Reading one label, from [`Labels`] or from a `BTreeMap` (Istio selectors, client labels).
@@ -97,24 +113,24 @@ impl FromIterator<(String, String)> for Labels {
     /// The last value of a repeated key wins, as in a map.
     fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
         let map: BTreeMap<String, String> = iter.into_iter().collect();
-        Labels(map.into_iter().collect())
+        Labels(interned_pairs(map))
     }
 }
 
 impl From<BTreeMap<String, String>> for Labels {
     fn from(map: BTreeMap<String, String>) -> Self {
-        Labels(map.into_iter().collect())
+        Labels(interned_pairs(map))
     }
 }
 
 impl<'a> IntoIterator for &'a Labels {
     type Item = (&'a String, &'a String);
     type IntoIter = std::iter::Map<
-        std::slice::Iter<'a, (String, String)>,
-        fn(&'a (String, String)) -> (&'a String, &'a String),
+        std::slice::Iter<'a, (Interned, Interned)>,
+        fn(&'a (Interned, Interned)) -> (&'a String, &'a String),
     >;
     fn into_iter(self) -> Self::IntoIter {
-        self.0.iter().map(|(k, v)| (k, v))
+        self.0.iter().map(pair)
     }
 }
 
