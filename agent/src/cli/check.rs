@@ -200,9 +200,7 @@ pub fn explain(args: &ExplainArgs) -> i32 {
         (&result, &outbound)
         && let Ok(ip) = host.parse::<std::net::IpAddr>()
     {
-        let registered = crate::compile::compile(&snapshot.config)
-            .egress
-            .registered
+        let registered = crate::compile::registered(&snapshot.config)
             .iter()
             .any(|net| net.contains(&ip));
         let verdict = match o.policy.as_str() {

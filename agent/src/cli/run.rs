@@ -460,9 +460,7 @@ impl PlanWriter {
         // before REGISTRY_ONLY is switched on.
         let registry_only = plan.egress.registry_only.unwrap_or(mesh_registry_only);
         let egress = if self.egress_full {
-            dataplane
-                .egress
-                .apply(&plan.egress.registered, registry_only)
+            dataplane.egress.apply(compiler.registered(), registry_only)
         } else {
             dataplane.egress.apply_changes(
                 &dirty.registered_added,

@@ -803,6 +803,11 @@ impl IncrementalCompiler {
         &self.plan
     }
 
+    /// Every registered destination (see [`super::registered`]), in order.
+    pub fn registered(&self) -> impl Iterator<Item = &IpNet> {
+        self.registered.keys()
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }
@@ -1047,7 +1052,7 @@ impl IncrementalCompiler {
         };
         let mut outputs = compile_hosts(&config, Some(&only));
         let mut touched: BTreeSet<VipKey> = BTreeSet::new();
-        let (mut diagnostics_changed, mut registered_changed) = (false, false);
+        let mut diagnostics_changed = false;
         for host in affected {
             let new = outputs.remove(&host);
             let old = self.hosts.remove(&host);
@@ -1087,7 +1092,6 @@ impl IncrementalCompiler {
                     if let Some(n) = self.registered.get_mut(net) {
                         *n -= 1;
                         if *n == 0 {
-                            registered_changed = true;
                             self.registered.remove(net);
                             if !self.dirty.registered_added.remove(net) {
                                 self.dirty.registered_removed.insert(*net);
@@ -1124,11 +1128,8 @@ impl IncrementalCompiler {
                 for net in &new.registered {
                     let n = self.registered.entry(*net).or_default();
                     *n += 1;
-                    if *n == 1 {
-                        registered_changed = true;
-                        if !self.dirty.registered_removed.remove(net) {
-                            self.dirty.registered_added.insert(*net);
-                        }
+                    if *n == 1 && !self.dirty.registered_removed.remove(net) {
+                        self.dirty.registered_added.insert(*net);
                     }
                 }
                 self.dirty.l7 |= new.services.iter().any(|(_, s)| s.http.is_some());
@@ -1167,9 +1168,6 @@ impl IncrementalCompiler {
         }
         if diagnostics_changed {
             self.flatten_diagnostics();
-        }
-        if registered_changed {
-            self.plan.egress.registered = self.registered.keys().copied().collect();
         }
     }
 
@@ -1565,6 +1563,8 @@ mod tests {
                 }
                 let want = compile(&full);
                 same_plan(inc.plan(), &want)?;
+                let registered: BTreeSet<IpNet> = inc.registered().copied().collect();
+                prop_assert_eq!(registered, super::super::registered(&full));
                 let from_store = compile(&inc.store().to_config());
                 same_plan(&from_store, &want)?;
             }

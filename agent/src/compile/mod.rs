@@ -155,10 +155,6 @@ pub struct EgressPlan {
     /// From a Sidecar without workloadSelector in the root namespace (Istio's mesh-wide
     /// default); None leaves the mesh config (`--outbound-traffic-policy`) in charge.
     pub registry_only: Option<bool>,
-    /// Every destination a Service or ServiceEntry registers: VIPs, endpoint addresses and
-    /// ServiceEntry address ranges. Shared by the published copies of the plan (tens of
-    /// thousands of addresses in a large cluster).
-    pub registered: Arc<[ipnet::IpNet]>,
     /// By Pod `metadata.uid`: the Pods a workload or namespace Sidecar governs, with its policy.
     pub workloads: BTreeMap<String, egress::WorkloadEgress>,
 }
@@ -195,18 +191,27 @@ pub fn cluster_name(port: u16, subset: Option<&str>, host: &str) -> String {
     format!("outbound|{port}|{}|{host}", subset.unwrap_or(""))
 }
 
+/// Every destination a Service or ServiceEntry of `config` registers (what REGISTRY_ONLY lets
+/// through): VIPs, endpoint addresses and ServiceEntry address ranges, in order. The agent
+/// keeps them in its incremental compiler ([`incremental::IncrementalCompiler::registered`])
+/// and the kernel's registry map, not in the plan, which is copied for every publication.
+pub fn registered(config: &ConfigSet) -> std::collections::BTreeSet<ipnet::IpNet> {
+    compile_hosts(config, None)
+        .into_values()
+        .flat_map(|output| output.registered)
+        .collect()
+}
+
 /// Compiles the configuration into a routing plan.
 pub fn compile(config: &ConfigSet) -> Plan {
     let hosts = compile_hosts(config, None);
     let mut services = BTreeMap::new();
     let mut diagnostics = Vec::new();
-    let mut registered = std::collections::BTreeSet::new();
     // Hosts in name order: when two hosts claim one VIP:port the last one wins, as the
     // incremental compiler decides it too.
     for output in hosts.into_values() {
         services.extend(output.services);
         diagnostics.extend(output.diagnostics);
-        registered.extend(output.registered);
     }
     let authz = Arc::new(authz::compile(
         config,
@@ -219,7 +224,6 @@ pub fn compile(config: &ConfigSet) -> Plan {
         authz,
         egress: EgressPlan {
             registry_only: mesh_registry_only(config),
-            registered: registered.into_iter().collect(),
             workloads: egress::compile(config.pods.iter().map(|p| &**p), &config.sidecars),
         },
         sources: sources(config.pods.iter().map(|p| &**p)),

@@ -108,8 +108,12 @@ impl EgressWriter {
 
     /// Makes the trie hold exactly `registered` (inserting before deleting, so a destination
     /// present in both plans is never briefly refused), then sets the policy.
-    pub fn apply(&mut self, registered: &[IpNet], registry_only: bool) -> Result<(), MapError> {
-        let want: BTreeSet<IpNet> = registered.iter().map(|n| n.trunc()).collect();
+    pub fn apply<'n>(
+        &mut self,
+        registered: impl IntoIterator<Item = &'n IpNet>,
+        registry_only: bool,
+    ) -> Result<(), MapError> {
+        let want: BTreeSet<IpNet> = registered.into_iter().map(|n| n.trunc()).collect();
         for net in want.difference(&self.installed) {
             self.registry.insert(&key(net), 1, 0)?;
         }
