@@ -200,6 +200,7 @@ pub fn explain(config: &ConfigSet, q: &Query) -> Result<Explanation, ExplainErro
         diags: &mut diags,
         subsets: subset_index(config),
         destination_rules: destination_rule_index(config),
+        vs_hosts: Default::default(),
     };
     let vs = ctx.virtual_service_for_gateway(&host, &gateway);
     let is_http_port = matches!(

@@ -345,6 +345,7 @@ pub fn compile(config: &ConfigSet, gateways: &[String]) -> GatewayPlan {
         diags: &mut diags,
         subsets: subset_index(config),
         destination_rules: destination_rule_index(config),
+        vs_hosts: Default::default(),
     };
     let mut servers: Vec<ServerPlan> = Vec::new();
     let mut binds: Vec<Option<IpAddr>> = Vec::new();

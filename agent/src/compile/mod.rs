@@ -312,6 +312,7 @@ pub fn compile_hosts(
         diags: &mut diags,
         subsets: subset_index(config),
         destination_rules: destination_rule_index(config),
+        vs_hosts: Default::default(),
     };
     for svc in registry.services.values() {
         if !wanted(&svc.hostname) {
@@ -518,6 +519,40 @@ struct Ctx<'a> {
     subsets: SubsetIndex,
     /// The DestinationRule that applies to each resolved host (first by namespace/name).
     destination_rules: HashMap<String, &'a Resource<istio::DestinationRule>>,
+    /// The VirtualServices by the hosts they name, built on first use.
+    vs_hosts: std::cell::OnceCell<VsHostIndex<'a>>,
+}
+
+/// Every VirtualService host, resolved once per compile: finding a host's VirtualService
+/// looked at (and formatted the hosts of) every VirtualService, for every service, which at
+/// 10,000 Services and 1,000 VirtualServices was a third of the first build.
+#[derive(Default)]
+struct VsHostIndex<'a> {
+    /// Exact hosts, lower case (they match case-insensitively).
+    exact: HashMap<String, Vec<&'a Resource<istio::VirtualService>>>,
+    /// Wildcard hosts (`*`, `*.suffix`), with their VirtualService.
+    wildcard: Vec<(String, &'a Resource<istio::VirtualService>)>,
+}
+
+impl<'a> VsHostIndex<'a> {
+    fn new(virtual_services: &'a [crate::model::Shared<istio::VirtualService>]) -> Self {
+        let mut index = VsHostIndex::default();
+        for vs in virtual_services {
+            for h in &vs.spec.hosts {
+                let pattern = resolve_host(h, &vs.meta.namespace);
+                if pattern.starts_with('*') {
+                    index.wildcard.push((pattern, &**vs));
+                } else {
+                    let candidates = index.exact.entry(pattern.to_ascii_lowercase()).or_default();
+                    // A VirtualService naming one host twice is one candidate.
+                    if !candidates.iter().any(|c| std::ptr::eq(*c, &**vs)) {
+                        candidates.push(&**vs);
+                    }
+                }
+            }
+        }
+        index
+    }
 }
 
 impl<'a> Ctx<'a> {
@@ -551,38 +586,43 @@ impl<'a> Ctx<'a> {
         hostname: &str,
         gateway: &str,
     ) -> Option<&'a Resource<istio::VirtualService>> {
-        let mut best: Option<(usize, String, &Resource<istio::VirtualService>)> = None;
-        for vs in &self.config.virtual_services {
-            let binds = if gateway == MESH_GATEWAY {
+        let binds = |vs: &Resource<istio::VirtualService>| {
+            if gateway == MESH_GATEWAY {
                 vs.spec.binds_mesh()
             } else {
                 vs.spec
                     .gateways
                     .iter()
                     .any(|g| gateway_ref(g, &vs.meta.namespace) == gateway)
-            };
-            if !binds {
+            }
+        };
+        let index = self
+            .vs_hosts
+            .get_or_init(|| VsHostIndex::new(&self.config.virtual_services));
+        // An exact host ranks above every wildcard; among equals the first by namespace/name.
+        let exact = index
+            .exact
+            .get(&hostname.to_ascii_lowercase())
+            .into_iter()
+            .flatten()
+            .filter(|vs| binds(vs))
+            .min_by_key(|vs| vs.meta.key());
+        if let Some(vs) = exact {
+            return Some(*vs);
+        }
+        // The longest matching wildcard.
+        let mut best: Option<(usize, String, &Resource<istio::VirtualService>)> = None;
+        for (pattern, vs) in &index.wildcard {
+            if !host_matches(pattern, hostname) || !binds(vs) {
                 continue;
             }
-            for h in &vs.spec.hosts {
-                let pattern = resolve_host(h, &vs.meta.namespace);
-                if !host_matches(&pattern, hostname) {
-                    continue;
-                }
-                // Exact matches rank above every wildcard.
-                let rank = if pattern.starts_with('*') {
-                    pattern.len()
-                } else {
-                    usize::MAX
-                };
-                let key = vs.meta.key();
-                let better = match &best {
-                    None => true,
-                    Some((r, k, _)) => rank > *r || (rank == *r && key < *k),
-                };
-                if better {
-                    best = Some((rank, key, vs));
-                }
+            let (rank, key) = (pattern.len(), vs.meta.key());
+            let better = match &best {
+                None => true,
+                Some((r, k, _)) => rank > *r || (rank == *r && key < *k),
+            };
+            if better {
+                best = Some((rank, key, vs));
             }
         }
         best.map(|(_, _, vs)| vs)

@@ -371,6 +371,43 @@ fn exact_host_beats_wildcard() {
 }
 
 #[test]
+fn virtual_service_precedence_exact_case_insensitive_first_by_name_then_longest_wildcard() {
+    let vs = |name: &str, hosts: &str, subset: &str, extra: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{hosts}]\n{extra}  tcp:\n  - route:\n    - destination: {{host: tcp-echo, subset: {subset}}}\n"
+        )
+    };
+    let dr = shared("tcp-echo/tcp-echo-all-v1.yaml");
+    let v1 = vec![("10.244.1.2:9000".to_string(), 1.0)];
+    let v2 = vec![("10.244.2.2:9000".to_string(), 1.0)];
+    let plan_of = |vss: &[String]| {
+        let mut texts: Vec<&str> = vec![TCP_ECHO_PODS, &dr];
+        let services = tcp_echo_services();
+        texts.push(&services);
+        texts.extend(vss.iter().map(String::as_str));
+        compile(&config(&texts))
+    };
+    // Exact hosts match case-insensitively; of two exact ones the first by name wins; one
+    // bound only to a gateway does not count for the mesh.
+    let plan = plan_of(&[
+        vs("a-gw", "tcp-echo", "v1", "  gateways: [gw]\n"),
+        vs("b-exact", "TCP-Echo.default.svc.cluster.local", "v2", ""),
+        vs("c-exact", "tcp-echo", "v1", ""),
+        vs("a-wild", "'*.svc.cluster.local'", "v1", ""),
+    ]);
+    assert_eq!(weights(&plan, "10.96.0.20:9000"), v2);
+    // Without exact hosts the longest wildcard wins, whatever the names.
+    let plan = plan_of(&[
+        vs("a-short", "'*.cluster.local'", "v1", ""),
+        vs("z-long", "'*.svc.cluster.local'", "v2", ""),
+        vs("a-gw", "tcp-echo", "v1", "  gateways: [gw]\n"),
+    ]);
+    assert_eq!(weights(&plan, "10.96.0.20:9000"), v2);
+    let plan = plan_of(&[vs("a-short", "'*.cluster.local'", "v1", "")]);
+    assert_eq!(weights(&plan, "10.96.0.20:9000"), v1);
+}
+
+#[test]
 fn http_routes_on_http_ports_are_marked_for_l7() {
     let text = r#"
 apiVersion: v1
