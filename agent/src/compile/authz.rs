@@ -1305,7 +1305,7 @@ pub fn compile(
             scope: if root {
                 "mesh".into()
             } else {
-                r.meta.namespace.clone()
+                r.meta.namespace.to_string()
             },
             rules,
             workloads: selected,

@@ -50,7 +50,7 @@ pub fn delegate_keys(vs: &Resource<VirtualService>) -> BTreeSet<(String, String)
                 .namespace
                 .clone()
                 .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| vs.meta.namespace.clone());
+                .unwrap_or_else(|| vs.meta.namespace.to_string());
             Some((namespace, name))
         })
         .collect()

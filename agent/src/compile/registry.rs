@@ -416,7 +416,7 @@ impl<'a> Builder<'a> {
         };
         Some(RegistryService {
             hostname: format!("{}.{}.svc.{CLUSTER_DOMAIN}", meta.name, meta.namespace),
-            namespace: meta.namespace.clone(),
+            namespace: meta.namespace.to_string(),
             kind: ServiceKind::Kubernetes,
             object: meta.key(),
             origin: svc.origin.clone(),
@@ -796,7 +796,7 @@ impl<'a> Builder<'a> {
             .iter()
             .map(|h| RegistryService {
                 hostname: h.clone(),
-                namespace: meta.namespace.clone(),
+                namespace: meta.namespace.to_string(),
                 kind: ServiceKind::ServiceEntry,
                 object: meta.key(),
                 origin: se.origin.clone(),

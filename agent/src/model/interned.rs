@@ -83,6 +83,10 @@ impl Interned {
         Interned(intern_thin(s))
     }
 
+    pub fn as_str(&self) -> &str {
+        &self.0.0
+    }
+
     /// The shared string itself.
     pub fn as_string(&self) -> &String {
         &self.0.0
@@ -123,6 +127,24 @@ impl PartialEq<str> for Interned {
 impl PartialEq<&str> for Interned {
     fn eq(&self, other: &&str) -> bool {
         **self.0.0 == **other
+    }
+}
+
+impl PartialEq<String> for Interned {
+    fn eq(&self, other: &String) -> bool {
+        *self.0.0 == *other
+    }
+}
+
+impl PartialEq<Interned> for &str {
+    fn eq(&self, other: &Interned) -> bool {
+        **self == **other.0.0
+    }
+}
+
+impl PartialEq<Interned> for String {
+    fn eq(&self, other: &Interned) -> bool {
+        *self == *other.0.0
     }
 }
 

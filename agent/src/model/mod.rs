@@ -41,7 +41,8 @@ impl fmt::Display for Origin {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Meta {
     pub name: String,
-    pub namespace: String,
+    /// Interned: a cluster's objects name a few namespaces.
+    pub namespace: interned::Interned,
     pub labels: Labels,
     pub annotations: BTreeMap<String, String>,
 }
@@ -552,7 +553,7 @@ fn parse_meta(map: &serde_json::Map<String, serde_json::Value>) -> Result<Meta, 
     };
     Ok(Meta {
         name: name.to_string(),
-        namespace: namespace.to_string(),
+        namespace: interned::Interned::new(namespace),
         labels: strings("labels")?.into(),
         annotations: strings("annotations")?,
     })
