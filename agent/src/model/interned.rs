@@ -1,5 +1,6 @@
-//! Strings that many objects repeat (namespaces, node and zone names, `kind`s, app and version
-//! labels), kept once: a cluster's 50,000 endpoints name a few hundred of them.
+//! Strings that many objects repeat (namespaces, node and zone names, `kind`s, label keys and
+//! values, workloads' app and version), kept once: a cluster's 50,000 endpoints name a few
+//! hundred of them.
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::borrow::Borrow;
